@@ -1,0 +1,3 @@
+from saelab.cli import main
+
+raise SystemExit(main())

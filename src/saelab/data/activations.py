@@ -1,0 +1,168 @@
+"""Activation sources and the shuffling buffer that turns any of them into training batches.
+
+A source yields *units* (one model forward's worth of activation rows, ``[rows, d_in]``) and can start
+at any unit index, deterministically. That is what makes resume exact: the buffer's position is just
+(block, batch within block, epoch, first unit of the block).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from itertools import islice
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from saelab.data.text import iter_documents
+from saelab.data.tokens import Packing, context_batches, pack_contexts, special_ids
+from saelab.models.hooks import HookPoint, capture
+
+
+class ActivationSource(Protocol):
+    d_in: int
+
+    def units(self, start: int) -> Iterator[torch.Tensor]:
+        """Activation rows ``[rows, d_in]`` (float32, CPU), one unit at a time, from unit ``start`` to the end."""
+        ...
+
+
+class LMActivationSource:
+    """Activations of one hook point of a language model, over packed contexts of a text source."""
+
+    def __init__(self, model, tokenizer, hook: HookPoint, dataset: str, packing: Packing, *,
+                 split: str = "train", text_column: str | None = None, batch_contexts: int = 16,
+                 exclude_special_tokens: bool = True, skip_contexts: int = 0, max_contexts: int | None = None):
+        self.model, self.tokenizer, self.hook = model, tokenizer, hook
+        self.dataset, self.split, self.text_column, self.packing = dataset, split, text_column, packing
+        self.batch_contexts = batch_contexts
+        self.exclude_special_tokens = exclude_special_tokens
+        self.skip_contexts, self.max_contexts = skip_contexts, max_contexts
+        self._special = special_ids(tokenizer)
+        self.device = next(model.parameters()).device
+        probe = torch.tensor([[self._special[0].item()] * 4])
+        self.d_in = capture(model, probe.to(self.device), [hook])[hook.name].shape[-1]
+
+    def token_batches(self, start: int = 0) -> Iterator[torch.Tensor]:
+        """``[batch_contexts, context_size]`` token ids, beginning at unit ``start``."""
+        contexts = pack_contexts(iter_documents(self.dataset, self.split, self.text_column), self.tokenizer,
+                                 self.packing)
+        first = self.skip_contexts + start * self.batch_contexts
+        last = None if self.max_contexts is None else self.skip_contexts + self.max_contexts
+        if last is not None and first >= last:
+            return
+        yield from context_batches(islice(contexts, first, last), self.batch_contexts)
+
+    def keep_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Positions whose activations are used: all, or all but special tokens (BOS is an attention sink)."""
+        if not self.exclude_special_tokens:
+            return torch.ones_like(tokens, dtype=torch.bool)
+        return ~torch.isin(tokens, self._special)
+
+    def units(self, start: int) -> Iterator[torch.Tensor]:
+        for tokens in self.token_batches(start):
+            acts = capture(self.model, tokens.to(self.device), [self.hook])[self.hook.name]
+            yield acts[self.keep_mask(tokens).to(acts.device)].float().cpu()
+
+
+class TensorSource:
+    """Activations already in memory (tests, synthetic data, a loaded cache)."""
+
+    def __init__(self, data: torch.Tensor, rows_per_unit: int = 4096):
+        self.data, self.rows_per_unit, self.d_in = data, rows_per_unit, data.shape[-1]
+
+    def units(self, start: int) -> Iterator[torch.Tensor]:
+        for begin in range(start * self.rows_per_unit, len(self.data), self.rows_per_unit):
+            yield self.data[begin:begin + self.rows_per_unit].float()
+
+
+@dataclass
+class BufferPosition:
+    block: int = 0          # blocks begun since the start of training
+    batch: int = 0          # batches served from the current block
+    epoch: int = 0          # passes over the source begun
+    unit: int = 0           # the source unit the current block starts at
+
+
+class ActivationBuffer:
+    """Fills a block of ``buffer_tokens`` activation rows, shuffles it, serves batches, refills.
+
+    Memory is bounded by one block (``buffer_tokens * d_in * 4`` bytes). When the whole source fits in
+    one block it is computed once and reshuffled for every later epoch, so a small corpus can be trained
+    on for many epochs at the cost of a single forward pass over it.
+    """
+
+    def __init__(self, source: ActivationSource, buffer_tokens: int, batch_size: int, seed: int,
+                 progress: bool = False):
+        if buffer_tokens < batch_size:
+            raise ValueError(f"buffer_tokens ({buffer_tokens}) must be at least batch_size ({batch_size})")
+        self.source, self.buffer_tokens, self.batch_size, self.seed = source, buffer_tokens, batch_size, seed
+        self.progress = progress
+        self.position = BufferPosition()
+        self._resident: torch.Tensor | None = None  # the whole source, when it fits in one block
+        self._block: torch.Tensor | None = None
+        self._next: tuple[int, int] = (0, 0)        # (epoch, unit) where the following block starts
+
+    def state_dict(self) -> dict:
+        return asdict(self.position)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = BufferPosition(**state)
+        self._block = None
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        """An endless stream of ``[batch_size, d_in]`` batches; ``position`` counts those handed out."""
+        while True:
+            if self._block is None:
+                self._block, self._next = self._fill(self.position.epoch, self.position.unit)
+            order = torch.randperm(len(self._block), generator=self._block_generator())
+            n_batches = len(self._block) // self.batch_size
+            if n_batches == 0:
+                raise ValueError(f"the activation source gave {len(self._block)} tokens, fewer than one batch "
+                                 f"({self.batch_size}); use more data or a smaller batch size")
+            while self.position.batch < n_batches:
+                start = self.position.batch * self.batch_size
+                self.position.batch += 1
+                yield self._block[order[start:start + self.batch_size]]
+            epoch, unit = self._next
+            self.position = BufferPosition(self.position.block + 1, 0, epoch, unit)
+            self._block = None
+
+    def peek(self, rows: int) -> torch.Tensor:
+        """The first rows of the current block, without consuming anything (for initialisation)."""
+        if self._block is None:
+            self._block, self._next = self._fill(self.position.epoch, self.position.unit)
+        return self._block[:rows]
+
+    def _block_generator(self) -> torch.Generator:
+        digest = hashlib.sha256(f"{self.seed}:{self.position.block}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+    def _fill(self, epoch: int, unit: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        if unit == 0 and self._resident is not None:
+            return self._resident, (epoch + 1, 0)
+        rows, filled, next_unit = [], 0, unit
+        bar = tqdm(total=self.buffer_tokens, desc="collecting activations", unit="tok", unit_scale=True,
+                   disable=not self.progress, leave=False)
+        for chunk in self.source.units(unit):
+            rows.append(chunk)
+            filled += len(chunk)
+            next_unit += 1
+            bar.update(len(chunk))
+            if filled >= self.buffer_tokens:
+                break
+        else:  # the source ran out: the next block starts the next epoch
+            bar.close()
+            if not rows and unit > 0:  # the previous block ended exactly at the end of the source
+                return self._fill(epoch + 1, 0)
+            if not rows:
+                raise ValueError("the activation source is empty: the dataset gave no tokens "
+                                 "(check the dataset path, split and text column)")
+            block = torch.cat(rows)
+            if unit == 0:
+                self._resident = block
+            return block, (epoch + 1, 0)
+        bar.close()
+        return torch.cat(rows), (epoch, next_unit)

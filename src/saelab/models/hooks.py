@@ -1,0 +1,196 @@
+"""Hook points: name an activation inside a model, read it, replace it, stop the forward pass after it.
+
+Names follow TransformerLens (``blocks.6.hook_resid_post``) and are mapped onto the module tree of
+Hugging Face models of the Llama (Llama, SmolLM, Qwen, Mistral), GPT-2, GPT-NeoX (Pythia) and Gemma
+families. A raw module path (``model.layers.6.mlp``) names that module's output.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Where each family keeps its list of transformer blocks.
+BLOCK_LIST_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
+                    "transformer.layers", "model.language_model.layers")
+ATTENTION_NAMES = ("self_attn", "attn", "attention")
+MLP_NAMES = ("mlp", "feed_forward")
+TL_KINDS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+_TL_NAME = re.compile(r"^blocks\.(\d+)\.(hook_\w+)$")
+
+
+class HookNameError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """One activation: the output (or input) of one module."""
+
+    name: str
+    module_path: str
+    reads_input: bool = False
+
+
+class StopForward(Exception):
+    """Raised inside a hook once every wanted activation is captured: later layers never run."""
+
+
+def block_list_path(model: nn.Module) -> str:
+    for path in BLOCK_LIST_PATHS:
+        module = _get_module(model, path)
+        if isinstance(module, nn.ModuleList):
+            return path
+    raise HookNameError(
+        f"cannot find the transformer blocks of {type(model).__name__}; name hook points by module path "
+        "instead (see `saelab hooks --model ...`)."
+    )
+
+
+def n_layers(model: nn.Module) -> int:
+    return len(_get_module(model, block_list_path(model)))
+
+
+def resolve_hook(model: nn.Module, name: str) -> HookPoint:
+    """Turn a TransformerLens-style name or a module path into a HookPoint; unknown names raise."""
+    match = _TL_NAME.match(name)
+    if match:
+        layer, kind = int(match.group(1)), match.group(2)
+        layers = n_layers(model)
+        if kind in TL_KINDS and 0 <= layer < layers:
+            hook = _tl_hook(model, name, layer, kind)
+            if hook is not None:
+                return hook
+    elif name and _get_module(model, name) is not None:
+        return HookPoint(name=name, module_path=name)
+    raise HookNameError(_unknown_hook_message(model, name))
+
+
+def hook_names(model: nn.Module) -> list[str]:
+    """Every TransformerLens-style name this model supports."""
+    names = []
+    for layer in range(n_layers(model)):
+        for kind in TL_KINDS:
+            if _tl_hook(model, f"blocks.{layer}.{kind}", layer, kind) is not None:
+                names.append(f"blocks.{layer}.{kind}")
+    return names
+
+
+def hook_layer(model: nn.Module, hook: HookPoint) -> int | None:
+    """The block index a hook sits in, or None when it sits outside the blocks."""
+    prefix = block_list_path(model) + "."
+    if hook.module_path.startswith(prefix):
+        return int(hook.module_path[len(prefix):].split(".")[0])
+    return None
+
+
+def _tl_hook(model: nn.Module, name: str, layer: int, kind: str) -> HookPoint | None:
+    block_path = f"{block_list_path(model)}.{layer}"
+    block = _get_module(model, block_path)
+    if kind == "hook_resid_pre":
+        return HookPoint(name, block_path, reads_input=True)
+    if kind == "hook_resid_post":
+        return HookPoint(name, block_path)
+    sandwich = hasattr(block, "pre_feedforward_layernorm")  # Gemma 2/3: norms after attention and MLP
+    if kind == "hook_attn_out":
+        child = "post_attention_layernorm" if sandwich else _first_child(block, ATTENTION_NAMES)
+    elif kind == "hook_mlp_out":
+        child = "post_feedforward_layernorm" if sandwich else _first_child(block, MLP_NAMES)
+    else:  # hook_resid_mid: the input of the norm in front of the MLP, when blocks are sequential
+        if getattr(model.config, "use_parallel_residual", False) or getattr(model.config, "parallel_attn", False):
+            return None
+        child = _first_child(block, ("pre_feedforward_layernorm",) if sandwich else ("post_attention_layernorm", "ln_2"))
+        return HookPoint(name, f"{block_path}.{child}", reads_input=True) if child else None
+    return HookPoint(name, f"{block_path}.{child}") if child else None
+
+
+def _first_child(module: nn.Module, names: tuple[str, ...]) -> str | None:
+    return next((n for n in names if isinstance(getattr(module, n, None), nn.Module)), None)
+
+
+def _get_module(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _unknown_hook_message(model: nn.Module, name: str) -> str:
+    try:
+        names = hook_names(model)
+        layers = n_layers(model)
+        shown = ", ".join(f"blocks.{{0..{layers - 1}}}.{k}" for k in TL_KINDS if f"blocks.0.{k}" in names)
+    except HookNameError:
+        shown = "(none: this model's blocks were not recognised)"
+    return (f"unknown hook point {name!r} for {type(model).__name__}. Valid names: {shown}; "
+            "or a module path such as 'model.layers.6.mlp' (its output).")
+
+
+def _first_tensor(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _replace_first(value, new: torch.Tensor):
+    return (new, *value[1:]) if isinstance(value, tuple) else new
+
+
+@contextmanager
+def hooked(model: nn.Module, hook: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+    """Call ``fn(activation)`` whenever the hook point is computed; a returned tensor replaces it."""
+    module = model.get_submodule(hook.module_path)
+    if hook.reads_input:
+        def pre_hook(_module, args, kwargs):
+            if args:
+                new = fn(args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            new = fn(kwargs["hidden_states"])
+            return None if new is None else (args, {**kwargs, "hidden_states": new})
+        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        def post_hook(_module, _args, output):
+            new = fn(_first_tensor(output))
+            return None if new is None else _replace_first(output, new)
+        handle = module.register_forward_hook(post_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def capture(model: nn.Module, input_ids: torch.Tensor, hooks: list[HookPoint],
+            attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Run the model only as far as it must go to compute every hook; return ``{name: [batch, seq, d]}``."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def recorder(name: str):
+        def record(act: torch.Tensor):
+            captured[name] = act.detach()
+            if len(captured) == len(hooks):
+                raise StopForward
+        return record
+
+    with _all_hooked(model, [(h, recorder(h.name)) for h in hooks]):
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except StopForward:
+            pass
+    missing = [h.name for h in hooks if h.name not in captured]
+    if missing:
+        raise HookNameError(f"hook points {missing} never fired during the forward pass")
+    return captured
+
+
+@contextmanager
+def _all_hooked(model, pairs):
+    if not pairs:
+        yield
+        return
+    (hook, fn), rest = pairs[0], pairs[1:]
+    with hooked(model, hook, fn), _all_hooked(model, rest):
+        yield

@@ -1,0 +1,104 @@
+"""What ``saelab train`` does, as one function a Python user can call: load the model, stream its
+activations into the trainer, evaluate the result on held-out text, save it in the SAELens format."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from saelab import __version__
+from saelab.data.activations import LMActivationSource
+from saelab.data.text import describe_source
+from saelab.data.tokens import Packing
+from saelab.evals.metrics import evaluate
+from saelab.models import load_model, resolve_hook
+from saelab.sae import SAE
+from saelab.training import TrainConfig, Trainer, plot_training_curves
+from saelab.training.trainer import CHECKPOINT_FILE, METRICS_FILE
+
+SUMMARY_KEYS = ("l0", "explained_variance", "fvu", "ce_loss_score", "ce_clean", "ce_with_sae",
+                "ce_zero_ablation", "kl_score", "dead_fraction", "dense_fraction", "tokens")
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    sae: SAE
+    completed: bool
+    metrics: dict           # held-out evaluation (empty when skipped or stopped early)
+
+
+def load_run_config(run_dir) -> TrainConfig:
+    """The config a run was started with, read from its checkpoint."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: nothing to resume in {run_dir}")
+    return TrainConfig(**torch.load(path, map_location="cpu", weights_only=False)["config"])
+
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> RunSummary:
+    run_dir = Path(cfg.out)
+    if not resume and not overwrite and (run_dir / CHECKPOINT_FILE).exists():
+        raise FileExistsError(f"{run_dir} already holds a run. Continue it with `saelab train --resume {run_dir}`, "
+                              "start afresh with --overwrite, or choose another --out.")
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model, cfg.device)
+    hook = resolve_hook(model, cfg.hook)
+    packing = Packing(cfg.context_size, cfg.prepend_bos)
+    eval_contexts = math.ceil(cfg.eval_tokens / cfg.context_size)
+    holdout = eval_contexts if cfg.eval_dataset is None else 0  # held out from the training stream
+
+    def source(dataset: str, **kwargs) -> LMActivationSource:
+        return LMActivationSource(model, tokenizer, hook, dataset, packing, split=cfg.dataset_split,
+                                  text_column=cfg.text_column, batch_contexts=cfg.lm_batch_size,
+                                  exclude_special_tokens=cfg.exclude_special_tokens, **kwargs)
+
+    train_source = source(cfg.dataset, skip_contexts=holdout)
+    trainer = Trainer(cfg, train_source, run_dir, metadata=_metadata(cfg, hook.module_path))
+    _say(f"training a {cfg.architecture} SAE ({train_source.d_in} -> {trainer.sae.cfg.d_sae}) on {cfg.model} "
+         f"{cfg.hook}, {cfg.tokens:,} tokens of {cfg.dataset}, into {run_dir}")
+    result = trainer.run(resume=resume)
+    plot_training_curves(run_dir / METRICS_FILE, run_dir / "training_curves.png")
+    if not result.completed:
+        _say(f"stopped at step {result.steps}; checkpoint written. Resume: saelab train --resume {run_dir}")
+        return RunSummary(run_dir, result.sae, False, {})
+
+    metrics: dict = {}
+    if cfg.eval_tokens > 0:
+        eval_dataset = cfg.eval_dataset or cfg.dataset
+        _say(f"evaluating on {eval_contexts * cfg.context_size:,} held-out tokens of {eval_dataset}")
+        held_out = source(eval_dataset, max_contexts=eval_contexts)
+        metrics = evaluate(model, result.sae, hook, held_out.token_batches(), held_out.keep_mask)
+        metrics["eval_dataset"] = eval_dataset
+    frequency = metrics.pop("firing_frequency", result.firing_frequency)
+    result.sae.save(run_dir / "final", sparsity=torch.log10(frequency + 1e-10), runner_cfg=asdict(cfg))
+    summary = {**metrics, "train_tokens": result.tokens, "train_seconds": round(result.seconds, 1)}
+    (run_dir / "eval.json").write_text(json.dumps(summary, indent=2))
+    _say(format_metrics(metrics) if metrics else "evaluation skipped (--eval-tokens 0)")
+    _say(f"SAE saved to {run_dir / 'final'} (SAELens format); curves in {run_dir / 'training_curves.png'}")
+    return RunSummary(run_dir, result.sae, True, metrics)
+
+
+def _metadata(cfg: TrainConfig, module_path: str) -> dict:
+    return {"model_name": cfg.model, "hook_name": cfg.hook, "hook_module_path": module_path,
+            "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos,
+            "dataset_path": describe_source(cfg.dataset), "exclude_special_tokens": cfg.exclude_special_tokens,
+            "sequence_separator_token": "bos", "sae_lens_training_version": None,
+            "saelab_version": __version__}
+
+
+def format_metrics(metrics: dict) -> str:
+    rows = [(key, metrics[key]) for key in SUMMARY_KEYS if key in metrics]
+    width = max(len(key) for key, _ in rows)
+    lines = [f"  {key:<{width}}  {value:,.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value:,}"
+             for key, value in rows]
+    return "held-out evaluation:\n" + "\n".join(lines)
+
+
+def _say(message: str) -> None:
+    print(f"saelab: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,9 @@
+"""Sparse autoencoders: one file per architecture behind the interface in ``base.py``."""
+
+from saelab.sae.base import SAE, SAEConfig, TrainOutput, TrainStepInfo
+from saelab.sae.format import ARCHITECTURES, SAEFormatError, create_sae, load_sae, load_sparsity, save_sae
+from saelab.sae.standard import StandardSAE
+from saelab.sae.topk import TopKSAE
+
+__all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "SAEFormatError", "StandardSAE", "TopKSAE", "TrainOutput",
+           "TrainStepInfo", "create_sae", "load_sae", "load_sparsity", "save_sae"]

@@ -1,0 +1,139 @@
+"""The one interface every SAE architecture implements.
+
+Row-vector convention, as in the SAELens folder format: ``pre = (x - b_dec) @ W_enc + b_enc``,
+``x_hat = f @ W_dec + b_dec``. An architecture file defines ``encode`` (inference, exactly the formula
+in the format) and ``training_forward`` (the same function plus its training losses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SAEConfig:
+    d_in: int
+    d_sae: int
+    architecture: str
+    k: int | None = None                    # topk: latents kept per token
+    apply_b_dec_to_input: bool = True
+    metadata: dict = field(default_factory=dict)  # model, hook, context and dataset it was trained on
+
+
+@dataclass
+class TrainStepInfo:
+    """What the trainer tells the SAE about the current step."""
+
+    sparsity_coefficient: float = 0.0       # standard: L1 weight after warm-up
+    dead_mask: torch.Tensor | None = None   # [d_sae] latents silent for the dead window (AuxK)
+    aux_k: int = 0
+    aux_coefficient: float = 0.0
+
+
+@dataclass
+class TrainOutput:
+    loss: torch.Tensor
+    x_hat: torch.Tensor
+    fired: torch.Tensor                     # [d_sae] tokens on which each latent was non-zero
+    parts: dict[str, torch.Tensor]          # named loss terms, for logs
+
+
+class SAE(nn.Module):
+    architecture: ClassVar[str]
+    decoder_init_norm: ClassVar[float] = 1.0
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae))
+        self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    # --- inference -------------------------------------------------------------------------------
+    def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(f"this SAE takes vectors of size d_in={self.cfg.d_in}, got {x.shape[-1]}: "
+                             "it was trained on another hook point or model (see its cfg.json metadata)")
+        sae_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+        return sae_in @ self.W_enc + self.b_enc
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    # --- training --------------------------------------------------------------------------------
+    def training_forward(self, x: torch.Tensor, info: TrainStepInfo) -> TrainOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def initialize(self, sample: torch.Tensor, b_dec_init: str, generator: torch.Generator) -> None:
+        """Random decoder directions, encoder = decoder transpose, ``b_dec`` at the sample's centre."""
+        directions = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=generator)
+        directions *= self.decoder_init_norm / directions.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(directions)
+        self.W_enc.copy_(directions.T)
+        self.b_enc.zero_()
+        if b_dec_init == "median":
+            self.b_dec.copy_(geometric_median(sample.float()))
+        elif b_dec_init == "mean":
+            self.b_dec.copy_(sample.float().mean(0))
+        elif b_dec_init == "zeros":
+            self.b_dec.zero_()
+        else:
+            raise ValueError(f"b_dec_init must be median, mean or zeros, not {b_dec_init!r}")
+
+    def constrain_gradients(self) -> None:
+        """Called after backward, before the optimiser step."""
+
+    def constrain_weights(self) -> None:
+        """Called after the optimiser step."""
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Make an SAE trained on ``scale * x`` take raw ``x``: same latents, reconstruction in raw units."""
+        self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)
+
+    # --- files -----------------------------------------------------------------------------------
+    def save(self, folder, sparsity: torch.Tensor | None = None, runner_cfg: dict | None = None) -> None:
+        from saelab.sae.format import save_sae
+
+        save_sae(self, folder, sparsity=sparsity, runner_cfg=runner_cfg)
+
+    @staticmethod
+    def load(folder, device: str | torch.device = "cpu") -> SAE:
+        """Load a folder written by saelab or SAELens (``cfg.json`` + ``sae_weights.safetensors``)."""
+        from saelab.sae.format import load_sae
+
+        return load_sae(folder, device=device)
+
+
+def normalized_error(error: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error over the target's variance about its per-dimension mean: a batch's FVU."""
+    return error.pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+@torch.no_grad()
+def geometric_median(points: torch.Tensor, iterations: int = 30) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed distance, robust to outlier activations."""
+    median = points.mean(0)
+    for _ in range(iterations):
+        weights = 1.0 / (points - median).norm(dim=1).clamp_min(1e-8)
+        median = (weights[:, None] * points).sum(0) / weights.sum()
+    return median
+
+
+def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """``sum_j values[:, j] * W_dec[indices[:, j]]`` without forming the dense ``[batch, d_sae]`` codes."""
+    return nn.functional.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")

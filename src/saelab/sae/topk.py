@@ -1,0 +1,55 @@
+"""TopK SAE (Gao et al. 2024): keep the k largest pre-activations per token; AuxK revives dead latents."""
+
+from __future__ import annotations
+
+import torch
+
+from saelab.sae.base import SAE, TrainOutput, TrainStepInfo, normalized_error, sparse_decode
+
+
+class TopKSAE(SAE):
+    architecture = "topk"
+
+    def __init__(self, cfg):
+        if not cfg.k or not 0 < cfg.k <= cfg.d_sae:
+            raise ValueError(f"topk needs 0 < k <= d_sae ({cfg.d_sae}), got k={cfg.k}")
+        super().__init__(cfg)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.encode_pre(x)
+        values, indices = pre.topk(self.cfg.k, dim=-1)
+        return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+
+    def training_forward(self, x: torch.Tensor, info: TrainStepInfo) -> TrainOutput:
+        pre = self.encode_pre(x)
+        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        values = values.relu()
+        # Only k of d_sae codes are non-zero: decode them by gathering decoder rows.
+        x_hat = sparse_decode(indices, values, self.W_dec) + self.b_dec
+        mse = normalized_error(x_hat - x, x)
+        parts = {"mse": mse}
+        loss = mse
+        if info.dead_mask is not None and info.aux_coefficient > 0 and bool(info.dead_mask.any()):
+            parts["auxk"] = self._auxk_loss(pre, (x - x_hat).detach(), info)
+            loss = loss + info.aux_coefficient * parts["auxk"]
+        fired = torch.bincount(indices[values > 0], minlength=self.cfg.d_sae)
+        return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, parts=parts)
+
+    def _auxk_loss(self, pre: torch.Tensor, residual: torch.Tensor, info: TrainStepInfo) -> torch.Tensor:
+        """The dead latents' top pre-activations reconstruct what the live ones missed (normalised MSE)."""
+        dead = info.dead_mask.nonzero().squeeze(1)
+        k_aux = min(info.aux_k, len(dead))
+        values, positions = pre[:, dead].topk(k_aux, dim=-1, sorted=False)
+        residual_hat = sparse_decode(dead[positions], values.relu(), self.W_dec)
+        return normalized_error(residual_hat - residual, residual)
+
+    @torch.no_grad()
+    def constrain_gradients(self) -> None:
+        # Unit-norm decoder rows: drop the gradient component that would only change a row's length.
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
+            self.W_dec.grad -= parallel * self.W_dec
+
+    @torch.no_grad()
+    def constrain_weights(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)

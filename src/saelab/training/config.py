@@ -1,0 +1,82 @@
+"""The training configuration. Each field's help text is also its ``saelab train --help`` entry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+def option(default, help: str, **extra):
+    """A config field with its command-line help attached."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to read -----------------------------------------------------------------------------
+    model: str = option("smollm2-135m", "Language model: an embedded alias (smollm2-135m), a local "
+                        "transformers folder, a .gguf file, or a Hugging Face hub id.")
+    hook: str = option("blocks.6.hook_resid_post", "Hook point: a TransformerLens-style name "
+                       "(blocks.L.hook_resid_pre|resid_mid|resid_post|attn_out|mlp_out) or a module path "
+                       "(model.layers.6.mlp = that module's output).")
+    dataset: str = option("python-docs", "Training text: a builtin corpus (python-docs, python-docstrings), "
+                          "a .txt/.jsonl/.parquet file, a folder of them or a saved HF dataset, or a hub "
+                          "dataset id (streamed). Rows with input_ids/tokens are used as pretokenized.")
+    dataset_split: str = option("train", "Split to read from HF datasets.")
+    text_column: str | None = option(None, "Column holding text (default: text/content, or input_ids/tokens).")
+    context_size: int = option(128, "Tokens per context; documents are concatenated with BOS between them.")
+    prepend_bos: bool = option(True, "Start every context with the BOS token.")
+    exclude_special_tokens: bool = option(True, "Leave BOS/EOS/pad positions out of training and "
+                                          "reconstruction metrics (their activations are huge outliers).")
+    lm_batch_size: int = option(16, "Contexts per language-model forward pass.")
+    # --- the SAE ----------------------------------------------------------------------------------
+    architecture: str = option("topk", "SAE architecture.", choices=("topk", "standard"))
+    expansion: int = option(8, "Latents per input dimension (d_sae = expansion * d_in).")
+    d_sae: int | None = option(None, "Number of latents; overrides --expansion.")
+    k: int = option(32, "topk: latents active per token.")
+    l1_coefficient: float = option(5.0, "standard: weight of the L1 penalty on |f|*||W_dec|| (inputs are "
+                                   "normalised to mean norm sqrt(d_in)).")
+    l1_warmup_fraction: float = option(0.05, "standard: fraction of training over which the L1 weight "
+                                       "ramps up from 0.")
+    aux_k: int | None = option(None, "topk: dead latents used by the AuxK loss (default d_in / 2).")
+    aux_coefficient: float = option(1 / 32, "topk: weight of the AuxK loss (0 turns it off).")
+    dead_window_tokens: int = option(200_000, "A latent silent for this many training tokens counts as dead.")
+    b_dec_init: str = option("median", "Initial decoder bias: geometric median or mean of a sample, or zeros.",
+                             choices=("median", "mean", "zeros"))
+    normalize_activations: bool = option(True, "Scale inputs to mean norm sqrt(d_in) while training; the "
+                                         "scale is folded into the saved weights.")
+    # --- optimisation -----------------------------------------------------------------------------
+    tokens: int = option(1_200_000, "Training tokens (samples); a small corpus is repeated in epochs.")
+    batch_size: int = option(1024, "Activation vectors per optimiser step.")
+    lr: float = option(1e-3, "Adam learning rate after warm-up.")
+    lr_warmup_fraction: float = option(0.02, "Fraction of steps with a linear learning-rate warm-up.")
+    lr_decay_fraction: float = option(0.2, "Final fraction of steps over which the rate decays linearly to 0.")
+    grad_clip: float = option(1.0, "Clip the gradient norm to this (0: no clipping).")
+    buffer_tokens: int = option(262_144, "Activations held and shuffled at once; memory = buffer_tokens * "
+                                "d_in * 4 bytes. A corpus that fits is computed once and reused each epoch.")
+    seed: int = option(0, "Random seed: the same seed and config give the same SAE.")
+    device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda when available).")
+    # --- output -----------------------------------------------------------------------------------
+    out: str = option("runs/demo", "Run folder: checkpoint, metrics.jsonl, training_curves.png, final/ SAE.")
+    checkpoint_every_tokens: int = option(300_000, "Write a resumable checkpoint this often (and on Ctrl-C).")
+    log_every: int = option(25, "Steps between metrics.jsonl lines.")
+    eval_dataset: str | None = option(None, "Held-out text for the final evaluation (default: the first "
+                                      "eval_tokens of --dataset, which training then skips).")
+    eval_tokens: int = option(8192, "Tokens of held-out text for the final evaluation (0: skip it).")
+    progress: bool = option(True, "Show progress bars.")
+
+    def __post_init__(self):
+        problems = []
+        for name in ("context_size", "lm_batch_size", "expansion", "k", "tokens", "batch_size", "buffer_tokens",
+                     "checkpoint_every_tokens", "log_every", "dead_window_tokens"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive (got {getattr(self, name)})")
+        for f in fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                problems.append(f"{f.name} must be one of {', '.join(allowed)} (got {getattr(self, f.name)!r})")
+        if self.lr <= 0:
+            problems.append(f"lr must be positive (got {self.lr})")
+        if self.buffer_tokens < self.batch_size:
+            problems.append(f"buffer_tokens ({self.buffer_tokens}) must be at least batch_size ({self.batch_size})")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))

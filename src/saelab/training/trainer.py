@@ -1,0 +1,251 @@
+"""The training loop: batches from an activation buffer, Adam with warm-up and decay, dead-latent
+tracking, metrics, atomic checkpoints and exact resume. It knows nothing of language models."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from saelab.data.activations import ActivationBuffer, ActivationSource
+from saelab.sae import SAE, SAEConfig, TrainStepInfo, create_sae
+from saelab.training.config import TrainConfig
+
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+INIT_SAMPLE_ROWS = 8192
+
+
+@dataclass
+class TrainResult:
+    sae: SAE                 # takes raw activations (input scaling folded in)
+    completed: bool          # False when stopped early (Ctrl-C): resume from the checkpoint
+    steps: int
+    tokens: int
+    seconds: float
+    firing_frequency: torch.Tensor   # [d_sae], over the last dead window of training
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, source: ActivationSource, run_dir, metadata: dict | None = None):
+        self.cfg, self.source, self.run_dir = cfg, source, Path(run_dir)
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.metadata = metadata or {}
+        self.buffer = ActivationBuffer(source, cfg.buffer_tokens, cfg.batch_size, cfg.seed, progress=cfg.progress)
+        d_sae = cfg.d_sae or cfg.expansion * source.d_in
+        sae_cfg = SAEConfig(d_in=source.d_in, d_sae=d_sae, architecture=cfg.architecture,
+                            k=cfg.k if cfg.architecture == "topk" else None, metadata=self.metadata)
+        self.sae = create_sae(sae_cfg).to(self.device)
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        self.total_steps = cfg.tokens // cfg.batch_size
+        self.step = 0
+        self.scale = 1.0
+        self.elapsed = 0.0
+        self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=self.device)
+        self.window_fired = torch.zeros(d_sae, dtype=torch.long, device=self.device)
+        self._stop_requested = False
+
+    # --- public ------------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Finish the current step, write a checkpoint and return (what Ctrl-C does)."""
+        self._stop_requested = True
+
+    def run(self, resume: bool = False, on_step=None) -> TrainResult:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._load_checkpoint()
+        else:
+            self._initialize()
+            (self.run_dir / METRICS_FILE).write_text("")
+        with _sigint_requests_stop(self):
+            completed = self._loop(on_step)
+        self._save_checkpoint()
+        return TrainResult(sae=self.export_sae(), completed=completed, steps=self.step,
+                           tokens=self.step * self.cfg.batch_size, seconds=self.elapsed,
+                           firing_frequency=self._window_frequency())
+
+    def export_sae(self) -> SAE:
+        """A copy of the SAE that takes raw activations."""
+        sae = create_sae(self.sae.cfg)
+        sae.load_state_dict({k: v.detach().cpu() for k, v in self.sae.state_dict().items()})
+        sae.fold_input_scale(self.scale)
+        return sae.eval()
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def _initialize(self) -> None:
+        sample = self.buffer.peek(INIT_SAMPLE_ROWS).to(self.device)
+        if self.cfg.normalize_activations:
+            # Mean norm sqrt(d_in) makes learning rates and loss weights transfer across models and layers.
+            self.scale = math.sqrt(self.source.d_in) / sample.norm(dim=1).mean().clamp_min(1e-8).item()
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.sae.initialize((sample * self.scale).cpu(), self.cfg.b_dec_init, generator)
+
+    def _loop(self, on_step) -> bool:
+        cfg = self.cfg
+        bar = tqdm(total=self.total_steps * cfg.batch_size, initial=self.step * cfg.batch_size, unit="tok",
+                   unit_scale=True, desc="training", disable=not cfg.progress, dynamic_ncols=True)
+        metrics_file = (self.run_dir / METRICS_FILE).open("a")
+        totals: dict[str, torch.Tensor] = {}
+        steps_in_log, t_log = 0, time.perf_counter()
+        next_checkpoint = (self.step * cfg.batch_size // cfg.checkpoint_every_tokens + 1) * cfg.checkpoint_every_tokens
+        batches = self.buffer.batches()
+        try:
+            while self.step < self.total_steps:
+                if self._stop_requested:
+                    return False
+                x = next(batches).to(self.device, non_blocking=True) * self.scale
+                parts = self._train_step(x)
+                self.step += 1
+                for name, value in parts.items():
+                    totals[name] = totals.get(name, 0.0) + value
+                steps_in_log += 1
+                bar.update(cfg.batch_size)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    self.elapsed += now - t_log
+                    record = self._log_record(totals, steps_in_log, now - t_log)
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", L0=f"{record['l0']:.1f}",
+                                    FVU=f"{record['fvu']:.3f}", dead=f"{record['dead_fraction']:.2f}")
+                    totals, steps_in_log, t_log = {}, 0, now
+                if self.step * cfg.batch_size >= next_checkpoint:
+                    self._save_checkpoint()
+                    next_checkpoint += cfg.checkpoint_every_tokens
+                if on_step is not None:
+                    on_step(self)
+            return True
+        finally:
+            self.elapsed += time.perf_counter() - t_log if steps_in_log else 0.0
+            metrics_file.close()
+            bar.close()
+
+    def _train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        lr = self._lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        info = TrainStepInfo(
+            sparsity_coefficient=cfg.l1_coefficient * min(1.0, self.step / max(1.0, cfg.l1_warmup_fraction * self.total_steps)),
+            dead_mask=self.tokens_since_fired >= cfg.dead_window_tokens,
+            aux_k=cfg.aux_k or self.source.d_in // 2,
+            aux_coefficient=cfg.aux_coefficient,
+        )
+        out = self.sae.training_forward(x, info)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.sae.constrain_gradients()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.sae.constrain_weights()
+        self._track_firing(out.fired, len(x))
+        with torch.no_grad():
+            parts = {name: value.detach() for name, value in out.parts.items()}
+            parts["loss"] = out.loss.detach()
+            parts["l0"] = out.fired.sum() / len(x)
+            parts["fvu"] = (out.x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        return parts
+
+    def _track_firing(self, fired: torch.Tensor, n_tokens: int) -> None:
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired > 0] = 0
+        self.window_fired += fired
+        # The frequency window restarts every dead window, so it reflects recent training.
+        if (self.step + 1) * self.cfg.batch_size % self.cfg.dead_window_tokens < n_tokens:
+            self._last_window = self.window_fired.clone(), self.cfg.dead_window_tokens
+            self.window_fired.zero_()
+
+    def _window_frequency(self) -> torch.Tensor:
+        counts, tokens = getattr(self, "_last_window", (self.window_fired, max(1, self.step * self.cfg.batch_size)))
+        return (counts.float() / tokens).cpu()
+
+    def _lr_at(self, step: int) -> float:
+        cfg, total = self.cfg, self.total_steps
+        warmup = max(1, int(cfg.lr_warmup_fraction * total))
+        decay_start = int((1 - cfg.lr_decay_fraction) * total)
+        if step < warmup:
+            return cfg.lr * (step + 1) / warmup
+        if step >= decay_start and total > decay_start:
+            return cfg.lr * (total - step) / (total - decay_start)
+        return cfg.lr
+
+    def _log_record(self, totals: dict, steps: int, seconds: float) -> dict:
+        record = {"step": self.step, "tokens": self.step * self.cfg.batch_size}
+        record.update({name: float(value) / steps for name, value in totals.items()})
+        record["dead_fraction"] = float((self.tokens_since_fired >= self.cfg.dead_window_tokens).float().mean())
+        record["lr"] = self._lr_at(self.step - 1)
+        record["tokens_per_second"] = steps * self.cfg.batch_size / max(seconds, 1e-9)
+        record["elapsed"] = self.elapsed
+        return record
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def _save_checkpoint(self) -> None:
+        state = {
+            "config": asdict(self.cfg), "sae_config": asdict(self.sae.cfg), "sae": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "step": self.step, "scale": self.scale,
+            "buffer": self.buffer.state_dict(), "tokens_since_fired": self.tokens_since_fired,
+            "window_fired": self.window_fired, "last_window": getattr(self, "_last_window", None),
+            "elapsed": self.elapsed,
+        }
+        path = self.run_dir / CHECKPOINT_FILE
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: an interrupted write leaves the previous checkpoint intact
+
+    def _load_checkpoint(self) -> None:
+        path = self.run_dir / CHECKPOINT_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"no checkpoint in {self.run_dir}; start the run without --resume")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        saved = TrainConfig(**state["config"])
+        for name in ("architecture", "expansion", "d_sae", "k", "batch_size", "tokens", "seed", "buffer_tokens"):
+            if getattr(saved, name) != getattr(self.cfg, name):
+                raise ValueError(f"cannot resume: {name} was {getattr(saved, name)!r} in the checkpoint, now "
+                                 f"{getattr(self.cfg, name)!r}; resume with the run's own config")
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.scale, self.elapsed = state["step"], state["scale"], state["elapsed"]
+        self.buffer.load_state_dict(state["buffer"])
+        self.tokens_since_fired.copy_(state["tokens_since_fired"])
+        self.window_fired.copy_(state["window_fired"])
+        if state["last_window"] is not None:
+            self._last_window = state["last_window"]
+        _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+
+
+@contextmanager
+def _sigint_requests_stop(trainer: Trainer):
+    """While training, Ctrl-C finishes the step and checkpoints instead of killing the process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        print("\nsaelab: stopping after this step and writing a checkpoint (Ctrl-C again aborts)", flush=True)
+        signal.signal(signal.SIGINT, previous)
+        trainer.request_stop()
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines logged after the checkpoint, so a resumed run's log has no duplicates."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
