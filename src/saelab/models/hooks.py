@@ -8,7 +8,7 @@ families. A raw module path (``model.layers.6.mlp``) names that module's output.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -132,34 +132,74 @@ def _unknown_hook_message(model: nn.Module, name: str) -> str:
 
 
 def _first_tensor(value):
-    return value[0] if isinstance(value, tuple) else value
+    """The activation inside a module's output: a tensor, the first item of a tuple, or the first
+    field of a ModelOutput (``model.model`` returns one)."""
+    if isinstance(value, (tuple, list)):
+        return value[0]
+    if isinstance(value, Mapping):
+        return next(iter(value.values()))
+    return value
 
 
 def _replace_first(value, new: torch.Tensor):
-    return (new, *value[1:]) if isinstance(value, tuple) else new
+    if isinstance(value, tuple):
+        return (new, *value[1:])
+    if isinstance(value, list):
+        return [new, *value[1:]]
+    if isinstance(value, Mapping):
+        value[next(iter(value.keys()))] = new
+        return value
+    return new
 
 
 @contextmanager
 def hooked(model: nn.Module, hook: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
     """Call ``fn(activation)`` whenever the hook point is computed; a returned tensor replaces it."""
     module = model.get_submodule(hook.module_path)
+    handles = []
     if hook.reads_input:
+        # hook_resid_mid is read at the input of the norm in front of the MLP, but the block adds the MLP's
+        # output to its own copy of that tensor, not to what the norm received. A replacement must reach
+        # the residual stream too, so the block's output gets the same change (new - old) added.
+        match = _TL_NAME.match(hook.name)
+        mid_block = hook.module_path.rsplit(".", 1)[0] if match and match.group(2) == "hook_resid_mid" else None
+        deltas: list[torch.Tensor] = []
+
+        def replaced(old: torch.Tensor):
+            new = fn(old)
+            if new is not None and mid_block is not None:
+                deltas.append(new - old)
+            return new
+
         def pre_hook(_module, args, kwargs):
             if args:
-                new = fn(args[0])
+                new = replaced(args[0])
                 return None if new is None else ((new, *args[1:]), kwargs)
-            new = fn(kwargs["hidden_states"])
+            new = replaced(kwargs["hidden_states"])
             return None if new is None else (args, {**kwargs, "hidden_states": new})
-        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        if mid_block is not None:
+            def block_pre_hook(_module, _args):
+                deltas.clear()
+
+            def block_hook(_module, _args, output):
+                if not deltas:
+                    return None
+                delta = deltas.pop()
+                return _replace_first(output, _first_tensor(output) + delta.to(_first_tensor(output).dtype))
+            block = model.get_submodule(mid_block)
+            handles.append(block.register_forward_pre_hook(block_pre_hook))
+            handles.append(block.register_forward_hook(block_hook))
+        handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
     else:
         def post_hook(_module, _args, output):
             new = fn(_first_tensor(output))
             return None if new is None else _replace_first(output, new)
-        handle = module.register_forward_hook(post_hook)
+        handles.append(module.register_forward_hook(post_hook))
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 @torch.no_grad()
@@ -167,15 +207,18 @@ def capture(model: nn.Module, input_ids: torch.Tensor, hooks: list[HookPoint],
             attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Run the model only as far as it must go to compute every hook; return ``{name: [batch, seq, d]}``."""
     captured: dict[str, torch.Tensor] = {}
+    wanted = list({h.name: h for h in hooks}.values())  # the same hook twice is captured once
+    if not wanted:
+        return captured
 
     def recorder(name: str):
         def record(act: torch.Tensor):
             captured[name] = act.detach()
-            if len(captured) == len(hooks):
+            if len(captured) == len(wanted):
                 raise StopForward
         return record
 
-    with _all_hooked(model, [(h, recorder(h.name)) for h in hooks]):
+    with _all_hooked(model, [(h, recorder(h.name)) for h in wanted]):
         try:
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except StopForward:

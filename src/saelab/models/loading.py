@@ -98,10 +98,12 @@ def _load_transformers(folder: str, gguf_file: str | None, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if _hub_offline():
+        kwargs["local_files_only"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ImportError) as err:
         hint = (
             "If this is a hub id, the hub must be reachable or the model already in the local "
             "Hugging Face cache (HF_HUB_OFFLINE=1 uses the cache only). Otherwise pass a local folder, "
@@ -115,6 +117,17 @@ def _load_transformers(folder: str, gguf_file: str | None, dtype: torch.dtype):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set now.
+
+    huggingface_hub reads these once, when it is imported; a value set later (in a notebook, a test, a
+    caller that imported transformers first) would be ignored and every load would first retry the
+    network for most of a minute. Passing ``local_files_only`` honours the value at call time.
+    """
+    return any(os.environ.get(var, "").strip().lower() in {"1", "on", "yes", "true"}
+               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def ensure_embedded_model(name: str) -> Path:

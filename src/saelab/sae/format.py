@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +25,11 @@ LEGACY_METADATA_KEYS = ("model_name", "hook_name", "hook_point", "hook_head_inde
                         "prepend_bos", "dataset_path", "model_class_name", "model_from_pretrained_kwargs",
                         "seqpos_slice", "exclude_special_tokens", "sequence_separator_token",
                         "neuronpedia_id", "sae_lens_training_version")
+# Pre-6.0 spellings of 6.x metadata keys.
+LEGACY_RENAMES = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index"}
+# SAELens reads cfg.json as the 6.x layout only when metadata.sae_lens_version parses as a version >= 6.0;
+# otherwise it takes the file for a flat pre-6.0 config and drops the nested metadata (hook, model, ...).
+LAYOUT_VERSION = "6.0.0"
 
 
 class SAEFormatError(ValueError):
@@ -47,7 +53,14 @@ def config_to_json(cfg: SAEConfig) -> dict:
                        "model_from_pretrained_kwargs": {}, "seqpos_slice": [None],
                        "sequence_separator_token": "bos", "disable_concat_sequences": False,
                        "neuronpedia_id": None, **cfg.metadata}
+    if not _is_6x_version(out["metadata"].get("sae_lens_version")):
+        out["metadata"]["sae_lens_version"] = LAYOUT_VERSION
     return out
+
+
+def _is_6x_version(version) -> bool:
+    match = re.fullmatch(r"(\d+)\.\d+\.\d+", str(version))
+    return match is not None and int(match.group(1)) >= 6
 
 
 def config_from_json(raw: dict, where: str) -> SAEConfig:
@@ -55,16 +68,25 @@ def config_from_json(raw: dict, where: str) -> SAEConfig:
         d_in, d_sae = int(raw["d_in"]), int(raw["d_sae"])
     except KeyError as err:
         raise SAEFormatError(f"{where}: cfg.json lacks {err.args[0]!r}; is this an SAE folder?") from None
-    architecture = raw.get("architecture", "standard")
-    if raw.get("normalize_activations", "none") not in ("none", None):
-        raise SAEFormatError(f"{where}: normalize_activations={raw['normalize_activations']!r} is not "
+    architecture = raw.get("architecture") or "standard"
+    # Pre-6.0: a TopK SAE was architecture "standard" with activation_fn(_str) "topk".
+    activation = raw.get("activation_fn", raw.get("activation_fn_str"))
+    if activation == "topk" and architecture == "standard":
+        architecture = "topk"
+    elif activation not in (None, "relu", "topk"):
+        raise SAEFormatError(f"{where}: activation function {activation!r} is not supported (saelab reads "
+                             "relu and topk SAEs)")
+    normalize = raw.get("normalize_activations", "none")
+    if normalize not in ("none", None, False):  # pre-6.0 wrote a bool; True meant expected_average_only_in
+        raise SAEFormatError(f"{where}: normalize_activations={normalize!r} is not "
                              "supported; fold the normalisation into the weights before saving")
     metadata = dict(raw.get("metadata") or {})
-    for key in LEGACY_METADATA_KEYS:
+    for key in (*LEGACY_METADATA_KEYS, *LEGACY_RENAMES):
         if key in raw and key not in metadata:
             metadata[key] = raw[key]
-    if "hook_name" not in metadata and "hook_point" in metadata:
-        metadata["hook_name"] = metadata["hook_point"]
+    for old, new in LEGACY_RENAMES.items():
+        if new not in metadata and old in metadata:
+            metadata[new] = metadata[old]
     k = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
     return SAEConfig(d_in=d_in, d_sae=d_sae, architecture=architecture, k=int(k) if k is not None else None,
                      apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)), metadata=metadata)
@@ -76,6 +98,9 @@ def save_sae(sae: SAE, folder, sparsity: torch.Tensor | None = None, runner_cfg:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes the folder 0700: others could not read the SAE
         tensors = {name: p.detach().float().cpu().contiguous() for name, p in sae.state_dict().items()}
         save_file(tensors, staging / WEIGHTS_FILE)
         (staging / CONFIG_FILE).write_text(json.dumps(config_to_json(sae.cfg), indent=2))
@@ -104,7 +129,8 @@ def load_sae(folder, device: str | torch.device = "cpu") -> SAE:
     if not (folder / CONFIG_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
         raise SAEFormatError(f"{folder} is not an SAE folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "
                              "(a run folder keeps its SAE in <run>/final)")
-    cfg = config_from_json(json.loads((folder / CONFIG_FILE).read_text()), str(folder))
+    raw = json.loads((folder / CONFIG_FILE).read_text())
+    cfg = config_from_json(raw, str(folder))
     tensors = load_file(folder / WEIGHTS_FILE)
     if cfg.architecture in ("batchtopk", "matryoshka_batchtopk") and "jumprelu" in ARCHITECTURES:
         cfg.architecture = "jumprelu"  # saved with a learned threshold, used as JumpReLU
@@ -116,7 +142,19 @@ def load_sae(folder, device: str | torch.device = "cpu") -> SAE:
         if tuple(tensors[name].shape) != shape:
             raise SAEFormatError(f"{folder}: tensor {name} has shape {tuple(tensors[name].shape)} but cfg.json "
                                  f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) needs {shape}; the folder is inconsistent")
-    sae.load_state_dict({name: tensors[name].float() for name in expected})
+    state = {name: tensors[name].float() for name in expected}
+    if "scaling_factor" in tensors:  # pre-6.0 fine-tuning: x_hat = (f * scaling_factor) @ W_dec + b_dec
+        scale = tensors["scaling_factor"].float()
+        if tuple(scale.shape) != (cfg.d_sae,):
+            raise SAEFormatError(f"{folder}: scaling_factor has shape {tuple(scale.shape)}, not ({cfg.d_sae},)")
+        state["W_dec"] = state["W_dec"] * scale[:, None]
+    if cfg.architecture == "topk" and raw.get("rescale_acts_by_decoder_norm"):
+        # SAELens ranks pre * ||W_dec row|| and decodes with unit rows: fold the norms into the weights.
+        norms = state["W_dec"].norm(dim=1).clamp_min(1e-8)
+        state["W_enc"] = state["W_enc"] * norms
+        state["b_enc"] = state["b_enc"] * norms
+        state["W_dec"] = state["W_dec"] / norms[:, None]
+    sae.load_state_dict(state)
     return sae.to(device).eval()
 
 

@@ -1,0 +1,84 @@
+"""SAELens side of the saelab <-> SAELens interop test. Run it with SAELens's interpreter, not saelab's:
+
+    .venv-saelens/bin/python tests/saelens_roundtrip.py JOBS.json
+
+It never imports saelab. JOBS.json is a list of jobs, all run in one process (importing sae_lens takes
+~15 s). Each job reads inputs ``x`` ([n, d_in]) and ``f`` ([n, d_sae]) from ``job["inputs"]`` (safetensors)
+and writes ``encode`` = sae.encode(x), ``decode`` = sae.decode(f) and ``forward`` = sae.decode(sae.encode(x))
+to ``job["out"]`` (safetensors), plus what SAELens made of the config to ``job["out"] + ".json"``.
+
+- ``{"mode": "load", "folder": ...}``: load a folder (e.g. one saelab saved) with ``SAE.load_from_disk``.
+- ``{"mode": "create", "folder": ..., "architecture": "standard" | "topk", "d_in", "d_sae", "k", "seed",
+  "rescale_acts_by_decoder_norm": bool, "metadata": {...}}``: build a SAELens SAE with random weights
+  (non-trivial biases), save it with SAELens's own ``save_model`` and report its outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _create(job: dict):
+    from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    metadata = SAEMetadata(**job.get("metadata", {}))
+    common = {"d_in": job["d_in"], "d_sae": job["d_sae"], "dtype": "float32", "device": "cpu",
+              "apply_b_dec_to_input": job.get("apply_b_dec_to_input", True), "metadata": metadata}
+    if job["architecture"] == "standard":
+        sae = StandardSAE(StandardSAEConfig(**common))
+    elif job["architecture"] == "topk":
+        sae = TopKSAE(TopKSAEConfig(**common, k=job["k"],
+                                    rescale_acts_by_decoder_norm=job.get("rescale_acts_by_decoder_norm", False)))
+    else:
+        raise SystemExit(f"unknown architecture {job['architecture']!r}")
+    g = torch.Generator().manual_seed(job.get("seed", 0))
+    d_in, d_sae = job["d_in"], job["d_sae"]
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
+        # Decoder rows of varied, non-unit length, so that a reader that assumed unit rows would differ.
+        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) * (0.5 + torch.rand(d_sae, 1, generator=g)))
+        sae.b_enc.copy_(0.3 * torch.randn(d_sae, generator=g))
+        sae.b_dec.copy_(torch.randn(d_in, generator=g))
+    sae.save_model(job["folder"])
+    return sae
+
+
+def _run(job: dict) -> None:
+    from sae_lens import SAE
+
+    if job["mode"] == "load":
+        sae = SAE.load_from_disk(job["folder"], device="cpu")
+    elif job["mode"] == "create":
+        sae = _create(job)
+    else:
+        raise SystemExit(f"unknown mode {job['mode']!r}")
+    sae.eval()
+    inputs = load_file(job["inputs"])
+    with torch.no_grad():
+        encoded = sae.encode(inputs["x"])
+        out = {"encode": encoded, "decode": sae.decode(inputs["f"]), "forward": sae.decode(encoded)}
+    save_file({k: v.detach().float().contiguous() for k, v in out.items()}, job["out"])
+    cfg = sae.cfg.to_dict()
+    info = {"class": type(sae).__name__, "cfg": cfg}
+    Path(job["out"] + ".json").write_text(json.dumps(info, default=str))
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    import sae_lens
+
+    jobs = json.loads(Path(sys.argv[1]).read_text())
+    for job in jobs:
+        _run(job)
+    print(json.dumps({"sae_lens_version": sae_lens.__version__, "torch": torch.__version__, "jobs": len(jobs)}))
+
+
+if __name__ == "__main__":
+    main()

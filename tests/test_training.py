@@ -1,0 +1,93 @@
+"""The trainer on synthetic activations: recovers planted features, resumes exactly, is deterministic."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import mean_max_cosine, synthetic_activations
+from saelab.data import TensorSource
+from saelab.training import TrainConfig, Trainer
+
+
+def config(tmp_path, **overrides):
+    base = dict(out=str(tmp_path), architecture="topk", d_sae=128, k=3, tokens=150_000, batch_size=256, lr=3e-3,
+                buffer_tokens=8192, dead_window_tokens=20_000, checkpoint_every_tokens=50_000, log_every=20,
+                progress=False, seed=0)
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_topk_recovers_planted_directions(tmp_path):
+    data, directions = synthetic_activations(40_000, d_in=32, n_features=64, active=3)
+    result = Trainer(config(tmp_path), TensorSource(data, rows_per_unit=1024), tmp_path).run()
+    assert result.completed
+    assert mean_max_cosine(directions, result.sae.W_dec.detach()) >= 0.9
+    f = result.sae.encode(data[:2000])
+    assert (f != 0).sum(1).float().mean() <= 3
+
+
+def test_standard_sae_learns_a_sparse_reconstruction(tmp_path):
+    data, directions = synthetic_activations(40_000, d_in=32, n_features=64, active=3)
+    cfg = config(tmp_path, architecture="standard", l1_coefficient=1.0, lr=3e-3)
+    sae = Trainer(cfg, TensorSource(data, rows_per_unit=1024), tmp_path).run().sae
+    x = data[:4000]
+    fvu = (sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    l0 = (sae.encode(x) != 0).sum(1).float().mean()
+    assert fvu < 0.2 and l0 < 32
+    assert mean_max_cosine(directions, sae.W_dec.detach()) >= 0.8
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    # Several buffer blocks per epoch and several epochs, so resume must restore the data position exactly.
+    data, _ = synthetic_activations(20_000, d_in=16, n_features=32, active=3)
+    make = lambda folder: Trainer(config(folder, tokens=60_000, d_sae=48, checkpoint_every_tokens=10_000,
+                                         dead_window_tokens=5_000), TensorSource(data, rows_per_unit=1000), folder)
+    full = make(tmp_path / "full").run()
+
+    def stop_at_step_97(trainer):
+        if trainer.step == 97:
+            trainer.request_stop()
+
+    stopped = make(tmp_path / "split").run(on_step=stop_at_step_97)
+    assert not stopped.completed and stopped.steps == 97
+    resumed = make(tmp_path / "split").run(resume=True)
+    assert resumed.completed and resumed.steps == full.steps
+    for name, tensor in full.sae.state_dict().items():
+        assert torch.equal(tensor, resumed.sae.state_dict()[name]), name
+    lines = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    steps = [x["step"] for x in lines]
+    assert steps == sorted(set(steps)) and steps[-1] == full.steps
+
+
+def test_same_seed_same_sae_and_other_seed_differs(tmp_path):
+    data, _ = synthetic_activations(5_000, d_in=16, n_features=32, active=3)
+    run = lambda folder, seed: Trainer(config(folder, tokens=20_000, d_sae=48, seed=seed),
+                                       TensorSource(data), folder).run().sae.W_dec
+    assert torch.equal(run(tmp_path / "a", 0), run(tmp_path / "b", 0))
+    assert not torch.equal(run(tmp_path / "a", 0), run(tmp_path / "c", 1))
+
+
+def test_run_folder_has_metrics_and_checkpoint(tmp_path):
+    data, _ = synthetic_activations(5_000, d_in=16, n_features=32, active=3)
+    Trainer(config(tmp_path, tokens=20_000, d_sae=48), TensorSource(data), tmp_path).run()
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "tokens", "loss", "l0", "fvu", "dead_fraction", "lr", "tokens_per_second"} <= set(records[0])
+    assert records[-1]["fvu"] < records[0]["fvu"]
+    assert (tmp_path / "checkpoint.pt").exists()
+    from saelab.training import plot_training_curves
+    png = plot_training_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    data, _ = synthetic_activations(5_000, d_in=16, n_features=32, active=3)
+    Trainer(config(tmp_path, tokens=10_000, d_sae=48), TensorSource(data), tmp_path).run()
+    with pytest.raises(ValueError, match="batch_size"):
+        Trainer(config(tmp_path, tokens=10_000, d_sae=48, batch_size=128), TensorSource(data), tmp_path).run(resume=True)
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        TrainConfig(architecture="sparse-magic")
