@@ -101,3 +101,33 @@ def test_geometric_median_ignores_outliers():
 def test_unknown_architecture_names_the_known_ones():
     with pytest.raises(ValueError, match="topk"):
         create_sae(SAEConfig(d_in=4, d_sae=8, architecture="nope"))
+
+
+def dense_topk_reference_loss(sae, x, dead, aux_k, aux_coefficient):
+    """TopK training loss written the plain way, with dense codes and autograd everywhere."""
+    pre = sae.encode_pre(x)
+    values, indices = pre.topk(sae.cfg.k, dim=-1)
+    f = torch.zeros_like(pre).scatter(-1, indices, values.relu())
+    x_hat = f @ sae.W_dec + sae.b_dec
+    variance = lambda t: (t - t.mean(0)).pow(2).sum()
+    loss = (x_hat - x).pow(2).sum() / variance(x)
+    residual = (x - x_hat).detach()
+    dead_pre = pre.masked_fill(~dead, float("-inf"))
+    aux_values, aux_indices = dead_pre.topk(aux_k, dim=-1)
+    aux_f = torch.zeros_like(pre).scatter(-1, aux_indices, aux_values.relu())
+    return loss + aux_coefficient * (aux_f @ sae.W_dec - residual).pow(2).sum() / variance(residual)
+
+
+def test_sparse_topk_gradients_equal_the_dense_computation():
+    sae = random_sae("topk", d_in=24, d_sae=96, k=6)
+    x = torch.randn(50, 24)
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[::3] = True
+    info = TrainStepInfo(dead_mask=dead, aux_k=5, aux_coefficient=0.5)
+    sparse_loss = sae.training_forward(x, info).loss
+    sparse_grads = torch.autograd.grad(sparse_loss, list(sae.parameters()))
+    dense_loss = dense_topk_reference_loss(sae, x, dead, 5, 0.5)
+    dense_grads = torch.autograd.grad(dense_loss, list(sae.parameters()))
+    assert torch.allclose(sparse_loss, dense_loss, atol=1e-6)
+    for (name, _), sparse, dense in zip(sae.named_parameters(), sparse_grads, dense_grads):
+        assert torch.allclose(sparse, dense, atol=1e-5, rtol=1e-4), name

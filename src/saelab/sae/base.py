@@ -55,10 +55,13 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 
     # --- inference -------------------------------------------------------------------------------
-    def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
+    def check_width(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.cfg.d_in:
             raise ValueError(f"this SAE takes vectors of size d_in={self.cfg.d_in}, got {x.shape[-1]}: "
                              "it was trained on another hook point or model (see its cfg.json metadata)")
+
+    def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_width(x)
         sae_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
         return sae_in @ self.W_enc + self.b_enc
 
@@ -133,7 +136,3 @@ def geometric_median(points: torch.Tensor, iterations: int = 30) -> torch.Tensor
         median = (weights[:, None] * points).sum(0) / weights.sum()
     return median
 
-
-def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """``sum_j values[:, j] * W_dec[indices[:, j]]`` without forming the dense ``[batch, d_sae]`` codes."""
-    return nn.functional.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from saelab.sae.base import SAE, TrainOutput, TrainStepInfo, normalized_error, sparse_decode
+from saelab.sae.base import SAE, TrainOutput, TrainStepInfo, normalized_error
+from saelab.sae.sparse import sparse_decode, topk_encode
 
 
 class TopKSAE(SAE):
@@ -21,25 +22,26 @@ class TopKSAE(SAE):
         return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 
     def training_forward(self, x: torch.Tensor, info: TrainStepInfo) -> TrainOutput:
-        pre = self.encode_pre(x)
-        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
-        values = values.relu()
-        # Only k of d_sae codes are non-zero: decode them by gathering decoder rows.
+        self.check_width(x)
+        # Only k of d_sae codes are non-zero: gradients and decoding touch only those.
+        values, indices = topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, self.cfg.apply_b_dec_to_input)
         x_hat = sparse_decode(indices, values, self.W_dec) + self.b_dec
         mse = normalized_error(x_hat - x, x)
         parts = {"mse": mse}
         loss = mse
         if info.dead_mask is not None and info.aux_coefficient > 0 and bool(info.dead_mask.any()):
-            parts["auxk"] = self._auxk_loss(pre, (x - x_hat).detach(), info)
+            parts["auxk"] = self._auxk_loss(x, (x - x_hat).detach(), info)
             loss = loss + info.aux_coefficient * parts["auxk"]
         fired = torch.bincount(indices[values > 0], minlength=self.cfg.d_sae)
         return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, parts=parts)
 
-    def _auxk_loss(self, pre: torch.Tensor, residual: torch.Tensor, info: TrainStepInfo) -> torch.Tensor:
+    def _auxk_loss(self, x: torch.Tensor, residual: torch.Tensor, info: TrainStepInfo) -> torch.Tensor:
         """The dead latents' top pre-activations reconstruct what the live ones missed (normalised MSE)."""
         dead = info.dead_mask.nonzero().squeeze(1)
         k_aux = min(info.aux_k, len(dead))
-        values, positions = pre[:, dead].topk(k_aux, dim=-1, sorted=False)
+        sae_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+        dead_pre = torch.addmm(self.b_enc[dead], sae_in, self.W_enc[:, dead])
+        values, positions = dead_pre.topk(k_aux, dim=-1, sorted=False)
         residual_hat = sparse_decode(dead[positions], values.relu(), self.W_dec)
         return normalized_error(residual_hat - residual, residual)
 

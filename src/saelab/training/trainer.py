@@ -45,7 +45,7 @@ class Trainer:
         sae_cfg = SAEConfig(d_in=source.d_in, d_sae=d_sae, architecture=cfg.architecture,
                             k=cfg.k if cfg.architecture == "topk" else None, metadata=self.metadata)
         self.sae = create_sae(sae_cfg).to(self.device)
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        self.optimizer = _adam(self.sae.parameters(), cfg.lr)
         self.total_steps = cfg.tokens // cfg.batch_size
         self.step = 0
         self.scale = 1.0
@@ -221,6 +221,15 @@ class Trainer:
         if state["last_window"] is not None:
             self._last_window = state["last_window"]
         _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+
+
+def _adam(params, lr: float) -> torch.optim.Adam:
+    """Adam with the fused kernel where this torch has one (one pass over each tensor per step)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
 
 
 @contextmanager
