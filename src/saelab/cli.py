@@ -48,6 +48,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     hooks = commands.add_parser("hooks", help="list the hook point names a model supports")
     hooks.add_argument("--model", default=TrainConfig.model, help="model name, folder, .gguf file or hub id")
+
+    ev = commands.add_parser(
+        "eval", help="evaluate an SAE folder on held-out text and write a report",
+        description="Evaluate an SAE (a saelab or SAELens folder) on text: L0, FVU, cosine, CE/KL with the SAE "
+        "spliced in vs zero-ablation, dead/dense latents. Prints a table (or JSON with --json) and writes a "
+        "report folder: metrics.json, summary.md, density_histogram.png, error_by_position.png.")
+    ev.add_argument("sae", metavar="SAE_FOLDER", help="SAE folder (cfg.json + sae_weights.safetensors), or a "
+                    "run folder of `saelab train` (its final/ SAE is used)")
+    ev.add_argument("--model", help="language model: embedded alias, local folder, .gguf file or hub id "
+                    "(default: the SAE's cfg.json metadata model_name)")
+    ev.add_argument("--hook", help="hook point, TransformerLens-style name or module path (default: the SAE's "
+                    "metadata hook_name)")
+    ev.add_argument("--dataset", default="python-docs", help="evaluation text: a builtin corpus (python-docs, "
+                    "python-docstrings), a .txt/.jsonl/.parquet file or folder, a saved HF dataset or a hub id; "
+                    "its first --tokens tokens are used (default: python-docs)")
+    ev.add_argument("--dataset-split", default="train", help="split to read from HF datasets (default: train)")
+    ev.add_argument("--text-column", help="column holding text (default: text/content, or input_ids/tokens)")
+    ev.add_argument("--tokens", type=int, default=16384, help="tokens of text to evaluate on, rounded up to "
+                    "whole contexts; 200_000 is accepted (default: 16384)")
+    ev.add_argument("--context-size", type=int, help="tokens per context (default: the SAE's metadata "
+                    "context_size, else 128)")
+    ev.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
+                    help="start every context with BOS (default: the SAE's metadata prepend_bos, else on)")
+    ev.add_argument("--batch-contexts", type=int, default=8, help="contexts per model forward pass (default: 8)")
+    ev.add_argument("--include-special-tokens", action="store_true", help="also evaluate (and splice at) "
+                    "BOS/EOS/pad positions (default: they are left out, as in training)")
+    ev.add_argument("--no-downstream", dest="downstream", action="store_false", help="reconstruction metrics "
+                    "only: skip CE/KL and run the model only as far as the hook (faster)")
+    ev.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout "
+                    "instead of the table")
+    ev.add_argument("--out", metavar="REPORT_DIR", help="report folder (default: <run>/eval-<dataset> for a "
+                    "run's final/ SAE, else <SAE_FOLDER>-eval-<dataset> beside the SAE folder)")
+    ev.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     return parser
 
 
@@ -81,4 +114,29 @@ def _hooks(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "hooks": _hooks}
+def _eval(args) -> int:
+    import json
+
+    from saelab.evals import EvalConfig, format_table, run_eval
+    from saelab.evals.report import report_json
+
+    cfg = EvalConfig(sae=args.sae, model=args.model, hook=args.hook, dataset=args.dataset,
+                     dataset_split=args.dataset_split, text_column=args.text_column, tokens=args.tokens,
+                     context_size=args.context_size, prepend_bos=args.prepend_bos,
+                     batch_contexts=args.batch_contexts, include_special_tokens=args.include_special_tokens,
+                     downstream=args.downstream, out=args.out, device=args.device)
+
+    def say(message: str) -> None:
+        print(f"saelab: {message}", file=sys.stderr, flush=True)
+
+    result = run_eval(cfg, progress=sys.stderr.isatty(), say=say)
+    if args.json:
+        print(json.dumps(report_json(result.metrics, result.info)))
+    else:
+        print(format_table(result.metrics, title=f"{result.info['model']} {result.info['hook']} on "
+                           f"{args.dataset} ({result.metrics['tokens']:,} tokens):"))
+    say(f"report written to {result.report_dir}")
+    return 0
+
+
+COMMANDS = {"train": _train, "hooks": _hooks, "eval": _eval}

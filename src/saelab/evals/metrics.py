@@ -8,33 +8,65 @@ activation zero-ablated.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
-from saelab.models.hooks import HookPoint, capture, hooked
+from saelab.models.hooks import HookNameError, HookPoint, capture, hooked, resolve_hook
 from saelab.sae import SAE
 
 DENSE_THRESHOLD = 0.1  # a latent active on more than 10% of tokens counts as dense
+# The scalar metrics ``evaluate`` returns, in the order reports show them.
+METRIC_KEYS = ("l0", "l1", "mse", "fvu", "explained_variance", "cossim", "l2_ratio", "ce_clean", "ce_with_sae",
+               "ce_zero_ablation", "ce_loss_score", "kl_with_sae", "kl_zero_ablation", "kl_score",
+               "dead_fraction", "dense_fraction", "tokens")
+DOWNSTREAM_KEYS = ("ce_clean", "ce_with_sae", "ce_zero_ablation", "ce_loss_score", "kl_with_sae",
+                   "kl_zero_ablation", "kl_score")
+
+
+def sae_hook(model, sae: SAE, hook: HookPoint | str | None = None) -> HookPoint:
+    """The hook point to use: ``hook`` (a HookPoint or a name), else the one in the SAE's cfg metadata."""
+    if isinstance(hook, HookPoint):
+        return hook
+    if hook is None:
+        hook = sae.cfg.metadata.get("hook_name")
+        if not hook:
+            raise HookNameError("this SAE's cfg.json metadata names no hook_name; pass the hook point "
+                                "explicitly (e.g. hook='blocks.6.hook_resid_post')")
+    return resolve_hook(model, hook)
 
 
 @contextmanager
-def splice(model, sae: SAE, hook: HookPoint, keep: torch.Tensor | None = None, error_term: bool = False,
-           intervene: Callable[[torch.Tensor], torch.Tensor] | None = None):
+def splice(model, sae: SAE, hook: HookPoint | str | None = None, keep: torch.Tensor | None = None,
+           error_term: bool = False, intervene: Callable[[torch.Tensor], torch.Tensor | None] | None = None):
     """Run ``model`` with the SAE's reconstruction in place of the hook's activation.
 
-    ``keep`` ([batch, seq] bool) limits the replacement to those positions. With ``error_term=True`` the
-    SAE's error is added back, so outputs are unchanged unless ``intervene`` edits the latents.
+    ``hook``: a HookPoint, a hook name, or None for the SAE's ``cfg.metadata["hook_name"]``.
+    ``keep`` ([batch, seq] bool) limits the replacement to those positions. ``intervene(latents)`` may
+    edit the ``[batch, seq, d_sae]`` latents (return the edited tensor, or edit in place and return None).
+    With ``error_term=True`` the SAE's reconstruction error is added back, so the output is exactly the
+    clean output unless ``intervene`` changes the latents; then only the decoded change is applied.
     """
+    hook = sae_hook(model, sae, hook)
+
     def replace(act: torch.Tensor) -> torch.Tensor:
-        latents = sae.encode(act.float())
+        x = act.float()
+        latents = sae.encode(x)
+        edited = latents
         if intervene is not None:
-            latents = intervene(latents)
-        new = sae.decode(latents)
+            edited = latents.clone() if error_term else latents
+            returned = intervene(edited)
+            edited = edited if returned is None else returned
         if error_term:
-            new = new + (act.float() - sae.decode(sae.encode(act.float())))
+            # x + (decode(edited) - decode(latents)): untouched latents give back x itself, bit for bit.
+            if edited is latents:
+                return act
+            new = x + (sae.decode(edited) - sae.decode(latents))
+        else:
+            new = sae.decode(edited)
         new = new.to(act.dtype)
         return new if keep is None else torch.where(keep[..., None].to(act.device), new, act)
 
@@ -63,29 +95,53 @@ class _Totals:
         self.ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
         self.kl = {"sae": 0.0, "zero": 0.0}
         self.predictions = 0
+        # Per position in the context: kept tokens, squared error, sum of x and of ||x||^2.
+        self.pos_tokens = torch.zeros(0, dtype=torch.float64)
+        self.pos_sq_err = torch.zeros(0, dtype=torch.float64)
+        self.pos_x_sum = torch.zeros(0, d_in, dtype=torch.float64)
+        self.pos_x_sq = torch.zeros(0, dtype=torch.float64)
+
+    def grow_positions(self, seq: int) -> None:
+        extra = seq - len(self.pos_tokens)
+        if extra > 0:
+            self.pos_tokens = torch.cat([self.pos_tokens, torch.zeros(extra, dtype=torch.float64)])
+            self.pos_sq_err = torch.cat([self.pos_sq_err, torch.zeros(extra, dtype=torch.float64)])
+            self.pos_x_sq = torch.cat([self.pos_x_sq, torch.zeros(extra, dtype=torch.float64)])
+            self.pos_x_sum = torch.cat([self.pos_x_sum, torch.zeros(extra, self.pos_x_sum.shape[1],
+                                                                    dtype=torch.float64)])
 
 
 @torch.no_grad()
-def evaluate(model, sae: SAE, hook: HookPoint, token_batches: Iterable[torch.Tensor],
-             keep_mask: Callable[[torch.Tensor], torch.Tensor], downstream: bool = True) -> dict:
+def evaluate(model, sae: SAE, hook: HookPoint | str | None, token_batches: Iterable[torch.Tensor],
+             keep_mask: Callable[[torch.Tensor], torch.Tensor] | None = None, downstream: bool = True) -> dict:
     """Metrics of ``sae`` at ``hook`` over the given ``[batch, seq]`` token batches.
 
-    Returns the keys named in the evaluation spec, plus ``firing_frequency`` (a [d_sae] tensor).
+    ``hook``: a HookPoint, a name, or None for the SAE's metadata ``hook_name``. ``keep_mask(tokens)``
+    gives the ``[batch, seq]`` positions to evaluate and splice at (None: all). ``downstream=False``
+    skips the CE/KL metrics and runs the model only as far as the hook.
+
+    Returns the scalar keys of ``METRIC_KEYS`` (the ce_*/kl_* ones only with ``downstream``), plus
+    ``firing_frequency`` (a [d_sae] tensor) and ``error_by_position`` (plain lists, one entry per
+    position in the context: ``tokens`` evaluated there, ``mse``, ``fvu`` = that position's squared
+    error over its variance about the overall mean, ``fvu_contribution`` = its share of the overall
+    FVU (these sum to ``fvu``); None where no token was evaluated).
     """
     device = next(model.parameters()).device
+    hook = sae_hook(model, sae, hook)
     sae = sae.to(device)
     totals = _Totals(sae.cfg.d_in, sae.cfg.d_sae)
     for tokens in token_batches:
         tokens = tokens.to(device)
-        keep = keep_mask(tokens.cpu()).to(device)
+        keep = (torch.ones_like(tokens, dtype=torch.bool) if keep_mask is None
+                else keep_mask(tokens.cpu()).to(device))
         if not downstream:
             act = capture(model, tokens, [hook])[hook.name]
-            _add_reconstruction(totals, sae, act[keep].float())
+            _add_reconstruction(totals, sae, act, keep)
             continue
         captured = {}
         with hooked(model, hook, lambda act: captured.__setitem__("act", act.detach())):
             clean_logits = model(input_ids=tokens, use_cache=False).logits
-        _add_reconstruction(totals, sae, captured["act"][keep].float())
+        _add_reconstruction(totals, sae, captured["act"], keep)
         with splice(model, sae, hook, keep):
             sae_logits = model(input_ids=tokens, use_cache=False).logits
         with zero_ablate(model, hook, keep):
@@ -94,18 +150,29 @@ def evaluate(model, sae: SAE, hook: HookPoint, token_batches: Iterable[torch.Ten
     return _summarise(totals, downstream)
 
 
-def _add_reconstruction(totals: _Totals, sae: SAE, x: torch.Tensor) -> None:
+def _add_reconstruction(totals: _Totals, sae: SAE, act: torch.Tensor, keep: torch.Tensor) -> None:
+    x = act[keep].float()
     f = sae.encode(x)
     x_hat = sae.decode(f)
+    sq_err = (x - x_hat).double().pow(2).sum(-1)
     totals.tokens += len(x)
     totals.sums["l0"] += (f != 0).sum().item()
     totals.sums["l1"] += f.abs().sum().item()
-    totals.sums["sq_err"] += (x - x_hat).double().pow(2).sum().item()
+    totals.sums["sq_err"] += sq_err.sum().item()
     totals.sums["cossim"] += F.cosine_similarity(x, x_hat, dim=-1).double().sum().item()
     totals.sums["l2_ratio"] += (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).double().sum().item()
     totals.x_sum += x.double().sum(0).cpu()
     totals.x_sq_sum += x.double().pow(2).sum(0).cpu()
     totals.fired += (f != 0).sum(0).double().cpu()
+
+    seq = keep.shape[1]
+    totals.grow_positions(seq)
+    positions = torch.arange(seq, device=keep.device).expand_as(keep)[keep].cpu()
+    xd = x.double().cpu()
+    totals.pos_tokens.index_add_(0, positions, torch.ones(len(positions), dtype=torch.float64))
+    totals.pos_sq_err.index_add_(0, positions, sq_err.cpu())
+    totals.pos_x_sum.index_add_(0, positions, xd)
+    totals.pos_x_sq.index_add_(0, positions, xd.pow(2).sum(-1))
 
 
 def _add_downstream(totals: _Totals, tokens, keep, clean, with_sae, zero) -> None:
@@ -153,4 +220,25 @@ def _summarise(t: _Totals, downstream: bool) -> dict:
             "kl_score": (kl_zero - kl_sae) / kl_zero if kl_zero > 0 else float("nan"),
         })
     result["firing_frequency"] = frequency.float()
+    result["error_by_position"] = _by_position(t, mean, total_variance)
     return result
+
+
+def _by_position(t: _Totals, mean: torch.Tensor, total_variance: float) -> dict:
+    """Per-position error as plain lists (JSON-ready); None where a position had no evaluated token."""
+    counts = t.pos_tokens
+    # sum over that position's tokens of ||x - mean||^2, with the overall per-dimension mean
+    variance = t.pos_x_sq - 2 * (t.pos_x_sum @ mean) + counts * mean.pow(2).sum()
+    d_in = len(mean)
+
+    def listed(values: torch.Tensor) -> list:
+        return [None if c == 0 or not math.isfinite(v) else v for c, v in zip(counts.tolist(), values.tolist())]
+
+    safe = counts.clamp_min(1)
+    return {
+        "tokens": [int(c) for c in counts.tolist()],
+        "mse": listed(t.pos_sq_err / (safe * d_in)),
+        "fvu": listed(t.pos_sq_err / variance.clamp_min(1e-300)),
+        "fvu_contribution": listed(t.pos_sq_err / total_variance if total_variance > 0
+                                   else torch.full_like(counts, float("nan"))),
+    }

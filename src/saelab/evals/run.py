@@ -1,0 +1,154 @@
+"""What ``saelab eval`` does: load an SAE folder and its model, evaluate it on text, write a report."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from saelab.data.activations import LMActivationSource
+from saelab.data.text import BUILTIN_CORPORA, describe_source
+from saelab.data.tokens import Packing
+from saelab.evals.metrics import evaluate
+from saelab.evals.report import write_report
+from saelab.models import ModelLoadError, load_model, resolve_hook
+from saelab.sae import SAE
+
+DEFAULT_CONTEXT_SIZE = 128
+
+
+@dataclass
+class EvalConfig:
+    sae: str                            # SAE folder (or a run folder holding final/)
+    model: str | None = None            # default: the SAE's metadata model_name
+    hook: str | None = None             # default: the SAE's metadata hook_name
+    dataset: str = "python-docs"
+    dataset_split: str = "train"
+    text_column: str | None = None
+    tokens: int = 16384
+    context_size: int | None = None     # default: metadata context_size, else 128
+    prepend_bos: bool | None = None     # default: metadata prepend_bos, else True
+    batch_contexts: int = 8
+    include_special_tokens: bool = False
+    downstream: bool = True
+    out: str | None = None              # default: default_report_dir(sae folder, dataset)
+    device: str | None = None
+
+
+@dataclass
+class EvalResult:
+    metrics: dict                       # what evaluate() returned (tensors included)
+    info: dict                          # what was evaluated, as written to the report
+    report_dir: Path
+    files: dict
+
+
+def find_sae_folder(path) -> Path:
+    """The SAE folder named by ``path``: the folder itself, or ``<run>/final`` for a training run folder."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"SAE folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is a file; pass the SAE folder (holding cfg.json and sae_weights.safetensors)")
+    if not (folder / "cfg.json").exists() and (folder / "final" / "cfg.json").exists():
+        return folder / "final"  # a run folder from `saelab train`
+    return folder
+
+
+def dataset_stem(dataset: str) -> str:
+    """A short file-name-safe name for a dataset: builtin name, file stem, folder name or hub id's last part."""
+    if dataset in BUILTIN_CORPORA:
+        stem = dataset
+    else:
+        path = Path(dataset.rstrip("/\\"))
+        stem = path.stem if path.suffix else path.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "dataset"
+
+
+def default_report_dir(sae_folder, dataset: str) -> Path:
+    """Next to the SAE folder, never inside it: ``<run>/eval-<dataset>`` for a run's ``final/`` SAE,
+    else ``<parent>/<sae folder name>-eval-<dataset>`` (SAEs sharing a parent folder do not collide)."""
+    folder = Path(sae_folder).resolve()
+    stem = dataset_stem(dataset)
+    if folder.name == "final":
+        return folder.parent / f"eval-{stem}"
+    return folder.parent / f"{folder.name}-eval-{stem}"
+
+
+def run_eval(cfg: EvalConfig, progress: bool = False, say=None) -> EvalResult:
+    """Evaluate the SAE folder ``cfg.sae`` and write the report; raises ValueError & co on bad input."""
+    say = say or (lambda message: None)
+    if cfg.tokens <= 0 or cfg.batch_contexts <= 0 or (cfg.context_size is not None and cfg.context_size <= 1):
+        raise ValueError(f"--tokens and --batch-contexts must be positive and --context-size at least 2 (got "
+                         f"tokens={cfg.tokens}, batch_contexts={cfg.batch_contexts}, context_size={cfg.context_size})")
+    folder = find_sae_folder(cfg.sae)
+    sae = SAE.load(folder)
+    meta = sae.cfg.metadata
+    model_name = cfg.model or meta.get("model_name")
+    if not model_name:
+        raise ValueError(f"{folder}/cfg.json names no model (metadata model_name); pass --model")
+    hook_name = cfg.hook or meta.get("hook_name")
+    if not hook_name:
+        raise ValueError(f"{folder}/cfg.json names no hook point (metadata hook_name); pass --hook")
+    context_size = int(cfg.context_size or meta.get("context_size") or DEFAULT_CONTEXT_SIZE)
+    prepend_bos = cfg.prepend_bos if cfg.prepend_bos is not None else bool(meta.get("prepend_bos", True))
+
+    device = cfg.device
+    try:
+        model, tokenizer = load_model(model_name, device)
+    except ModelLoadError as err:
+        if cfg.model is None:
+            raise ModelLoadError(f"{err}\n(the model name {model_name!r} comes from the SAE's cfg.json; pass "
+                                 "--model to evaluate with another name, folder or file for that model)") from err
+        raise
+    hook = resolve_hook(model, hook_name)
+    packing = Packing(context_size, prepend_bos)
+    contexts = math.ceil(cfg.tokens / context_size)
+    source = LMActivationSource(model, tokenizer, hook, cfg.dataset, packing, split=cfg.dataset_split,
+                                text_column=cfg.text_column, batch_contexts=cfg.batch_contexts,
+                                exclude_special_tokens=not cfg.include_special_tokens, max_contexts=contexts)
+    if source.d_in != sae.cfg.d_in:
+        raise ValueError(f"hook {hook_name!r} of {model_name} has width {source.d_in}, but the SAE's d_in is "
+                         f"{sae.cfg.d_in}: the SAE reads another hook point (its cfg.json says "
+                         f"{meta.get('hook_name')!r}); pass --hook with a point of width {sae.cfg.d_in} "
+                         "(`saelab hooks --model ...` lists them)")
+
+    model_device = next(model.parameters()).device
+    say(f"evaluating {folder} ({sae.cfg.architecture}, {sae.cfg.d_in} -> {sae.cfg.d_sae}) on {model_name} "
+        f"{hook_name}, {contexts * context_size:,} tokens of {cfg.dataset} on {model_device}")
+    seen = {"contexts": 0}
+
+    def batches():
+        for tokens in source.token_batches():
+            seen["contexts"] += len(tokens)
+            yield tokens
+
+    token_batches = batches()
+    if progress:
+        from tqdm.auto import tqdm
+
+        token_batches = tqdm(token_batches, total=math.ceil(contexts / cfg.batch_contexts), desc="evaluating",
+                             unit="batch", leave=False)
+    metrics = evaluate(model, sae, hook, token_batches, source.keep_mask, downstream=cfg.downstream)
+    if seen["contexts"] == 0:
+        raise ValueError(f"dataset {cfg.dataset!r} gave no complete context of {context_size} tokens; use more "
+                         "text, a smaller --context-size, or check --dataset-split / --text-column")
+    if seen["contexts"] < contexts:
+        say(f"the dataset held only {seen['contexts']} contexts of {context_size} tokens "
+            f"({seen['contexts'] * context_size:,} tokens, fewer than the {cfg.tokens:,} asked for)")
+
+    info = {
+        "sae": str(folder.resolve()), "architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in,
+        "d_sae": sae.cfg.d_sae, "model": model_name, "hook": hook_name, "dataset": describe_source(cfg.dataset),
+        "dataset_split": None if cfg.dataset in BUILTIN_CORPORA or Path(cfg.dataset).expanduser().is_file()
+        else cfg.dataset_split,
+        "context_size": context_size, "prepend_bos": prepend_bos, "tokens_requested": cfg.tokens,
+        "contexts": seen["contexts"],
+        "special_tokens": "included" if cfg.include_special_tokens else "excluded",
+        "downstream": cfg.downstream, "device": str(model_device),
+    }
+    report_dir = Path(cfg.out).expanduser() if cfg.out else default_report_dir(folder, cfg.dataset)
+    files = write_report(report_dir, metrics, info)
+    return EvalResult(metrics, info, report_dir, files)
+
