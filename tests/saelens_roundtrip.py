@@ -8,8 +8,8 @@ and writes ``encode`` = sae.encode(x), ``decode`` = sae.decode(f) and ``forward`
 to ``job["out"]`` (safetensors), plus what SAELens made of the config to ``job["out"] + ".json"``.
 
 - ``{"mode": "load", "folder": ...}``: load a folder (e.g. one saelab saved) with ``SAE.load_from_disk``.
-- ``{"mode": "create", "folder": ..., "architecture": "standard" | "topk", "d_in", "d_sae", "k", "seed",
-  "rescale_acts_by_decoder_norm": bool, "metadata": {...}}``: build a SAELens SAE with random weights
+- ``{"mode": "create", "folder": ..., "architecture": "standard" | "topk" | "jumprelu" | "gated", "d_in", "d_sae",
+  "k", "seed", "rescale_acts_by_decoder_norm": bool, "metadata": {...}}``: build a SAELens SAE with random weights
   (non-trivial biases), save it with SAELens's own ``save_model`` and report its outputs.
 """
 
@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 
 
 def _create(job: dict):
-    from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+    from sae_lens import (GatedSAE, GatedSAEConfig, JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig,
+                          TopKSAE, TopKSAEConfig)
     from sae_lens.saes.sae import SAEMetadata
 
     metadata = SAEMetadata(**job.get("metadata", {}))
@@ -36,6 +37,10 @@ def _create(job: dict):
     elif job["architecture"] == "topk":
         sae = TopKSAE(TopKSAEConfig(**common, k=job["k"],
                                     rescale_acts_by_decoder_norm=job.get("rescale_acts_by_decoder_norm", False)))
+    elif job["architecture"] == "jumprelu":
+        sae = JumpReLUSAE(JumpReLUSAEConfig(**common))
+    elif job["architecture"] == "gated":
+        sae = GatedSAE(GatedSAEConfig(**common))
     else:
         raise SystemExit(f"unknown architecture {job['architecture']!r}")
     g = torch.Generator().manual_seed(job.get("seed", 0))
@@ -44,8 +49,15 @@ def _create(job: dict):
         sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
         # Decoder rows of varied, non-unit length, so that a reader that assumed unit rows would differ.
         sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) * (0.5 + torch.rand(d_sae, 1, generator=g)))
-        sae.b_enc.copy_(0.3 * torch.randn(d_sae, generator=g))
+        if sae.b_enc is not None:  # gated SAEs have none
+            sae.b_enc.copy_(0.3 * torch.randn(d_sae, generator=g))
         sae.b_dec.copy_(torch.randn(d_in, generator=g))
+        if job["architecture"] == "jumprelu":  # thresholds that switch off a good part of the positive codes
+            sae.threshold.copy_(1.5 * torch.rand(d_sae, generator=g))
+        elif job["architecture"] == "gated":
+            sae.b_gate.copy_(0.3 * torch.randn(d_sae, generator=g))
+            sae.b_mag.copy_(0.3 * torch.randn(d_sae, generator=g))
+            sae.r_mag.copy_(0.3 * torch.randn(d_sae, generator=g))
     sae.save_model(job["folder"])
     return sae
 

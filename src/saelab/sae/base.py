@@ -19,9 +19,12 @@ class SAEConfig:
     d_in: int
     d_sae: int
     architecture: str
-    k: int | None = None                    # topk: latents kept per token
+    k: int | None = None                    # topk: latents kept per token; batchtopk, matryoshka: on average
     apply_b_dec_to_input: bool = True
     metadata: dict = field(default_factory=dict)  # model, hook, context and dataset it was trained on
+    # Training-only settings (not written to cfg.json):
+    matryoshka_widths: list[int] | str | None = None  # matryoshka: prefix widths ("1/4,1/2,1" or latent counts)
+    init_threshold: float = 0.5             # jumprelu: threshold every latent starts training with
 
 
 @dataclass
@@ -32,6 +35,10 @@ class TrainStepInfo:
     dead_mask: torch.Tensor | None = None   # [d_sae] latents silent for the dead window (AuxK)
     aux_k: int = 0
     aux_coefficient: float = 0.0
+    l0_coefficient: float = 0.0             # jumprelu: L0 weight after warm-up (before target-L0 adaptation)
+    target_l0: float | None = None          # jumprelu: adapt the L0 weight until the batch L0 is this
+    bandwidth: float = 0.05                 # jumprelu: width of the straight-through estimators' rectangle
+    threshold_ema_rate: float = 0.01        # batchtopk, matryoshka: weight of each batch in the threshold EMA
 
 
 @dataclass
@@ -40,6 +47,7 @@ class TrainOutput:
     x_hat: torch.Tensor
     fired: torch.Tensor                     # [d_sae] tokens on which each latent was non-zero
     parts: dict[str, torch.Tensor]          # named loss terms, for logs
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # for the SAE's own after_step, not logged
 
 
 class SAE(nn.Module):
@@ -85,7 +93,8 @@ class SAE(nn.Module):
         directions *= self.decoder_init_norm / directions.norm(dim=1, keepdim=True)
         self.W_dec.copy_(directions)
         self.W_enc.copy_(directions.T)
-        self.b_enc.zero_()
+        if "b_enc" in self._parameters:  # gated SAEs have none
+            self.b_enc.zero_()
         if b_dec_init == "median":
             self.b_dec.copy_(geometric_median(sample.float()))
         elif b_dec_init == "mean":
@@ -100,6 +109,19 @@ class SAE(nn.Module):
 
     def constrain_weights(self) -> None:
         """Called after the optimiser step."""
+
+    @torch.no_grad()
+    def after_step(self, out: TrainOutput, info: TrainStepInfo) -> None:
+        """Called after ``constrain_weights`` with the step's output: update training-only state kept in
+        buffers (which the trainer's checkpoint holds, so a resumed run continues it exactly)."""
+
+    def export(self) -> SAE:
+        """The inference SAE this one saves as, a copy on the CPU (BatchTopK becomes a JumpReLU SAE)."""
+        from saelab.sae.format import create_sae
+
+        sae = create_sae(self.cfg)
+        sae.load_state_dict({name: t.detach().cpu().clone() for name, t in self.state_dict().items()})
+        return sae.eval()
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

@@ -18,7 +18,8 @@ class TrainConfig:
     hook: str = option("blocks.6.hook_resid_post", "Hook point: a TransformerLens-style name "
                        "(blocks.L.hook_resid_pre|resid_mid|resid_post|attn_out|mlp_out) or a module path "
                        "(model.layers.6.mlp = that module's output).")
-    dataset: str = option("python-docs", "Training text: a builtin corpus (python-docs, python-docstrings), "
+    dataset: str = option("python-docs", "Training text: a builtin corpus (python-docs = python-reference + "
+                          "python-docstrings, ~300k tokens shipped with Python), "
                           "a .txt/.jsonl/.parquet file, a folder of them or a saved HF dataset, or a hub "
                           "dataset id (streamed). Rows with input_ids/tokens are used as pretokenized.")
     dataset_split: str = option("train", "Split to read from HF datasets.")
@@ -29,16 +30,43 @@ class TrainConfig:
                                           "reconstruction metrics (their activations are huge outliers).")
     lm_batch_size: int = option(16, "Contexts per language-model forward pass.")
     # --- the SAE ----------------------------------------------------------------------------------
-    architecture: str = option("topk", "SAE architecture.", choices=("topk", "standard"))
+    architecture: str = option("topk", "SAE architecture: topk, batchtopk (k on average over the batch; "
+                               "saved as jumprelu), matryoshka_batchtopk (alias matryoshka; nested BatchTopK "
+                               "prefixes, saved as jumprelu), jumprelu (learned thresholds, L0 penalty), gated, "
+                               "standard (ReLU + L1).",
+                               choices=("topk", "batchtopk", "matryoshka_batchtopk", "matryoshka", "jumprelu",
+                                        "gated", "standard"))
     expansion: int = option(8, "Latents per input dimension (d_sae = expansion * d_in).")
     d_sae: int | None = option(None, "Number of latents; overrides --expansion.")
-    k: int = option(32, "topk: latents active per token.")
-    l1_coefficient: float = option(5.0, "standard: weight of the L1 penalty on |f|*||W_dec|| (inputs are "
-                                   "normalised to mean norm sqrt(d_in)).")
-    l1_warmup_fraction: float = option(0.05, "standard: fraction of training over which the L1 weight "
-                                       "ramps up from 0.")
-    aux_k: int | None = option(None, "topk: dead latents used by the AuxK loss (default d_in / 2).")
-    aux_coefficient: float = option(1 / 32, "topk: weight of the AuxK loss (0 turns it off).")
+    k: int = option(32, "topk: latents active per token; batchtopk, matryoshka_batchtopk: latents active "
+                    "per token on average over each batch.")
+    l1_coefficient: float = option(5.0, "standard, gated: weight of the L1 penalty on |f|*||W_dec|| (gated: "
+                                   "on the gate's ReLU) (inputs are normalised to mean norm sqrt(d_in)).")
+    l1_warmup_fraction: float = option(0.05, "standard, gated, jumprelu: fraction of training over which the "
+                                       "sparsity penalty's weight (L1, or jumprelu's L0) ramps up from 0.")
+    l0_coefficient: float = option(1.0, "jumprelu: weight of the L0 penalty (the loss's squared error is "
+                                   "summed over dimensions of inputs normalised to mean norm sqrt(d_in)).")
+    target_l0: float | None = option(None, "jumprelu: steer the training L0 toward this by adapting the L0 "
+                                     "weight multiplicatively each step (default: fixed weight).")
+    jumprelu_bandwidth: float = option(0.05, "jumprelu: width of the straight-through estimators' "
+                                       "rectangle kernel, in pre-activation units of inputs normalised to mean "
+                                       "norm sqrt(d_in) (there a unit direction's projection is ~N(0,1); 0.001 "
+                                       "at unit mean squared norm, as in Gemma Scope, is ~0.05 here for d_in "
+                                       "~2300).")
+    jumprelu_init_threshold: float = option(0.5, "jumprelu: initial threshold of every latent, in the same "
+                                            "units. The log-threshold is learned and Adam moves it by about "
+                                            "lr per step, so start near the expected final value.")
+    threshold_ema_rate: float = option(0.01, "batchtopk, matryoshka_batchtopk: per-step rate of the moving "
+                                       "average of the smallest selected activation, the saved JumpReLU "
+                                       "threshold.")
+    matryoshka_widths: str | None = option(None, "matryoshka_batchtopk: nested prefix widths, strictly "
+                                           "increasing: latent counts (128,512,4608) or fractions of d_sae "
+                                           "(1/16,0.25,1); d_sae is added as the last (default "
+                                           "1/16,1/8,1/4,1/2,1).")
+    aux_k: int | None = option(None, "topk, batchtopk, matryoshka_batchtopk: dead latents used by the AuxK "
+                               "loss (default d_in / 2).")
+    aux_coefficient: float = option(1 / 32, "topk, batchtopk, matryoshka_batchtopk: weight of the AuxK loss "
+                                    "(0 turns it off).")
     dead_window_tokens: int = option(200_000, "A latent silent for this many training tokens counts as dead.")
     b_dec_init: str = option("median", "Initial decoder bias: geometric median or mean of a sample, or zeros.",
                              choices=("median", "mean", "zeros"))
@@ -51,7 +79,7 @@ class TrainConfig:
     lr_warmup_fraction: float = option(0.02, "Fraction of steps with a linear learning-rate warm-up.")
     lr_decay_fraction: float = option(0.2, "Final fraction of steps over which the rate decays linearly to 0.")
     grad_clip: float = option(1.0, "Clip the gradient norm to this (0: no clipping).")
-    buffer_tokens: int = option(262_144, "Activations held and shuffled at once; memory = buffer_tokens * "
+    buffer_tokens: int = option(524_288, "Activations held and shuffled at once; memory = buffer_tokens * "
                                 "d_in * 4 bytes. A corpus that fits is computed once and reused each epoch.")
     seed: int = option(0, "Random seed: the same seed and config give the same SAE.")
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda when available).")
@@ -65,6 +93,8 @@ class TrainConfig:
     progress: bool = option(True, "Show progress bars.")
 
     def __post_init__(self):
+        if self.architecture == "matryoshka":
+            self.architecture = "matryoshka_batchtopk"
         problems = []
         for name in ("context_size", "lm_batch_size", "expansion", "k", "tokens", "batch_size", "buffer_tokens",
                      "checkpoint_every_tokens", "log_every", "dead_window_tokens"):
@@ -76,6 +106,22 @@ class TrainConfig:
                 problems.append(f"{f.name} must be one of {', '.join(allowed)} (got {getattr(self, f.name)!r})")
         if self.lr <= 0:
             problems.append(f"lr must be positive (got {self.lr})")
+        for name in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be positive (got {getattr(self, name)})")
+        if self.l0_coefficient < 0:
+            problems.append(f"l0_coefficient must not be negative (got {self.l0_coefficient})")
+        if self.target_l0 is not None and not self.target_l0 > 0:
+            problems.append(f"target_l0 must be positive (got {self.target_l0})")
+        if not 0 < self.threshold_ema_rate <= 1:
+            problems.append(f"threshold_ema_rate must be in (0, 1] (got {self.threshold_ema_rate})")
+        if self.matryoshka_widths is not None:
+            from saelab.sae.matryoshka import parse_widths
+
+            try:
+                parse_widths(self.matryoshka_widths)
+            except ValueError as err:
+                problems.append(str(err))
         if self.buffer_tokens < self.batch_size:
             problems.append(f"buffer_tokens ({self.buffer_tokens}) must be at least batch_size ({self.batch_size})")
         if problems:

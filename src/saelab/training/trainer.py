@@ -23,6 +23,7 @@ from saelab.training.config import TrainConfig
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 INIT_SAMPLE_ROWS = 8192
+TAKES_K = ("topk", "batchtopk", "matryoshka_batchtopk")  # architectures whose SAEConfig carries k
 
 
 @dataclass
@@ -43,8 +44,11 @@ class Trainer:
         self.buffer = ActivationBuffer(source, cfg.buffer_tokens, cfg.batch_size, cfg.seed, progress=cfg.progress)
         d_sae = cfg.d_sae or cfg.expansion * source.d_in
         sae_cfg = SAEConfig(d_in=source.d_in, d_sae=d_sae, architecture=cfg.architecture,
-                            k=cfg.k if cfg.architecture == "topk" else None, metadata=self.metadata)
-        self.sae = create_sae(sae_cfg).to(self.device)
+                            k=cfg.k if cfg.architecture in TAKES_K else None, metadata=self.metadata,
+                            matryoshka_widths=(cfg.matryoshka_widths if cfg.architecture == "matryoshka_batchtopk"
+                                               else None),
+                            init_threshold=cfg.jumprelu_init_threshold)
+        self.sae = create_sae(sae_cfg, training=True).to(self.device)
         self.optimizer = _adam(self.sae.parameters(), cfg.lr)
         self.total_steps = cfg.tokens // cfg.batch_size
         self.step = 0
@@ -74,9 +78,8 @@ class Trainer:
                            firing_frequency=self._window_frequency())
 
     def export_sae(self) -> SAE:
-        """A copy of the SAE that takes raw activations."""
-        sae = create_sae(self.sae.cfg)
-        sae.load_state_dict({k: v.detach().cpu() for k, v in self.sae.state_dict().items()})
+        """A copy of the inference SAE (on the CPU) that takes raw activations."""
+        sae = self.sae.export()
         sae.fold_input_scale(self.scale)
         return sae.eval()
 
@@ -134,11 +137,16 @@ class Trainer:
         lr = self._lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        warmup = min(1.0, self.step / max(1.0, cfg.l1_warmup_fraction * self.total_steps))
         info = TrainStepInfo(
-            sparsity_coefficient=cfg.l1_coefficient * min(1.0, self.step / max(1.0, cfg.l1_warmup_fraction * self.total_steps)),
+            sparsity_coefficient=cfg.l1_coefficient * warmup,
             dead_mask=self.tokens_since_fired >= cfg.dead_window_tokens,
             aux_k=cfg.aux_k or self.source.d_in // 2,
             aux_coefficient=cfg.aux_coefficient,
+            l0_coefficient=cfg.l0_coefficient * warmup,
+            target_l0=cfg.target_l0,
+            bandwidth=cfg.jumprelu_bandwidth,
+            threshold_ema_rate=cfg.threshold_ema_rate,
         )
         out = self.sae.training_forward(x, info)
         self.optimizer.zero_grad(set_to_none=True)
@@ -148,6 +156,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.sae.constrain_weights()
+        self.sae.after_step(out, info)
         self._track_firing(out.fired, len(x))
         with torch.no_grad():
             parts = {name: value.detach() for name, value in out.parts.items()}
@@ -208,7 +217,8 @@ class Trainer:
             raise FileNotFoundError(f"no checkpoint in {self.run_dir}; start the run without --resume")
         state = torch.load(path, map_location=self.device, weights_only=False)
         saved = TrainConfig(**state["config"])
-        for name in ("architecture", "expansion", "d_sae", "k", "batch_size", "tokens", "seed", "buffer_tokens"):
+        for name in ("architecture", "expansion", "d_sae", "k", "batch_size", "tokens", "seed", "buffer_tokens",
+                     "matryoshka_widths"):
             if getattr(saved, name) != getattr(self.cfg, name):
                 raise ValueError(f"cannot resume: {name} was {getattr(saved, name)!r} in the checkpoint, now "
                                  f"{getattr(self.cfg, name)!r}; resume with the run's own config")

@@ -1,0 +1,106 @@
+"""BatchTopK SAE (Bussmann et al. 2024): the ``k * batch`` largest ReLU'd pre-activations of the whole batch
+are kept, so tokens share a budget of k latents on average. For inference the batch-dependent selection
+becomes a JumpReLU with one threshold, an exponential moving average of the smallest positive value
+selected in training; ``export()`` gives that ``JumpReLUSAE`` (architecture ``jumprelu`` in cfg.json).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from saelab.sae.base import TrainOutput, TrainStepInfo, normalized_error
+from saelab.sae.jumprelu import JumpReLUSAE
+from saelab.sae.sparse import TopKEncode, sparse_decode
+from saelab.sae.topk import TopKSAE
+
+
+class BatchTopKEncode(TopKEncode):
+    """Batch-level top k. Returns ``(values, indices)`` of shape ``[batch, m]``, m the most latents any
+    token got: row b lists token b's selected latents, padded with index 0 and value 0. The padding gets
+    no gradient (TopKEncode's backward gates on ``values > 0``), so decoding and backward stay sparse."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, k: int, subtract_b_dec: bool):
+        sae_in = x - b_dec if subtract_b_dec else x
+        acts = torch.addmm(b_enc, sae_in, W_enc).relu_()
+        batch, d_sae = acts.shape
+        flat_values, flat_indices = acts.view(-1).topk(k * batch, sorted=False)
+        flat_indices, order = flat_indices.sort()          # token-major, a layout independent of topk's
+        flat_values = flat_values[order]
+        tokens = torch.div(flat_indices, d_sae, rounding_mode="floor")
+        counts = torch.bincount(tokens, minlength=batch)
+        width = max(1, int(counts.max()))
+        slots = torch.arange(len(tokens), device=x.device) - (counts.cumsum(0) - counts)[tokens]
+        indices = torch.zeros(batch, width, dtype=torch.long, device=x.device)
+        values = torch.zeros(batch, width, dtype=acts.dtype, device=x.device)
+        indices[tokens, slots] = flat_indices - tokens * d_sae
+        values[tokens, slots] = flat_values
+        ctx.save_for_backward(sae_in, W_enc, indices, values)
+        ctx.subtract_b_dec = subtract_b_dec
+        ctx.mark_non_differentiable(indices)
+        return values, indices
+
+
+def batch_topk_encode(x, W_enc, b_enc, b_dec, k: int, subtract_b_dec: bool = True):
+    return BatchTopKEncode.apply(x, W_enc, b_enc, b_dec, k, subtract_b_dec)
+
+
+class BatchTopKSAE(TopKSAE):
+    """Unit-norm decoder rows and AuxK as for TopK; the buffer ``threshold_ema`` is the inference threshold."""
+
+    architecture = "batchtopk"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.register_buffer("threshold_ema", torch.zeros((), dtype=torch.float64))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The training function: top ``k * len(x)`` of the batch (use ``export()`` for per-token codes)."""
+        self.check_width(x)
+        values, indices = batch_topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k,
+                                            self.cfg.apply_b_dec_to_input)
+        return torch.zeros(len(x), self.cfg.d_sae, dtype=values.dtype, device=x.device).scatter_add_(
+            -1, indices, values)
+
+    def _encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check_width(x)
+        return batch_topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, self.cfg.apply_b_dec_to_input)
+
+    def training_forward(self, x: torch.Tensor, info: TrainStepInfo) -> TrainOutput:
+        values, indices = self._encode_sparse(x)
+        x_hat = sparse_decode(indices, values, self.W_dec) + self.b_dec
+        parts = {"mse": normalized_error(x_hat - x, x)}
+        loss = parts["mse"] + self._auxk_term(x, x_hat, info, parts)
+        return self._output(loss, x_hat, values, indices, parts)
+
+    def _auxk_term(self, x, x_hat, info: TrainStepInfo, parts: dict) -> torch.Tensor | float:
+        if info.dead_mask is not None and info.aux_coefficient > 0 and bool(info.dead_mask.any()):
+            parts["auxk"] = self._auxk_loss(x, (x - x_hat).detach(), info)
+            return info.aux_coefficient * parts["auxk"]
+        return 0.0
+
+    def _output(self, loss, x_hat, values, indices, parts) -> TrainOutput:
+        active = values > 0
+        fired = torch.bincount(indices[active], minlength=self.cfg.d_sae)
+        smallest = values[active].min().detach() if bool(active.any()) else values.new_zeros(())
+        parts["threshold"] = self.threshold_ema.detach().float()
+        return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, parts=parts, stats={"min_selected": smallest})
+
+    @torch.no_grad()
+    def after_step(self, out: TrainOutput, info: TrainStepInfo) -> None:
+        smallest = out.stats["min_selected"].to(self.threshold_ema.dtype)
+        if smallest <= 0:
+            return
+        if self.threshold_ema <= 0:  # first step: start at the observed value, not biased toward 0
+            self.threshold_ema.copy_(smallest)
+        else:
+            self.threshold_ema.lerp_(smallest, info.threshold_ema_rate)
+
+    def export(self) -> JumpReLUSAE:
+        sae = JumpReLUSAE(replace(self.cfg, architecture="jumprelu", k=None, matryoshka_widths=None))
+        state = {name: t.detach().cpu().clone() for name, t in self.state_dict().items() if name != "threshold_ema"}
+        threshold = torch.full((self.cfg.d_sae,), float(self.threshold_ema), dtype=state["b_enc"].dtype)
+        sae.load_state_dict({**state, "threshold": threshold})
+        return sae.eval()

@@ -1,0 +1,75 @@
+"""Matryoshka BatchTopK SAE (Bussmann et al. 2025; Nabeshima 2024): BatchTopK codes, and every prefix of the
+dictionary in ``matryoshka_widths`` (strictly increasing, the last = d_sae) must reconstruct the input on
+its own; the loss is the sum of the prefixes' losses. Early latents learn general features, later ones
+refine them instead of absorbing them. Exports as a JumpReLU SAE, like BatchTopK.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from fractions import Fraction
+
+import torch
+
+from saelab.sae.base import TrainOutput, TrainStepInfo, normalized_error
+from saelab.sae.batchtopk import BatchTopKSAE
+from saelab.sae.sparse import sparse_decode
+
+DEFAULT_WIDTHS = "1/16,1/8,1/4,1/2,1"
+
+
+def parse_widths(spec: str | Sequence | None) -> list[int | Fraction]:
+    """``"128,512,2048"`` (latent counts) or ``"1/16,0.25,1"`` (fractions of d_sae: as soon as one entry is
+    written with / or . or is a float, all are fractions, so the final ``1`` there means the whole SAE)."""
+    if spec is None:
+        spec = DEFAULT_WIDTHS
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    fractions = any(isinstance(i, float) or (isinstance(i, str) and ("/" in i or "." in i)) for i in items)
+    widths = []
+    for item in items:
+        try:
+            if not fractions:
+                widths.append(int(item))
+            elif isinstance(item, float):
+                widths.append(Fraction(item).limit_denominator(1 << 20))
+            else:
+                widths.append(Fraction(item))
+        except (ValueError, TypeError, ZeroDivisionError):
+            raise ValueError(f"matryoshka widths must be comma-separated integers or fractions, got {spec!r}") from None
+    if not widths or any(w <= 0 for w in widths):
+        raise ValueError(f"matryoshka widths must be positive, got {spec!r}")
+    if any(isinstance(w, Fraction) and w > 1 for w in widths):
+        raise ValueError(f"matryoshka width fractions must be at most 1, got {spec!r}")
+    return widths
+
+
+def resolve_widths(spec: str | Sequence | None, d_sae: int) -> list[int]:
+    """Latent counts, strictly increasing; d_sae is appended when the last prefix is not the whole SAE."""
+    widths = [round(w * d_sae) if isinstance(w, Fraction) else w for w in parse_widths(spec)]
+    if widths[-1] != d_sae:
+        widths.append(d_sae)
+    if any(b <= a for a, b in zip(widths, widths[1:])) or widths[0] < 1 or widths[-1] != d_sae:
+        raise ValueError(f"matryoshka widths {spec!r} give prefixes {widths} for d_sae={d_sae}: they must be "
+                         "strictly increasing, positive and at most d_sae")
+    return widths
+
+
+class MatryoshkaBatchTopKSAE(BatchTopKSAE):
+    architecture = "matryoshka_batchtopk"
+
+    def __init__(self, cfg):
+        widths = resolve_widths(cfg.matryoshka_widths, cfg.d_sae)
+        super().__init__(replace(cfg, matryoshka_widths=widths))
+
+    def training_forward(self, x: torch.Tensor, info: TrainStepInfo) -> TrainOutput:
+        values, indices = self._encode_sparse(x)
+        parts, loss = {}, 0.0
+        for width in self.cfg.matryoshka_widths:
+            kept = values if width == self.cfg.d_sae else values * (indices < width)
+            x_hat = sparse_decode(indices, kept, self.W_dec) + self.b_dec
+            parts[f"mse_{width}"] = normalized_error(x_hat - x, x)
+            loss = loss + parts[f"mse_{width}"]
+        parts["mse"] = parts[f"mse_{self.cfg.d_sae}"]  # x_hat is now the whole dictionary's reconstruction
+        loss = loss + self._auxk_term(x, x_hat, info, parts)
+        return self._output(loss, x_hat, values, indices, parts)
