@@ -4,8 +4,8 @@
 
 Measures, on this machine:
 - the language model's forward pass to the hook (activation collection), tokens/s;
-- the SAE training step alone on activations already in memory, tokens/s, and its share of the
-  machine's measured fp32 matmul rate;
+- the SAE training step alone on activations already in memory, tokens/s, and the rate of its one
+  dense product (the encoder's forward) as a share of the machine's measured fp32 matmul rate;
 - end to end: `saelab train` with the demo settings (evaluation off), tokens/s over the whole run
   including model loading and activation collection, and the process's peak RSS.
 """
@@ -47,7 +47,7 @@ def forward_tokens_per_second(cfg: TrainConfig, contexts: int = 128) -> float:
 
 
 def sae_step_tokens_per_second(cfg: TrainConfig, d_in: int = 576, steps: int = 40) -> tuple[float, float]:
-    """SAE steps on random activations; returns (tokens/s, GFLOP/s of the dense-equivalent matmuls)."""
+    """SAE steps on random activations; returns (tokens/s, GFLOP/s in the one dense product a step needs)."""
     data = torch.randn(cfg.batch_size * 8, d_in)
     with tempfile.TemporaryDirectory() as tmp:
         bench = replace(cfg, tokens=cfg.batch_size * steps, out=tmp, progress=False, buffer_tokens=len(data),
@@ -57,8 +57,9 @@ def sae_step_tokens_per_second(cfg: TrainConfig, d_in: int = 576, steps: int = 4
         trainer.run()
         seconds = time.perf_counter() - start
     d_sae = cfg.d_sae or cfg.expansion * d_in
-    # encoder forward + encoder weight gradient: two [batch, d_in] x [d_in, d_sae] products per step
-    flops = 2 * 2 * cfg.batch_size * d_in * d_sae * steps
+    # The encoder's forward [batch, d_in] x [d_in, d_sae] product is the only dense one a TopK step needs
+    # (backward and decoding are sparse); a dense implementation would do three such products.
+    flops = 2 * cfg.batch_size * d_in * d_sae * steps
     return cfg.batch_size * steps / seconds, flops / seconds / 1e9
 
 
