@@ -12,8 +12,10 @@ from saelab.training.config import TrainConfig
 TYPES = {"int": int, "float": float, "str": str}
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, config_class) -> None:
+def add_dataclass_options(parser: argparse.ArgumentParser, config_class, exclude=()) -> None:
     for f in dataclasses.fields(config_class):
+        if f.name in exclude:
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         type_name = str(f.type).replace(" | None", "").strip()
@@ -26,9 +28,9 @@ def add_dataclass_options(parser: argparse.ArgumentParser, config_class) -> None
                             help=f"{help_text} (default: {f.default})")
 
 
-def config_from_args(config_class, args: argparse.Namespace, base=None):
+def config_from_args(config_class, args: argparse.Namespace, base=None, exclude=()):
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
-             if getattr(args, f.name, None) is not None}
+             if f.name not in exclude and getattr(args, f.name, None) is not None}
     return dataclasses.replace(base, **given) if base is not None else config_class(**given)
 
 
@@ -45,6 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "(other options are taken from the run)")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     add_dataclass_options(train, TrainConfig)
+
+    sweep = commands.add_parser(
+        "sweep", help="train a grid of SAEs (architectures x sparsity) on the same activations; Pareto plot",
+        description="Train every architecture in --architectures at each of its sparsity settings (TopK family: "
+        "--k; jumprelu: --target-l0s; standard, gated: --l1-coefficients) on one hook point. The training "
+        "activations are collected from the model once, held in memory and shared by every run. Each SAE is "
+        "evaluated on the same held-out text. Writes results.csv, results.md (architecture, sparsity setting, "
+        "L0, explained variance, CE-loss recovered, dead fraction, wall time), pareto.png (explained variance "
+        "against L0, one line per architecture) and one run folder per grid point into --out; running the "
+        "same command again reuses finished runs. The other options apply to every run.")
+    sweep.add_argument("--overwrite", action="store_true", help="retrain grid points whose run folder already "
+                       "holds a finished run with the same config (default: reuse them)")
+    from saelab.sweep import PER_RUN_FIELDS, SweepConfig
+
+    add_dataclass_options(sweep, SweepConfig)
+    add_dataclass_options(sweep, TrainConfig, exclude=PER_RUN_FIELDS)
 
     hooks = commands.add_parser("hooks", help="list the hook point names a model supports")
     hooks.add_argument("--model", default=TrainConfig.model, help="model name, folder, .gguf file or hub id")
@@ -81,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", metavar="REPORT_DIR", help="report folder (default: <run>/eval-<dataset> for a "
                     "run's final/ SAE, else <SAE_FOLDER>-eval-<dataset> beside the SAE folder)")
     ev.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    _add_analysis_commands(commands)
     return parser
 
 
@@ -103,6 +122,17 @@ def _train(args) -> int:
     else:
         summary = train(config_from_args(TrainConfig, args), overwrite=args.overwrite)
     return 0 if summary.completed else 130
+
+
+def _sweep(args) -> int:
+    from saelab.sweep import PER_RUN_FIELDS, SweepConfig, base_config, sweep
+
+    scfg = config_from_args(SweepConfig, args)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if f.name not in PER_RUN_FIELDS and getattr(args, f.name, None) is not None}
+    result = sweep(scfg, base_config(scfg, **given), overwrite=args.overwrite)
+    print((result.out / "results.md").read_text(), end="")
+    return 0 if result.completed else 130
 
 
 def _hooks(args) -> int:
@@ -139,4 +169,124 @@ def _eval(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "hooks": _hooks, "eval": _eval}
+# --- reading features (saelab.analysis) ------------------------------------------------------------------
+def _add_analysis_commands(commands) -> None:
+    def common(parser) -> None:
+        parser.add_argument("sae", metavar="SAE_FOLDER", help="SAE folder (cfg.json + sae_weights.safetensors), "
+                            "or a run folder of `saelab train` (its final/ SAE is used)")
+        parser.add_argument("--model", help="language model: embedded alias (smollm2-135m), local folder, .gguf "
+                            "file or hub id (default: the SAE's cfg.json metadata model_name)")
+        parser.add_argument("--hook", help="hook point, TransformerLens-style name or module path (default: the "
+                            "SAE's metadata hook_name)")
+        parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+    feats = commands.add_parser(
+        "features", help="the top features on each token of a text, or the tokens a feature promotes",
+        description="With --text: run the model on the text (BOS first when the SAE was trained so) and print, "
+        "per token, the most active SAE features and their activations. With --logits F: print the 10 tokens "
+        "whose logits feature F's decoder direction raises most and lowers most, through the model's final norm "
+        "(its weight as a diagonal scale: the norm linearised) and the unembedding.")
+    common(feats)
+    feats.add_argument("--text", help="text to read the features of, e.g. \"The capital of France is Paris\"")
+    feats.add_argument("--top", type=int, default=5, help="features shown per token (default: 5)")
+    feats.add_argument("--logits", type=int, nargs="+", metavar="F", help="feature index(es) whose promoted and "
+                       "suppressed tokens to print (decoder direction -> final norm weight -> unembedding)")
+    feats.add_argument("--logit-tokens", type=int, default=10, help="tokens shown on each side with --logits "
+                       "(default: 10)")
+    feats.add_argument("--include-special-tokens", action="store_true", help="also show features on BOS/EOS/pad "
+                       "positions (default: hidden; the SAE is not trained on them)")
+
+    steer = commands.add_parser(
+        "steer", help="greedy generation with and without a feature's direction added (or clamped)",
+        description="Generate greedily from --prompt twice and print the continuations side by side: plain, and "
+        "with --strength x W_dec[feature] added to the hook's activation at every position, or, with --clamp, "
+        "with the feature's activation set to VALUE at every position (the SAE spliced in with its error term, so "
+        "nothing else changes).")
+    common(steer)
+    steer.add_argument("--feature", type=int, required=True, help="feature (latent) index to steer with")
+    steer.add_argument("--prompt", required=True, help="text to continue, e.g. \"I think that\"")
+    how = steer.add_mutually_exclusive_group()
+    how.add_argument("--strength", type=float, default=None, help="multiple of the feature's decoder direction "
+                     "added at every position (default: 8)")
+    how.add_argument("--clamp", type=float, metavar="VALUE", help="instead of adding: set the feature's "
+                     "activation to VALUE at every position (SAE spliced in with error term)")
+    steer.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default: 40; "
+                       "generation stops early at EOS)")
+
+    attr = commands.add_parser(
+        "attribute", help="which features push a target token's logit at the end of a prompt",
+        description="Split the direct contribution of the hook activation at the prompt's last position to the "
+        "target token's logit (through the final norm, its 1/RMS scale frozen at this forward pass, and the "
+        "unembedding; later layers' reactions not included) into one part per SAE feature "
+        "(activation x decoder direction . target direction), the SAE's b_dec and its reconstruction error. The "
+        "parts sum to that total; prints the total, the parts and the top positive and negative features.")
+    common(attr)
+    attr.add_argument("--prompt", required=True, help="text whose next token is predicted, e.g. "
+                      "\"The capital of France is\"")
+    attr.add_argument("--target", required=True, help="the next token to explain, with its leading space, e.g. "
+                      "\" Paris\" (a text of several tokens: its first token)")
+    attr.add_argument("--top", type=int, default=10, help="features shown in each direction (default: 10)")
+
+
+def _analysis_load(args):
+    from saelab.analysis import load_sae_and_model
+
+    return load_sae_and_model(args.sae, model=args.model, hook=args.hook, device=args.device,
+                              say=lambda message: print(f"saelab: {message}", file=sys.stderr, flush=True))
+
+
+def _features(args) -> int:
+    from saelab.analysis import (check_feature, format_logit_effects, format_token_features, logit_effects,
+                                 token_features)
+
+    if args.text is None and not args.logits:
+        raise ValueError("give --text (features per token) and/or --logits F (a feature's promoted tokens)")
+    if args.top <= 0 or args.logit_tokens <= 0:
+        raise ValueError("--top and --logit-tokens must be positive")
+    if args.logits:  # check indices before loading the model
+        from saelab.evals.loading import find_sae_folder
+        from saelab.sae import SAE
+
+        sae = SAE.load(find_sae_folder(args.sae))
+        for feature in args.logits:
+            check_feature(sae, feature)
+    loaded = _analysis_load(args)
+    blocks = []
+    if args.text is not None:
+        rows = token_features(loaded, args.text, top=args.top)
+        blocks.append(format_token_features(rows, include_special=args.include_special_tokens))
+    for feature in args.logits or []:
+        blocks.append(format_logit_effects(logit_effects(loaded.model, loaded.tokenizer, loaded.sae, feature,
+                                                         n=args.logit_tokens)))
+    print("\n\n".join(blocks))
+    return 0
+
+
+def _steer(args) -> int:
+    from saelab.analysis import check_feature, format_steering, steer
+    from saelab.evals.loading import find_sae_folder
+    from saelab.sae import SAE
+
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    check_feature(SAE.load(find_sae_folder(args.sae)), args.feature)  # before loading the model
+    strength = None if args.clamp is not None else (8.0 if args.strength is None else args.strength)
+    loaded = _analysis_load(args)
+    result = steer(loaded, args.prompt, args.feature, strength=strength, clamp=args.clamp,
+                   max_new_tokens=args.max_new_tokens)
+    print(format_steering(result))
+    return 0
+
+
+def _attribute(args) -> int:
+    from saelab.analysis import attribute, format_attribution
+
+    if args.top <= 0:
+        raise ValueError(f"--top must be positive, got {args.top}")
+    loaded = _analysis_load(args)
+    print(format_attribution(attribute(loaded, args.prompt, args.target), n=args.top))
+    return 0
+
+
+COMMANDS = {"train": _train, "sweep": _sweep, "hooks": _hooks, "eval": _eval, "features": _features,
+            "steer": _steer, "attribute": _attribute}

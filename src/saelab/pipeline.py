@@ -16,13 +16,12 @@ from saelab.data.activations import LMActivationSource
 from saelab.data.text import describe_source
 from saelab.data.tokens import Packing
 from saelab.evals.metrics import evaluate
+from saelab.evals.report import format_table
 from saelab.models import load_model, resolve_hook
 from saelab.sae import SAE
 from saelab.training import TrainConfig, Trainer, plot_training_curves
 from saelab.training.trainer import CHECKPOINT_FILE, METRICS_FILE
 
-SUMMARY_KEYS = ("l0", "explained_variance", "fvu", "ce_loss_score", "ce_clean", "ce_with_sae",
-                "ce_zero_ablation", "kl_score", "dead_fraction", "dense_fraction", "tokens")
 
 
 @dataclass
@@ -59,7 +58,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Ru
                                   exclude_special_tokens=cfg.exclude_special_tokens, **kwargs)
 
     train_source = source(cfg.dataset, skip_contexts=holdout)
-    trainer = Trainer(cfg, train_source, run_dir, metadata=_metadata(cfg, hook.module_path))
+    trainer = Trainer(cfg, train_source, run_dir, metadata=sae_metadata(cfg, hook.module_path))
     _say(f"training a {cfg.architecture} SAE ({train_source.d_in} -> {trainer.sae.cfg.d_sae}) on {cfg.model} "
          f"{cfg.hook}, {cfg.tokens:,} tokens of {cfg.dataset}, into {run_dir}")
     result = trainer.run(resume=resume)
@@ -79,25 +78,18 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Ru
     result.sae.save(run_dir / "final", sparsity=torch.log10(frequency + 1e-10), runner_cfg=asdict(cfg))
     summary = {**metrics, "train_tokens": result.tokens, "train_seconds": round(result.seconds, 1)}
     (run_dir / "eval.json").write_text(json.dumps(summary, indent=2))
-    _say(format_metrics(metrics) if metrics else "evaluation skipped (--eval-tokens 0)")
+    _say(format_table(metrics, "held-out evaluation:") if metrics else "evaluation skipped (--eval-tokens 0)")
     _say(f"SAE saved to {run_dir / 'final'} (SAELens format); curves in {run_dir / 'training_curves.png'}")
     return RunSummary(run_dir, result.sae, True, metrics)
 
 
-def _metadata(cfg: TrainConfig, module_path: str) -> dict:
+def sae_metadata(cfg: TrainConfig, module_path: str) -> dict:
+    """What an SAE trained with ``cfg`` records about its training data (SAELens metadata keys)."""
     return {"model_name": cfg.model, "hook_name": cfg.hook, "hook_module_path": module_path,
             "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos,
             "dataset_path": describe_source(cfg.dataset), "exclude_special_tokens": cfg.exclude_special_tokens,
             "sequence_separator_token": "bos", "sae_lens_training_version": None,
             "saelab_version": __version__}
-
-
-def format_metrics(metrics: dict) -> str:
-    rows = [(key, metrics[key]) for key in SUMMARY_KEYS if key in metrics]
-    width = max(len(key) for key, _ in rows)
-    lines = [f"  {key:<{width}}  {value:,.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value:,}"
-             for key, value in rows]
-    return "held-out evaluation:\n" + "\n".join(lines)
 
 
 def _say(message: str) -> None:

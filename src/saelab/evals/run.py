@@ -12,8 +12,7 @@ from saelab.data.text import BUILTIN_CORPORA, describe_source
 from saelab.data.tokens import Packing
 from saelab.evals.metrics import evaluate
 from saelab.evals.report import write_report
-from saelab.models import ModelLoadError, load_model, resolve_hook
-from saelab.sae import SAE
+from saelab.evals.loading import find_sae_folder, load_sae_and_model
 
 DEFAULT_CONTEXT_SIZE = 128
 
@@ -44,18 +43,6 @@ class EvalResult:
     files: dict
 
 
-def find_sae_folder(path) -> Path:
-    """The SAE folder named by ``path``: the folder itself, or ``<run>/final`` for a training run folder."""
-    folder = Path(path).expanduser()
-    if not folder.exists():
-        raise FileNotFoundError(f"SAE folder {folder} does not exist")
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is a file; pass the SAE folder (holding cfg.json and sae_weights.safetensors)")
-    if not (folder / "cfg.json").exists() and (folder / "final" / "cfg.json").exists():
-        return folder / "final"  # a run folder from `saelab train`
-    return folder
-
-
 def dataset_stem(dataset: str) -> str:
     """A short file-name-safe name for a dataset: builtin name, file stem, folder name or hub id's last part."""
     if dataset in BUILTIN_CORPORA:
@@ -82,37 +69,16 @@ def run_eval(cfg: EvalConfig, progress: bool = False, say=None) -> EvalResult:
     if cfg.tokens <= 0 or cfg.batch_contexts <= 0 or (cfg.context_size is not None and cfg.context_size <= 1):
         raise ValueError(f"--tokens and --batch-contexts must be positive and --context-size at least 2 (got "
                          f"tokens={cfg.tokens}, batch_contexts={cfg.batch_contexts}, context_size={cfg.context_size})")
-    folder = find_sae_folder(cfg.sae)
-    sae = SAE.load(folder)
-    meta = sae.cfg.metadata
-    model_name = cfg.model or meta.get("model_name")
-    if not model_name:
-        raise ValueError(f"{folder}/cfg.json names no model (metadata model_name); pass --model")
-    hook_name = cfg.hook or meta.get("hook_name")
-    if not hook_name:
-        raise ValueError(f"{folder}/cfg.json names no hook point (metadata hook_name); pass --hook")
-    context_size = int(cfg.context_size or meta.get("context_size") or DEFAULT_CONTEXT_SIZE)
-    prepend_bos = cfg.prepend_bos if cfg.prepend_bos is not None else bool(meta.get("prepend_bos", True))
-
-    device = cfg.device
-    try:
-        model, tokenizer = load_model(model_name, device)
-    except ModelLoadError as err:
-        if cfg.model is None:
-            raise ModelLoadError(f"{err}\n(the model name {model_name!r} comes from the SAE's cfg.json; pass "
-                                 "--model to evaluate with another name, folder or file for that model)") from err
-        raise
-    hook = resolve_hook(model, hook_name)
+    loaded = load_sae_and_model(cfg.sae, cfg.model, cfg.hook, cfg.device)
+    sae, model, tokenizer, hook, folder = loaded.sae, loaded.model, loaded.tokenizer, loaded.hook, loaded.folder
+    model_name, hook_name = loaded.model_name, hook.name
+    context_size = int(cfg.context_size or sae.cfg.metadata.get("context_size") or DEFAULT_CONTEXT_SIZE)
+    prepend_bos = cfg.prepend_bos if cfg.prepend_bos is not None else loaded.prepend_bos
     packing = Packing(context_size, prepend_bos)
     contexts = math.ceil(cfg.tokens / context_size)
     source = LMActivationSource(model, tokenizer, hook, cfg.dataset, packing, split=cfg.dataset_split,
                                 text_column=cfg.text_column, batch_contexts=cfg.batch_contexts,
                                 exclude_special_tokens=not cfg.include_special_tokens, max_contexts=contexts)
-    if source.d_in != sae.cfg.d_in:
-        raise ValueError(f"hook {hook_name!r} of {model_name} has width {source.d_in}, but the SAE's d_in is "
-                         f"{sae.cfg.d_in}: the SAE reads another hook point (its cfg.json says "
-                         f"{meta.get('hook_name')!r}); pass --hook with a point of width {sae.cfg.d_in} "
-                         "(`saelab hooks --model ...` lists them)")
 
     model_device = next(model.parameters()).device
     say(f"evaluating {folder} ({sae.cfg.architecture}, {sae.cfg.d_in} -> {sae.cfg.d_sae}) on {model_name} "

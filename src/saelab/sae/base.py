@@ -39,6 +39,7 @@ class TrainStepInfo:
     target_l0: float | None = None          # jumprelu: adapt the L0 weight until the batch L0 is this
     bandwidth: float = 0.05                 # jumprelu: width of the straight-through estimators' rectangle
     threshold_ema_rate: float = 0.01        # batchtopk, matryoshka: weight of each batch in the threshold EMA
+    ghost_grads: bool = False               # standard: add the ghost-grads loss for the latents in dead_mask
 
 
 @dataclass
@@ -115,6 +116,28 @@ class SAE(nn.Module):
         """Called after ``constrain_weights`` with the step's output: update training-only state kept in
         buffers (which the trainer's checkpoint holds, so a resumed run continues it exactly)."""
 
+    def latent_axes(self) -> dict[str, int]:
+        """Each parameter that holds one slice per latent, and the axis its latents lie along."""
+        axes = {"W_enc": 1, "W_dec": 0}
+        for name, p in self.named_parameters():
+            if p.ndim == 1 and name != "b_dec":  # b_enc, thresholds, gates: one entry per latent
+                axes[name] = 0
+        return axes
+
+    @torch.no_grad()
+    def reinitialize_latents(self, latents: torch.Tensor, directions: torch.Tensor, encoder_norm: float) -> None:
+        """Resampling: latent ``latents[i]`` gets decoder row ``directions[i]`` (unit norm), encoder
+        direction ``directions[i] * encoder_norm`` and its per-latent biases at their initial values."""
+        self.W_dec[latents] = directions.to(self.W_dec.dtype)
+        self.W_enc[:, latents] = (directions * encoder_norm).T.to(self.W_enc.dtype)
+        for name, axis in self.latent_axes().items():
+            if name not in ("W_enc", "W_dec"):
+                getattr(self, name)[latents] = self._initial_latent_value(name)
+
+    def _initial_latent_value(self, name: str) -> float:
+        """What a per-latent 1-d parameter is reset to by ``reinitialize_latents``."""
+        return 0.0
+
     def export(self) -> SAE:
         """The inference SAE this one saves as, a copy on the CPU (BatchTopK becomes a JumpReLU SAE)."""
         from saelab.sae.format import create_sae
@@ -147,6 +170,31 @@ class SAE(nn.Module):
 def normalized_error(error: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error over the target's variance about its per-dimension mean: a batch's FVU."""
     return error.pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def ghost_grads_loss(sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
+                     residual: torch.Tensor, dead_mask: torch.Tensor, squared_error: torch.Tensor) -> torch.Tensor:
+    """Ghost grads (Anthropic, Jan 2024 update; SAELens ``use_ghost_grads``): the dead latents, with
+    ``exp(pre-activation)`` in place of ReLU, reconstruct the residual ``x - x_hat``. Their output is
+    rescaled to half the residual's norm, and each token's loss to that token's main ``squared_error``
+    (both factors held constant), so the loss is as large as the reconstruction loss and its gradient
+    reaches only the dead latents' encoder columns, encoder biases and decoder rows (not b_dec, not
+    live latents).
+
+    ``sae_in``: ``[batch, d_in]`` encoder input; ``residual``: ``x - x_hat``; ``squared_error``: per token.
+    """
+    dead = dead_mask.nonzero().squeeze(1)
+    residual = residual.detach()
+    dead_pre = torch.addmm(b_enc[dead], sae_in.detach(), W_enc[:, dead])
+    # The rescaling makes the output independent of a per-token factor, so shifting by each token's
+    # largest pre-activation changes nothing but keeps exp() finite.
+    dead_acts = (dead_pre - dead_pre.detach().max(dim=-1, keepdim=True).values).exp()
+    ghost_out = dead_acts @ W_dec[dead]
+    scale = residual.norm(dim=-1) / (2 * ghost_out.norm(dim=-1) + 1e-6)
+    ghost_out = ghost_out * scale.detach()[:, None]
+    ghost_error = (ghost_out - residual).pow(2).sum(-1)
+    weight = (squared_error / (ghost_error + 1e-6)).detach()
+    return (weight * ghost_error).mean()
 
 
 @torch.no_grad()

@@ -123,6 +123,9 @@ class JumpReLUTrainingSAE(SAE):
             error = ((l0 - info.target_l0) / info.target_l0).clamp(-1.0, 1.0)
             self.l0_scale.mul_(torch.exp(TARGET_L0_ADAPT_RATE * error)).clamp_(*L0_SCALE_BOUNDS)
 
+    def _initial_latent_value(self, name: str) -> float:
+        return math.log(self.cfg.init_threshold) if name == "log_threshold" else 0.0
+
     # Unit-norm decoder rows, as for TopK: the L0 penalty cannot be dodged by rescaling, and the
     # threshold keeps one meaning per latent.
     constrain_gradients = TopKSAE.constrain_gradients

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from saelab.sae.base import SAE, TrainOutput, TrainStepInfo, normalized_error
+from saelab.sae.base import SAE, TrainOutput, TrainStepInfo, ghost_grads_loss, normalized_error
 
 
 class StandardSAE(SAE):
@@ -20,6 +20,12 @@ class StandardSAE(SAE):
         # Weighting by decoder norm stops the SAE from shrinking codes and growing rows to dodge the L1.
         l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
         mse = normalized_error(x_hat - x, x)
-        squared_error = (x_hat - x).pow(2).sum(-1).mean()
-        loss = squared_error + info.sparsity_coefficient * l1
-        return TrainOutput(loss=loss, x_hat=x_hat, fired=(f > 0).sum(0), parts={"mse": mse, "l1": l1})
+        per_token_error = (x_hat - x).pow(2).sum(-1)
+        loss = per_token_error.mean() + info.sparsity_coefficient * l1
+        parts = {"mse": mse, "l1": l1}
+        if info.ghost_grads and info.dead_mask is not None and bool(info.dead_mask.any()):
+            sae_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+            parts["ghost_grads"] = ghost_grads_loss(sae_in, self.W_enc, self.b_enc, self.W_dec, x - x_hat,
+                                                    info.dead_mask, per_token_error)
+            loss = loss + parts["ghost_grads"]
+        return TrainOutput(loss=loss, x_hat=x_hat, fired=(f > 0).sum(0), parts=parts)

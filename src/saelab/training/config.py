@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka_batchtopk")  # architectures with k (and AuxK)
+
 
 def option(default, help: str, **extra):
     """A config field with its command-line help attached."""
@@ -66,8 +68,21 @@ class TrainConfig:
     aux_k: int | None = option(None, "topk, batchtopk, matryoshka_batchtopk: dead latents used by the AuxK "
                                "loss (default d_in / 2).")
     aux_coefficient: float = option(1 / 32, "topk, batchtopk, matryoshka_batchtopk: weight of the AuxK loss "
-                                    "(0 turns it off).")
+                                    "(0 turns it off); used when --dead-latent-remedy is auxk (auto for these).")
     dead_window_tokens: int = option(200_000, "A latent silent for this many training tokens counts as dead.")
+    dead_latent_remedy: str = option("auto", "What revives dead latents: auxk (topk, batchtopk, "
+                                     "matryoshka_batchtopk: the AuxK loss, weight --aux-coefficient), ghost_grads "
+                                     "(standard: dead latents' exp(pre-activation) reconstruct the residual, an "
+                                     "extra loss as large as the reconstruction loss, Anthropic Jan 2024), "
+                                     "resample (any architecture: every --resample-every-tokens, dead latents "
+                                     "are re-initialised toward badly reconstructed inputs, Towards "
+                                     "Monosemanticity), none; auto = auxk for the TopK family, none otherwise.",
+                                     choices=("auto", "auxk", "ghost_grads", "resample", "none"))
+    resample_every_tokens: int = option(250_000, "resample: re-initialise the latents dead at each multiple "
+                                        "of this many training tokens (until the learning-rate decay starts).")
+    resample_sample_tokens: int = option(65_536, "resample: training inputs scored for reconstruction loss at "
+                                         "each resampling (drawn from the stream); each dead latent takes one, "
+                                         "picked with probability proportional to its squared loss.")
     b_dec_init: str = option("median", "Initial decoder bias: geometric median or mean of a sample, or zeros.",
                              choices=("median", "mean", "zeros"))
     normalize_activations: bool = option(True, "Scale inputs to mean norm sqrt(d_in) while training; the "
@@ -97,7 +112,8 @@ class TrainConfig:
             self.architecture = "matryoshka_batchtopk"
         problems = []
         for name in ("context_size", "lm_batch_size", "expansion", "k", "tokens", "batch_size", "buffer_tokens",
-                     "checkpoint_every_tokens", "log_every", "dead_window_tokens"):
+                     "checkpoint_every_tokens", "log_every", "dead_window_tokens", "resample_every_tokens",
+                     "resample_sample_tokens"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive (got {getattr(self, name)})")
         for f in fields(self):
@@ -122,7 +138,21 @@ class TrainConfig:
                 parse_widths(self.matryoshka_widths)
             except ValueError as err:
                 problems.append(str(err))
+        remedy = self.dead_latent_remedy
+        if remedy == "auxk" and self.architecture not in TOPK_FAMILY:
+            problems.append(f"dead_latent_remedy auxk needs a TopK-family architecture ({', '.join(TOPK_FAMILY)}), "
+                            f"not {self.architecture}")
+        if remedy == "ghost_grads" and self.architecture != "standard":
+            problems.append(f"dead_latent_remedy ghost_grads is for the standard architecture, not "
+                            f"{self.architecture}")
         if self.buffer_tokens < self.batch_size:
             problems.append(f"buffer_tokens ({self.buffer_tokens}) must be at least batch_size ({self.batch_size})")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
+
+    @property
+    def remedy(self) -> str:
+        """The dead-latent remedy in effect: ``dead_latent_remedy`` with auto resolved."""
+        if self.dead_latent_remedy == "auto":
+            return "auxk" if self.architecture in TOPK_FAMILY else "none"
+        return self.dead_latent_remedy

@@ -3,6 +3,7 @@ tracking, metrics, atomic checkpoints and exact resume. It knows nothing of lang
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,12 +19,13 @@ from tqdm.auto import tqdm
 
 from saelab.data.activations import ActivationBuffer, ActivationSource
 from saelab.sae import SAE, SAEConfig, TrainStepInfo, create_sae
-from saelab.training.config import TrainConfig
+from saelab.training.config import TOPK_FAMILY, TrainConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 INIT_SAMPLE_ROWS = 8192
-TAKES_K = ("topk", "batchtopk", "matryoshka_batchtopk")  # architectures whose SAEConfig carries k
+TAKES_K = TOPK_FAMILY  # architectures whose SAEConfig carries k
+RESAMPLE_ENCODER_SCALE = 0.2  # resampled encoder rows: this times the mean norm of the live ones
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Trainer:
         self.elapsed = 0.0
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=self.device)
         self.window_fired = torch.zeros(d_sae, dtype=torch.long, device=self.device)
+        self.resampled = 0   # latents re-initialised so far (dead_latent_remedy resample)
         self._stop_requested = False
 
     # --- public ------------------------------------------------------------------------------------
@@ -108,6 +111,8 @@ class Trainer:
                 x = next(batches).to(self.device, non_blocking=True) * self.scale
                 parts = self._train_step(x)
                 self.step += 1
+                if self._resample_due():
+                    self._resample(batches)
                 for name, value in parts.items():
                     totals[name] = totals.get(name, 0.0) + value
                 steps_in_log += 1
@@ -142,11 +147,12 @@ class Trainer:
             sparsity_coefficient=cfg.l1_coefficient * warmup,
             dead_mask=self.tokens_since_fired >= cfg.dead_window_tokens,
             aux_k=cfg.aux_k or self.source.d_in // 2,
-            aux_coefficient=cfg.aux_coefficient,
+            aux_coefficient=cfg.aux_coefficient if cfg.remedy == "auxk" else 0.0,
             l0_coefficient=cfg.l0_coefficient * warmup,
             target_l0=cfg.target_l0,
             bandwidth=cfg.jumprelu_bandwidth,
             threshold_ema_rate=cfg.threshold_ema_rate,
+            ghost_grads=cfg.remedy == "ghost_grads",
         )
         out = self.sae.training_forward(x, info)
         self.optimizer.zero_grad(set_to_none=True)
@@ -164,6 +170,64 @@ class Trainer:
             parts["l0"] = out.fired.sum() / len(x)
             parts["fvu"] = (out.x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
         return parts
+
+    # --- resampling dead latents (Towards Monosemanticity, 2023) -------------------------------------
+    def _resample_due(self) -> bool:
+        """After the step that crosses a multiple of resample_every_tokens, before the rate decay starts."""
+        cfg = self.cfg
+        if cfg.remedy != "resample" or self.step >= int((1 - cfg.lr_decay_fraction) * self.total_steps):
+            return False
+        every, bs = cfg.resample_every_tokens, cfg.batch_size
+        return self.step * bs // every > (self.step - 1) * bs // every
+
+    def _resample(self, batches) -> None:
+        n_batches = max(1, math.ceil(self.cfg.resample_sample_tokens / self.cfg.batch_size))
+        sample = torch.cat([next(batches).to(self.device) for _ in range(n_batches)]) * self.scale
+        self.resample_dead_latents(sample)
+
+    @torch.no_grad()
+    def resample_dead_latents(self, inputs: torch.Tensor) -> int:
+        """Re-initialise the dead latents toward badly reconstructed ``inputs`` (in training scale).
+
+        Each dead latent takes one input, drawn with probability proportional to the square of its
+        squared reconstruction error: its decoder row becomes the input's direction, its encoder column
+        that direction times 0.2 x the mean encoder norm of live latents, its biases their initial
+        values; Adam's moments for those slices are zeroed and the latent gets a fresh dead window.
+        The draw uses a generator seeded from (seed, step), so a resumed run repeats it. Returns the
+        number of latents re-initialised.
+        """
+        dead = (self.tokens_since_fired >= self.cfg.dead_window_tokens).nonzero().squeeze(1)
+        if len(dead) == 0:
+            return 0
+        was_training = self.sae.training
+        self.sae.eval()
+        losses = torch.cat([(self.sae(chunk) - chunk).pow(2).sum(-1) for chunk in inputs.split(4096)])
+        self.sae.train(was_training)
+        weights = losses.double().pow(2).cpu()
+        if not bool(weights.sum() > 0) or not bool(torch.isfinite(weights).all()):
+            weights = torch.ones_like(weights)
+        chosen = torch.multinomial(weights, len(dead), replacement=True, generator=self._step_generator("resample"))
+        picked = inputs[chosen.to(inputs.device)]
+        directions = picked / picked.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        alive = self.tokens_since_fired < self.cfg.dead_window_tokens
+        encoder_norms = self.sae.W_enc.norm(dim=0)
+        mean_norm = float(encoder_norms[alive].mean()) if bool(alive.any()) else float(encoder_norms.mean())
+        self.sae.reinitialize_latents(dead, directions, RESAMPLE_ENCODER_SCALE * mean_norm)
+        self._reset_optimizer_rows(dead)
+        self.tokens_since_fired[dead] = 0
+        self.resampled += len(dead)
+        return len(dead)
+
+    def _reset_optimizer_rows(self, latents: torch.Tensor) -> None:
+        for name, axis in self.sae.latent_axes().items():
+            state = self.optimizer.state.get(getattr(self.sae, name), {})
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if key in state:
+                    state[key].index_fill_(axis, latents.to(state[key].device), 0.0)
+
+    def _step_generator(self, purpose: str) -> torch.Generator:
+        digest = hashlib.sha256(f"{self.cfg.seed}:{purpose}:{self.step}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
     def _track_firing(self, fired: torch.Tensor, n_tokens: int) -> None:
         self.tokens_since_fired += n_tokens
@@ -192,6 +256,8 @@ class Trainer:
         record = {"step": self.step, "tokens": self.step * self.cfg.batch_size}
         record.update({name: float(value) / steps for name, value in totals.items()})
         record["dead_fraction"] = float((self.tokens_since_fired >= self.cfg.dead_window_tokens).float().mean())
+        if self.cfg.remedy == "resample":
+            record["resampled_latents"] = self.resampled
         record["lr"] = self._lr_at(self.step - 1)
         record["tokens_per_second"] = steps * self.cfg.batch_size / max(seconds, 1e-9)
         record["elapsed"] = self.elapsed
@@ -204,7 +270,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "step": self.step, "scale": self.scale,
             "buffer": self.buffer.state_dict(), "tokens_since_fired": self.tokens_since_fired,
             "window_fired": self.window_fired, "last_window": getattr(self, "_last_window", None),
-            "elapsed": self.elapsed,
+            "elapsed": self.elapsed, "resampled": self.resampled,
         }
         path = self.run_dir / CHECKPOINT_FILE
         tmp = path.with_suffix(".tmp")
@@ -218,13 +284,14 @@ class Trainer:
         state = torch.load(path, map_location=self.device, weights_only=False)
         saved = TrainConfig(**state["config"])
         for name in ("architecture", "expansion", "d_sae", "k", "batch_size", "tokens", "seed", "buffer_tokens",
-                     "matryoshka_widths"):
+                     "matryoshka_widths", "dead_latent_remedy"):
             if getattr(saved, name) != getattr(self.cfg, name):
                 raise ValueError(f"cannot resume: {name} was {getattr(saved, name)!r} in the checkpoint, now "
                                  f"{getattr(self.cfg, name)!r}; resume with the run's own config")
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.scale, self.elapsed = state["step"], state["scale"], state["elapsed"]
+        self.resampled = state.get("resampled", 0)
         self.buffer.load_state_dict(state["buffer"])
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
         self.window_fired.copy_(state["window_fired"])

@@ -1,0 +1,113 @@
+"""Which features push a target token's logit at the last position of a prompt (direct path only).
+
+The quantity explained (``total``) is the **direct logit contribution of the hook activation**: the hook's
+activation ``x`` at the last position, taken straight to the output through the final norm linearised
+at this very forward pass (its 1/RMS factor frozen at the value it had on this prompt; mean removed first
+for LayerNorm) and the target's unembedding row::
+
+    total = x . d,   d = P(g * U[target]) / rms(final norm input at the last position)
+
+(``g`` the final norm's weight, ``P`` the centring projection for LayerNorm, identity for RMSNorm). Later
+layers' reactions to ``x`` are not part of it. The SAE splits ``x = sum_i f_i W_dec[i] + b_dec + error``,
+so the total splits exactly into feature parts ``f_i * (W_dec[i] . d)``, a ``b_dec`` part ``b_dec . d``
+and an error part ``(x - x_hat) . d``. For a residual-stream hook right before the final norm (the last
+block's ``hook_resid_post``), ``total`` is the target's logit itself, less any logit bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from saelab.analysis.loading import Loaded, token_strings
+from saelab.analysis.logits import final_norm, logit_directions
+from saelab.models import hooked
+
+
+@dataclass
+class Attribution:
+    prompt: str
+    target: str                              # the token attributed (first token of the target text)
+    target_id: int
+    total: float                             # x . d: direct contribution of the hook activation
+    error: float                             # (x - x_hat) . d
+    bias: float                              # b_dec . d
+    features: torch.Tensor                   # [d_sae] f_i * (W_dec[i] . d) (0 for inactive features)
+    activations: torch.Tensor                # [d_sae] f_i at the last position
+    logit: float                             # the model's actual logit for the target (for scale)
+    rank: int                                # the target's rank among next-token predictions (0 = top)
+    target_tokens: list[str]                 # the target text's tokens (only the first is attributed)
+
+    @property
+    def feature_sum(self) -> float:
+        return float(self.features.double().sum())
+
+    def top(self, n: int = 10, negative: bool = False) -> list[tuple[int, float, float]]:
+        """(feature, activation, contribution) of the ``n`` largest positive (or negative) contributions."""
+        values = -self.features if negative else self.features
+        order = values.argsort(descending=True)[:n]
+        return [(int(i), float(self.activations[i]), float(self.features[i])) for i in order
+                if (self.features[i] < 0 if negative else self.features[i] > 0)]
+
+
+@torch.no_grad()
+def attribute(loaded: Loaded, prompt: str, target: str) -> Attribution:
+    """Split the hook activation's direct contribution to ``target``'s logit (at the last prompt position)
+    into per-feature parts, the SAE's ``b_dec`` and its reconstruction error. The parts sum to ``total``."""
+    target_ids = loaded.tokenizer(target, add_special_tokens=False)["input_ids"]
+    if not target_ids:
+        raise ValueError("the target is empty: give the token to attribute, e.g. --target ' Paris'")
+    target_id = target_ids[0]
+    ids = loaded.tokenize(prompt)
+    norm = final_norm(loaded.model)
+    seen: dict[str, torch.Tensor] = {}
+
+    def record_hook(act):
+        seen["x"] = act[0, -1].detach().float()
+
+    def record_norm(_module, args, kwargs):
+        seen["final"] = (args[0] if args else kwargs["hidden_states"])[0, -1].detach().float()
+
+    handle = norm.module.register_forward_pre_hook(record_norm, with_kwargs=True)
+    try:
+        with hooked(loaded.model, loaded.hook, record_hook):
+            logits = loaded.model(input_ids=ids, use_cache=False).logits[0, -1].float()
+    finally:
+        handle.remove()
+    direction = logit_directions(loaded.model, [target_id])[0] * norm.inverse_rms(seen["final"])
+    x = seen["x"]
+    sae = loaded.sae
+    f = sae.encode(x[None])[0]
+    x_hat = sae.decode(f[None])[0]
+    parts = f * (sae.W_dec.float() @ direction)
+    return Attribution(
+        prompt=prompt, target=token_strings(loaded.tokenizer, [target_id])[0], target_id=target_id,
+        total=float(x.double() @ direction.double()), error=float((x - x_hat).double() @ direction.double()),
+        bias=float(sae.b_dec.double() @ direction.double()), features=parts.cpu(), activations=f.cpu(),
+        logit=float(logits[target_id]), rank=int((logits > logits[target_id]).sum()),
+        target_tokens=token_strings(loaded.tokenizer, target_ids))
+
+
+def format_attribution(result: Attribution, n: int = 10) -> str:
+    """Totals and the top positive and negative features."""
+    lines = [f"prompt {result.prompt!r} -> target {result.target!r} (token {result.target_id}; the model's logit "
+             f"{result.logit:.3f}, rank {result.rank} among next tokens)"]
+    if len(result.target_tokens) > 1:
+        lines.append(f"note: the target is {len(result.target_tokens)} tokens {result.target_tokens}; "
+                     "only the first is attributed")
+    active = int((result.activations > 0).sum())
+    lines += [
+        "direct contribution of the hook activation at the last position to this logit",
+        "(through the final norm, its scale frozen at this forward pass, and the unembedding):",
+        f"  total            {result.total:+.4f}",
+        f"  = features       {result.feature_sum:+.4f}   ({active} active)",
+        f"  + SAE error      {result.error:+.4f}",
+        f"  + b_dec          {result.bias:+.4f}",
+        "",
+        f"{'feature':>8}  {'activation':>10}  {'contribution':>12}",
+    ]
+    for title, rows in (("pushes up", result.top(n)), ("pushes down", result.top(n, negative=True))):
+        lines.append(f"{title}:")
+        lines += [f"{i:>8}  {a:>10.3f}  {c:>+12.4f}" for i, a, c in rows] or ["  (none)"]
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""Steering: greedy generation with a feature's decoder direction added at the hook, or its activation clamped.
+
+- ``add``: ``strength * W_dec[feature]`` is added to the hook's activation at every position (the prompt's
+  and each generated token's).
+- ``clamp``: the SAE is spliced in with its error term (``splice(..., error_term=True, intervene=...)``) and
+  the feature's activation is set to a value at every position; everything the SAE does not reconstruct
+  is kept, so only the change of that one latent reaches the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+import textwrap
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from saelab.analysis.loading import Loaded, check_feature
+from saelab.evals.metrics import splice
+from saelab.models import hooked
+
+
+@torch.no_grad()
+def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+    """The ``max_new_tokens`` most likely next tokens, one at a time (KV cache; stops after EOS)."""
+    if max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must not be negative, got {max_new_tokens}")
+    out: list[int] = []
+    past: dict = {}
+    # transformers 5.x names the KV cache ``cache``; 4.x ``past_key_values``.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    step_input = input_ids
+    for _ in range(max_new_tokens):
+        result = model(input_ids=step_input, use_cache=True, **past)
+        cache = getattr(result, cache_arg, None)
+        past = {cache_arg: cache if cache is not None else result.past_key_values}
+        token = int(result.logits[0, -1].float().argmax())
+        out.append(token)
+        if eos_token_id is not None and token == eos_token_id:
+            break
+        step_input = torch.tensor([[token]], device=input_ids.device)
+    return out
+
+
+@contextmanager
+def added_direction(loaded: Loaded, feature: int, strength: float):
+    """Inside: the hook's activation is ``x + strength * W_dec[feature]`` at every position."""
+    check_feature(loaded.sae, feature)
+    direction = loaded.sae.W_dec[feature].detach()
+
+    def add(act: torch.Tensor) -> torch.Tensor:
+        return act + (strength * direction).to(device=act.device, dtype=act.dtype)
+
+    with hooked(loaded.model, loaded.hook, add):
+        yield
+
+
+def clamped(loaded: Loaded, feature: int, value: float):
+    """Inside: the feature's activation is ``value`` at every position; the SAE's error term is kept."""
+    check_feature(loaded.sae, feature)
+
+    def clamp(latents: torch.Tensor) -> None:
+        latents[..., feature] = value
+
+    return splice(loaded.model, loaded.sae, loaded.hook, error_term=True, intervene=clamp)
+
+
+@dataclass
+class SteeringResult:
+    prompt: str
+    feature: int
+    mode: str                # "add" or "clamp"
+    amount: float            # the strength (add) or the clamp value
+    plain: str
+    steered: str
+    plain_ids: list[int]
+    steered_ids: list[int]
+
+
+def steer(loaded: Loaded, prompt: str, feature: int, strength: float | None = None, clamp: float | None = None,
+          max_new_tokens: int = 40) -> SteeringResult:
+    """Greedy continuations of ``prompt`` without and with the intervention (``strength`` or ``clamp``)."""
+    check_feature(loaded.sae, feature)
+    if (strength is None) == (clamp is None):
+        raise ValueError("give exactly one of a steering strength and a clamp value")
+    ids = loaded.tokenize(prompt)
+    eos = loaded.tokenizer.eos_token_id
+
+    def generate(context) -> list[int]:
+        with context:
+            return greedy_generate(loaded.model, ids, max_new_tokens, eos)
+
+    plain_ids = generate(nullcontext())
+    if clamp is not None:
+        steered_ids = generate(clamped(loaded, feature, clamp))
+    else:
+        steered_ids = generate(added_direction(loaded, feature, strength))
+    decode = loaded.tokenizer.decode
+    return SteeringResult(prompt, feature, "clamp" if clamp is not None else "add",
+                          clamp if clamp is not None else strength, decode(plain_ids), decode(steered_ids),
+                          plain_ids, steered_ids)
+
+
+def format_steering(result: SteeringResult, width: int | None = None) -> str:
+    """The prompt, then the plain and steered continuations in two columns."""
+    width = width or shutil.get_terminal_size((120, 24)).columns
+    column = max(20, (width - 3) // 2)
+    how = (f"feature {result.feature} clamped to {result.amount:g} (SAE spliced in with its error term)"
+           if result.mode == "clamp" else f"{result.amount:g} x W_dec[{result.feature}] added at every position")
+    left = _wrap(result.plain, column)
+    right = _wrap(result.steered, column)
+    lines = [f"prompt:  {result.prompt!r}", f"steered: {how}", "", f"{'plain':<{column}} | steered",
+             f"{'-' * column}-+-{'-' * column}"]
+    for i in range(max(len(left), len(right))):
+        a = left[i] if i < len(left) else ""
+        b = right[i] if i < len(right) else ""
+        lines.append(f"{a:<{column}} | {b}")
+    if result.plain_ids == result.steered_ids:
+        lines.append("(identical continuations)")
+    return "\n".join(lines)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    out = []
+    for paragraph in text.split("\n"):
+        out.extend(textwrap.wrap(paragraph, width, replace_whitespace=False, drop_whitespace=False) or [""])
+    return out

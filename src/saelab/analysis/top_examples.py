@@ -1,0 +1,204 @@
+"""Top-activating examples of every feature, collected in one streamed pass over a corpus.
+
+Per feature the collector keeps running statistics (firing count, sum and max of activations) and a
+streamed top-N of (context, position, activation), each with the window of tokens around that position
+and the feature's activation on every token of the window. Memory is O(d_sae * N * window): activations
+of a batch are dropped once the batch is merged, so corpus size is unbounded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from saelab.analysis.loading import Loaded, check_feature, token_strings
+from saelab.data.activations import LMActivationSource
+from saelab.data.tokens import Packing
+from saelab.models import capture
+from saelab.sae import SAE
+
+
+@dataclass
+class Example:
+    context: int                 # index of the context in the stream (0 = first context seen)
+    position: int                # token position of the maximum inside that context
+    activation: float            # the feature's activation there
+    tokens: list[int]            # token ids of the window around the position (positions outside dropped)
+    activations: list[float]     # the feature's activation on each window token (0 where not an SAE input)
+    window_start: int            # the context position of tokens[0]
+
+    @property
+    def center(self) -> int:
+        """Index of the maximum inside ``tokens``."""
+        return self.position - self.window_start
+
+    def to_dict(self, tokenizer=None) -> dict:
+        out = {"context": self.context, "position": self.position, "activation": self.activation,
+               "window_start": self.window_start, "center": self.center, "token_ids": self.tokens,
+               "activations": self.activations}
+        if tokenizer is not None:
+            out["tokens"] = token_strings(tokenizer, self.tokens)
+        return out
+
+
+@dataclass
+class FeatureSummary:
+    feature: int
+    count: int                   # tokens on which the feature was active (> 0)
+    frequency: float             # count / tokens seen
+    mean_when_active: float      # sum of activations / count (0 when never active)
+    max: float
+    examples: list[Example]      # strongest first, at most N
+
+
+class TopExamplesCollector:
+    """Feed it batches of feature activations (or of hook activations, with an SAE) and token ids.
+
+    ``n_top``: examples kept per feature; ``window``: tokens shown on each side of an example's maximum.
+    Positions where ``keep`` is False (special tokens, by default) are never examples and show activation 0.
+    """
+
+    def __init__(self, d_sae: int, n_top: int = 20, window: int = 8, sae: SAE | None = None):
+        if n_top <= 0 or window < 0:
+            raise ValueError(f"n_top must be positive and window non-negative, got n_top={n_top}, window={window}")
+        self.d_sae, self.n_top, self.window, self.sae = d_sae, n_top, window, sae
+        width = 2 * window + 1
+        self.tokens_seen = 0
+        self.contexts_seen = 0
+        self.count = torch.zeros(d_sae, dtype=torch.long)
+        self.sum = torch.zeros(d_sae, dtype=torch.float64)
+        self.max = torch.zeros(d_sae)
+        # The running top-N of every feature: value, where, and the window around it.
+        self.values = torch.full((d_sae, n_top), -math.inf)
+        self.context = torch.full((d_sae, n_top), -1, dtype=torch.long)
+        self.position = torch.full((d_sae, n_top), -1, dtype=torch.long)
+        self.window_tokens = torch.full((d_sae, n_top, width), -1, dtype=torch.long)
+        self.window_acts = torch.zeros(d_sae, n_top, width)
+
+    @torch.no_grad()
+    def add_activations(self, acts: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """``acts``: ``[batch, seq, d_in]`` hook activations, encoded with the collector's SAE."""
+        if self.sae is None:
+            raise ValueError("this collector has no SAE: pass sae= or feed feature activations with add_features")
+        self.add_features(self.sae.encode(acts.float()), tokens, keep)
+
+    @torch.no_grad()
+    def add_features(self, feats: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """``feats``: ``[batch, seq, d_sae]`` feature activations; ``tokens``: ``[batch, seq]`` their token ids."""
+        if feats.dim() != 3 or feats.shape[:2] != tokens.shape or feats.shape[-1] != self.d_sae:
+            raise ValueError(f"expected features [batch, seq, {self.d_sae}] and tokens [batch, seq], got "
+                             f"{tuple(feats.shape)} and {tuple(tokens.shape)}")
+        feats = feats.detach().float().cpu()
+        tokens = tokens.cpu()
+        batch, seq, _ = feats.shape
+        if keep is not None:
+            keep = keep.cpu().bool()
+            feats = feats.masked_fill(~keep[..., None], 0.0)
+            self.tokens_seen += int(keep.sum())
+        else:
+            self.tokens_seen += batch * seq
+        active = feats > 0
+        self.count += active.sum((0, 1))
+        self.sum += feats.sum((0, 1), dtype=torch.float64)
+        self.max = torch.maximum(self.max, feats.amax((0, 1)))
+
+        # This batch's top candidates per feature: [k, d_sae] over the batch's batch*seq positions.
+        flat = feats.reshape(batch * seq, self.d_sae)
+        k = min(self.n_top, batch * seq)
+        cand_values, cand_flat = flat.topk(k, dim=0)                      # [k, d_sae]
+        cand_values = cand_values.masked_fill(cand_values <= 0, -math.inf)  # not active: no example
+        cand_b, cand_p = cand_flat // seq, cand_flat % seq
+        # The window around each candidate: [k, d_sae, width], read from the padded batch.
+        offsets = torch.arange(-self.window, self.window + 1)
+        where = cand_p[..., None] + offsets                                # [k, d_sae, width]
+        inside = (where >= 0) & (where < seq)
+        where_padded = where.clamp(0, seq - 1)
+        b = cand_b[..., None].expand_as(where)
+        win_tokens = tokens[b, where_padded].masked_fill(~inside, -1)
+        feature_ids = torch.arange(self.d_sae)[None, :, None].expand_as(where)
+        win_acts = feats[b, where_padded, feature_ids].masked_fill(~inside, 0.0)
+
+        # Merge with the running top-N: [d_sae, N + k] -> [d_sae, N]. Earlier examples win ties.
+        values = torch.cat([self.values, cand_values.T], 1)
+        order = _stable_top(values, self.n_top)
+        self.values = values.gather(1, order)
+        self.context = torch.cat([self.context, (cand_b + self.contexts_seen).T], 1).gather(1, order)
+        self.position = torch.cat([self.position, cand_p.T], 1).gather(1, order)
+        width = offsets.numel()
+        self.window_tokens = torch.cat([self.window_tokens, win_tokens.transpose(0, 1)], 1).gather(
+            1, order[..., None].expand(-1, -1, width))
+        self.window_acts = torch.cat([self.window_acts, win_acts.transpose(0, 1)], 1).gather(
+            1, order[..., None].expand(-1, -1, width))
+        self.contexts_seen += batch
+
+    def summary(self, feature: int) -> FeatureSummary:
+        """Statistics and top examples of one feature, strongest example first."""
+        check_feature(self.d_sae, feature)
+        examples = []
+        for j in range(self.n_top):
+            value = float(self.values[feature, j])
+            if not value > 0:
+                break
+            tokens = self.window_tokens[feature, j]
+            inside = tokens >= 0
+            start = int(self.position[feature, j]) - self.window + int(inside.long().argmax())
+            examples.append(Example(context=int(self.context[feature, j]), position=int(self.position[feature, j]),
+                                    activation=value, tokens=tokens[inside].tolist(),
+                                    activations=self.window_acts[feature, j][inside].tolist(), window_start=start))
+        count = int(self.count[feature])
+        return FeatureSummary(feature=feature, count=count, frequency=count / max(self.tokens_seen, 1),
+                              mean_when_active=float(self.sum[feature]) / count if count else 0.0,
+                              max=float(self.max[feature]), examples=examples)
+
+    def summaries(self) -> list[FeatureSummary]:
+        return [self.summary(f) for f in range(self.d_sae)]
+
+
+def _stable_top(values: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the ``n`` largest values per row; among equal values the earlier column wins."""
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    return order[:, :n]
+
+
+def collect_from_batches(sae: SAE, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                         n_top: int = 20, window: int = 8) -> TopExamplesCollector:
+    """Collect from ``(hook activations [b, s, d_in], token ids [b, s], keep mask or None)`` batches, with no model:
+    what ``collect_top_examples`` does after its forward passes (tests, cached activations)."""
+    collector = TopExamplesCollector(sae.cfg.d_sae, n_top, window, sae=sae)
+    for acts, tokens, keep in batches:
+        collector.add_activations(acts, tokens, keep)
+    return collector
+
+
+@torch.no_grad()
+def collect_top_examples(loaded: Loaded, dataset: str = "python-docs", tokens: int = 65536, n_top: int = 20,
+                         window: int = 8, context_size: int | None = None, batch_contexts: int = 8,
+                         split: str = "train", text_column: str | None = None,
+                         include_special_tokens: bool = False, progress: bool = False) -> TopExamplesCollector:
+    """One pass of the model over the first ``tokens`` tokens of ``dataset`` (packed as the SAE was trained:
+    metadata context size and BOS convention), collecting every feature's statistics and top examples."""
+    meta = loaded.sae.cfg.metadata
+    context_size = int(context_size or meta.get("context_size") or 128)
+    if tokens <= 0 or batch_contexts <= 0 or context_size <= 1:
+        raise ValueError(f"tokens and batch_contexts must be positive and context_size at least 2 (got "
+                         f"tokens={tokens}, batch_contexts={batch_contexts}, context_size={context_size})")
+    source = LMActivationSource(loaded.model, loaded.tokenizer, loaded.hook, dataset,
+                                Packing(context_size, loaded.prepend_bos), split=split, text_column=text_column,
+                                batch_contexts=batch_contexts, exclude_special_tokens=not include_special_tokens,
+                                max_contexts=math.ceil(tokens / context_size))
+    collector = TopExamplesCollector(loaded.sae.cfg.d_sae, n_top, window, sae=loaded.sae)
+    batches = source.token_batches()
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=math.ceil(tokens / context_size / batch_contexts), desc="top examples",
+                       unit="batch", leave=False)
+    for batch in batches:
+        acts = capture(loaded.model, batch.to(loaded.device), [loaded.hook])[loaded.hook.name]
+        collector.add_activations(acts, batch, source.keep_mask(batch))
+    if collector.contexts_seen == 0:
+        raise ValueError(f"dataset {dataset!r} gave no complete context of {context_size} tokens")
+    return collector

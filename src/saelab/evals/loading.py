@@ -1,0 +1,107 @@
+"""Open an SAE folder together with the model and hook point it reads, and check that they fit.
+
+Model, hook and BOS convention come from the SAE's ``cfg.json`` metadata unless given. ``saelab eval``
+and the analysis commands all open SAEs this way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from saelab.data.tokens import bos_id, special_ids
+from saelab.models import HookPoint, ModelLoadError, capture, load_model, resolve_hook
+from saelab.sae import SAE
+
+
+def find_sae_folder(path) -> Path:
+    """The SAE folder named by ``path``: the folder itself, or ``<run>/final`` for a training run folder."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"SAE folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is a file; pass the SAE folder (holding cfg.json and sae_weights.safetensors)")
+    if not (folder / "cfg.json").exists() and (folder / "final" / "cfg.json").exists():
+        return folder / "final"  # a run folder from `saelab train`
+    return folder
+
+
+@dataclass
+class Loaded:
+    """An SAE with the model, tokenizer and hook point it belongs to."""
+
+    sae: SAE
+    model: torch.nn.Module
+    tokenizer: object
+    hook: HookPoint
+    folder: Path
+    model_name: str
+    prepend_bos: bool
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokenize(self, text: str) -> torch.Tensor:
+        """``[1, seq]`` token ids of ``text``, starting with BOS when the SAE was trained that way."""
+        return tokenize(self.tokenizer, text, self.prepend_bos).to(self.device)
+
+    def special_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """True at BOS/EOS/pad positions (left out of SAE training by default)."""
+        return torch.isin(tokens.cpu(), special_ids(self.tokenizer))
+
+
+def tokenize(tokenizer, text: str, prepend_bos: bool = True) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if prepend_bos:
+        ids = [bos_id(tokenizer), *ids]
+    if not ids:
+        raise ValueError("the text is empty: give at least one token of text")
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def load_sae_and_model(sae_path, model: str | None = None, hook: str | None = None,
+                       device: str | None = None, say=None) -> Loaded:
+    """Load the SAE folder (or a run folder holding ``final/``), its model and hook point.
+
+    Raises ValueError (or ModelLoadError) with a readable message when the metadata names no model or
+    hook, the model cannot be loaded, or the hook's width is not the SAE's ``d_in``.
+    """
+    say = say or (lambda message: None)
+    folder = find_sae_folder(sae_path)
+    sae = SAE.load(folder)
+    meta = sae.cfg.metadata
+    model_name = model or meta.get("model_name")
+    if not model_name:
+        raise ValueError(f"{folder}/cfg.json names no model (metadata model_name); pass --model")
+    hook_name = hook or meta.get("hook_name")
+    if not hook_name:
+        raise ValueError(f"{folder}/cfg.json names no hook point (metadata hook_name); pass --hook")
+    prepend_bos = bool(meta.get("prepend_bos", True))
+    say(f"loading {model_name} for {folder} ({sae.cfg.architecture}, {sae.cfg.d_in} -> {sae.cfg.d_sae}) at "
+        f"{hook_name}")
+    try:
+        lm, tokenizer = load_model(model_name, device)
+    except ModelLoadError as err:
+        if model is None:
+            raise ModelLoadError(f"{err}\n(the model name {model_name!r} comes from the SAE's cfg.json; pass "
+                                 "--model to use another name, folder or file for that model)") from err
+        raise
+    hook_point = resolve_hook(lm, hook_name)
+    loaded = Loaded(sae.to(next(lm.parameters()).device).eval(), lm, tokenizer, hook_point, folder, model_name,
+                    prepend_bos)
+    check_width(loaded)
+    return loaded
+
+
+def check_width(loaded: Loaded) -> None:
+    """The hook's activation width must be the SAE's ``d_in``."""
+    probe = torch.tensor([[bos_id(loaded.tokenizer)] * 2], device=loaded.device)
+    width = capture(loaded.model, probe, [loaded.hook])[loaded.hook.name].shape[-1]
+    if width != loaded.sae.cfg.d_in:
+        raise ValueError(f"hook {loaded.hook.name!r} of {loaded.model_name} has width {width}, but the SAE's d_in is "
+                         f"{loaded.sae.cfg.d_in}: the SAE reads another hook point (its cfg.json says "
+                         f"{loaded.sae.cfg.metadata.get('hook_name')!r}) or another model; pass --hook / --model "
+                         f"with a point of width {loaded.sae.cfg.d_in} (`saelab hooks --model ...` lists them)")

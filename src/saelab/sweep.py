@@ -1,0 +1,350 @@
+"""What ``saelab sweep`` does: train a grid of SAEs (architectures x sparsity settings) on one hook point,
+all on the same activations, collected from the model once and held in memory; evaluate each on the
+same held-out text; write a table (CSV, markdown) and the explained-variance-vs-L0 Pareto plot.
+
+Each grid point is an ordinary run folder (checkpoint, metrics.jsonl, training_curves.png, eval.json,
+``final/`` SAE) under the sweep folder; a point whose folder already holds its result for the same
+config is reused, so an interrupted sweep continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from saelab.data.activations import LMActivationSource, TensorSource
+from saelab.data.tokens import Packing
+from saelab.evals.metrics import evaluate
+from saelab.models import load_model, resolve_hook
+from saelab.training import TrainConfig, Trainer, plot_training_curves
+from saelab.training.config import TOPK_FAMILY, option
+from saelab.training.trainer import METRICS_FILE
+
+ROW_FILE = "sweep_row.json"
+COLUMNS = ("architecture", "sparsity_setting", "l0", "explained_variance", "ce_loss_score", "kl_score",
+           "dead_fraction", "eval_dead_fraction", "train_seconds", "eval_seconds", "wall_seconds",
+           "dead_latent_remedy", "run")
+# What each architecture's sparsity is set by: the SweepConfig field listing the values, the TrainConfig
+# field each value goes to, and the prefix of the value in run folder names (topk-k32, standard-l1_5).
+SWEPT_BY = {**{arch: ("k", "k", "k") for arch in TOPK_FAMILY},
+            "jumprelu": ("target_l0s", "target_l0", "target_l0_"),
+            "standard": ("l1_coefficients", "l1_coefficient", "l1_"),
+            "gated": ("l1_coefficients", "l1_coefficient", "l1_")}
+# TrainConfig fields a sweep sets per grid point (the CLI does not offer them as shared options).
+PER_RUN_FIELDS = ("architecture", "k", "l1_coefficient", "target_l0", "out")
+
+
+@dataclass
+class SweepConfig:
+    architectures: str = option("topk,batchtopk,jumprelu,gated,standard", "Architectures to train, comma-"
+                                "separated: topk, batchtopk, matryoshka_batchtopk (alias matryoshka), jumprelu, "
+                                "gated, standard.")
+    k: str = option("16,32,64", "topk, batchtopk, matryoshka_batchtopk: the values of k, comma-separated.")
+    target_l0s: str = option("16,32,64", "jumprelu: the target L0s, comma-separated (each run steers its L0 "
+                             "weight toward its target; see --l0-coefficient for the starting weight).")
+    l1_coefficients: str = option("2,5,10", "standard, gated: the L1 coefficients, comma-separated (larger: "
+                                  "sparser; inputs are normalised to mean norm sqrt(d_in)).")
+    out: str = option("runs/sweep", "Sweep folder: results.csv, results.md, pareto.png, sweep.json and one "
+                      "run folder per grid point.")
+    activation_tokens: int | None = option(None, "Training activations collected from the model once and "
+                                           "shared by every run (default: --tokens, or the whole corpus when "
+                                           "smaller; runs repeat them in epochs). Memory = this x d_in x 4 bytes.")
+    downstream: bool = option(True, "Also measure CE-loss and KL recovered with each SAE spliced into the "
+                              "model on the held-out text (--no-downstream: reconstruction metrics only).")
+
+    def __post_init__(self):
+        self.architectures = ",".join("matryoshka_batchtopk" if a == "matryoshka" else a
+                                      for a in _split(self.architectures))
+        unknown = [a for a in _split(self.architectures) if a not in SWEPT_BY]
+        problems = [f"unknown architecture {a!r} (sweepable: {', '.join(SWEPT_BY)})" for a in unknown]
+        if not _split(self.architectures):
+            problems.append("architectures is empty")
+        for name, kind in (("k", int), ("target_l0s", float), ("l1_coefficients", float)):
+            try:
+                values = parse_values(getattr(self, name), kind)
+            except ValueError as err:
+                problems.append(str(err))
+                continue
+            used = any(SWEPT_BY[a][0] == name for a in _split(self.architectures) if a in SWEPT_BY)
+            if used and not values:
+                problems.append(f"{name} lists no values")
+        if self.activation_tokens is not None and self.activation_tokens <= 0:
+            problems.append(f"activation_tokens must be positive (got {self.activation_tokens})")
+        if problems:
+            raise ValueError("invalid sweep config: " + "; ".join(problems))
+
+
+@dataclass
+class GridPoint:
+    architecture: str
+    setting: str            # the TrainConfig field set, e.g. "k"
+    value: float | int
+    cfg: TrainConfig
+
+    @property
+    def label(self) -> str:
+        return f"{self.setting}={_fmt(self.value)}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.architecture}-{SWEPT_BY[self.architecture][2]}{_fmt(self.value)}"
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    rows: list[dict]          # one per grid point trained (or reused), in grid order
+    completed: bool           # False when stopped early (Ctrl-C): run the same command again to continue
+    collect_seconds: float    # the one pass of the model over the training text (0 when nothing was trained)
+
+
+def parse_values(text: str, kind=float) -> list:
+    """``"16,32,64"`` -> ``[16, 32, 64]``; underscores and spaces are allowed (``1_000``)."""
+    values = []
+    for item in _split(text):
+        try:
+            value = kind(item.replace("_", ""))
+        except ValueError:
+            raise ValueError(f"cannot read {item!r} as a{'n integer' if kind is int else ' number'} "
+                             f"in {text!r}") from None
+        if not value > 0:
+            raise ValueError(f"sweep values must be positive, got {item!r} in {text!r}")
+        values.append(value)
+    return values
+
+
+def grid(scfg: SweepConfig, base: TrainConfig) -> list[GridPoint]:
+    """Every (architecture, sparsity value) pair, each with its full TrainConfig (validated)."""
+    points = []
+    for arch in _split(scfg.architectures):
+        values_field, setting, _ = SWEPT_BY[arch]
+        kind = int if setting == "k" else float
+        for value in parse_values(getattr(scfg, values_field), kind):
+            point = GridPoint(arch, setting, value, base)
+            cfg = replace(base, architecture=arch, **{setting: value}, dead_latent_remedy=_remedy_for(base, arch),
+                          out=str(Path(scfg.out) / point.name))
+            points.append(replace(point, cfg=cfg))
+    return points
+
+
+def base_config(scfg: SweepConfig, **given) -> TrainConfig:
+    """The TrainConfig shared by every grid point, from the given fields. Its own architecture is a
+    placeholder (each point sets its own): the first listed that takes the chosen dead-latent remedy."""
+    remedy = given.get("dead_latent_remedy", "auto")
+    takes = {"auxk": TOPK_FAMILY, "ghost_grads": ("standard",)}.get(remedy)
+    architectures = _split(scfg.architectures)
+    if takes is not None and not any(a in takes for a in architectures):
+        raise ValueError(f"dead_latent_remedy {remedy} applies to {', '.join(takes)}, none of which is in "
+                         f"architectures ({scfg.architectures})")
+    fitting = [a for a in architectures if takes is None or a in takes]
+    return TrainConfig(**{**given, "architecture": fitting[0]})
+
+
+def _remedy_for(base: TrainConfig, arch: str) -> str:
+    """The base remedy where the architecture takes it; auto where it does not (auxk only suits the TopK
+    family, ghost grads only standard SAEs), so one sweep can mix architectures."""
+    remedy = base.dead_latent_remedy
+    if (remedy == "auxk" and arch not in TOPK_FAMILY) or (remedy == "ghost_grads" and arch != "standard"):
+        return "auto"
+    return remedy
+
+
+def collect_activations(source, max_rows: int, progress: bool = False) -> torch.Tensor:
+    """One pass of the model over the text: the first ``max_rows`` activation rows (fewer if the text ends)."""
+    chunks, rows = [], 0
+    bar = tqdm(total=max_rows, desc="collecting activations", unit="tok", unit_scale=True, disable=not progress)
+    units = source.units(0)
+    try:
+        for chunk in units:
+            chunks.append(chunk[:max_rows - rows])
+            rows += len(chunks[-1])
+            bar.update(len(chunks[-1]))
+            if rows >= max_rows:
+                break
+    finally:
+        units.close()
+        bar.close()
+    if not chunks:
+        raise ValueError("the training text gave no activations (check the dataset path, split and text column)")
+    return torch.cat(chunks)
+
+
+def sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool = False) -> SweepResult:
+    """Train and evaluate every grid point; write results.csv, results.md, pareto.png and sweep.json."""
+    from saelab.pipeline import sae_metadata
+
+    out = Path(scfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    points = grid(scfg, base)
+    torch.manual_seed(base.seed)
+    model, tokenizer = load_model(base.model, base.device)
+    hook = resolve_hook(model, base.hook)
+    packing = Packing(base.context_size, base.prepend_bos)
+    eval_contexts = math.ceil(base.eval_tokens / base.context_size)
+    holdout = eval_contexts if base.eval_dataset is None else 0
+
+    def source(dataset: str, **kwargs) -> LMActivationSource:
+        return LMActivationSource(model, tokenizer, hook, dataset, packing, split=base.dataset_split,
+                                  text_column=base.text_column, batch_contexts=base.lm_batch_size,
+                                  exclude_special_tokens=base.exclude_special_tokens, **kwargs)
+
+    eval_dataset = base.eval_dataset or base.dataset
+    held_out = source(eval_dataset, max_contexts=eval_contexts) if base.eval_tokens > 0 else None
+    eval_batches = list(held_out.token_batches()) if held_out is not None else []
+    acts, collect_seconds, rows, completed = None, 0.0, [], True
+    _say(f"sweep of {len(points)} SAEs on {base.model} {base.hook} into {out}: "
+         + ", ".join(p.name for p in points))
+    for index, point in enumerate(points, 1):
+        run_dir = Path(point.cfg.out)
+        reused = None if overwrite else _reusable_row(run_dir, point.cfg)
+        if reused is not None:
+            _say(f"[{index}/{len(points)}] {point.name}: reusing the finished run in {run_dir}")
+            rows.append(reused)
+            continue
+        if acts is None:
+            t0 = time.perf_counter()
+            train_source = source(base.dataset, skip_contexts=holdout)
+            acts = collect_activations(train_source, scfg.activation_tokens or base.tokens, base.progress)
+            collect_seconds = time.perf_counter() - t0
+            _say(f"collected {len(acts):,} activation rows of {base.dataset} once ({collect_seconds:.1f} s, "
+                 f"{acts.numel() * 4 / 2**20:,.0f} MiB); every run trains on them")
+        _say(f"[{index}/{len(points)}] training {point.name} ({point.label}, {point.cfg.tokens:,} tokens)")
+        t0 = time.perf_counter()
+        trainer = Trainer(point.cfg, TensorSource(acts), run_dir, metadata=sae_metadata(point.cfg, hook.module_path))
+        result = trainer.run()
+        plot_training_curves(run_dir / METRICS_FILE, run_dir / "training_curves.png")
+        if not result.completed:
+            _say(f"stopped during {point.name}; run the same command again to continue the sweep")
+            completed = False
+            break
+        train_dead = float((trainer.tokens_since_fired >= point.cfg.dead_window_tokens).float().mean())
+        t1 = time.perf_counter()
+        metrics = {}
+        if eval_batches:
+            metrics = evaluate(model, result.sae, hook, eval_batches, held_out.keep_mask, downstream=scfg.downstream)
+            metrics["eval_dataset"] = eval_dataset
+        eval_seconds = time.perf_counter() - t1
+        frequency = metrics.pop("firing_frequency", result.firing_frequency)
+        metrics.pop("error_by_position", None)
+        result.sae.save(run_dir / "final", sparsity=torch.log10(frequency + 1e-10), runner_cfg=asdict(point.cfg))
+        (run_dir / "eval.json").write_text(json.dumps(
+            {**metrics, "train_tokens": result.tokens, "train_seconds": round(result.seconds, 1)}, indent=2))
+        row = {"architecture": point.architecture, "sparsity_setting": point.label,
+               "l0": metrics.get("l0"), "explained_variance": metrics.get("explained_variance"),
+               "ce_loss_score": metrics.get("ce_loss_score"), "kl_score": metrics.get("kl_score"),
+               "dead_fraction": train_dead, "eval_dead_fraction": metrics.get("dead_fraction"),
+               "train_seconds": result.seconds, "eval_seconds": eval_seconds,
+               "wall_seconds": time.perf_counter() - t0, "dead_latent_remedy": point.cfg.remedy,
+               "run": point.name}
+        (run_dir / ROW_FILE).write_text(json.dumps({"config": asdict(point.cfg), "row": row}, indent=2))
+        rows.append(row)
+        _say(f"  {point.name}: L0 {_num(row['l0'])}, explained variance {_num(row['explained_variance'])}, "
+             f"CE recovered {_num(row['ce_loss_score'])}, dead {row['dead_fraction']:.3f}, "
+             f"{row['wall_seconds']:.0f} s")
+
+    write_table(rows, out / "results.csv", out / "results.md")
+    plot_pareto(rows, out / "pareto.png", title=f"{base.model} {base.hook}")
+    (out / "sweep.json").write_text(json.dumps({
+        "sweep": asdict(scfg), "shared": {k: v for k, v in asdict(base).items() if k not in PER_RUN_FIELDS},
+        "activation_rows": None if acts is None else len(acts), "collect_seconds": collect_seconds,
+        "completed": completed, "rows": rows}, indent=2))
+    _say(f"results in {out / 'results.md'} (and .csv); Pareto plot in {out / 'pareto.png'}")
+    return SweepResult(out, rows, completed, collect_seconds)
+
+
+def _reusable_row(run_dir: Path, cfg: TrainConfig) -> dict | None:
+    path = run_dir / ROW_FILE
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["row"] if saved.get("config") == json.loads(json.dumps(asdict(cfg))) else None
+
+
+def write_table(rows: list[dict], csv_path, md_path) -> None:
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: "" if row.get(key) is None else row[key] for key in COLUMNS})
+    headers = ("architecture", "sparsity setting", "L0", "explained variance", "CE-loss recovered", "KL recovered",
+               "dead fraction", "dead on eval", "train s", "eval s", "wall s", "remedy", "run")
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        cells = [row["architecture"], row["sparsity_setting"], _num(row["l0"], 2), _num(row["explained_variance"]),
+                 _num(row["ce_loss_score"]), _num(row["kl_score"]), _num(row["dead_fraction"]),
+                 _num(row["eval_dead_fraction"]), _num(row["train_seconds"], 1), _num(row["eval_seconds"], 1),
+                 _num(row["wall_seconds"], 1), row["dead_latent_remedy"], row["run"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    Path(md_path).write_text("\n".join(lines) + "\n\nL0 and explained variance (1 - FVU) on held-out text; "
+                             "CE-loss recovered = (CE zero-ablated - CE with the SAE) / (CE zero-ablated - clean CE); "
+                             "dead fraction = latents silent over the last dead window of training; "
+                             "dead on eval = never active on the held-out text.\n")
+
+
+def plot_pareto(rows: list[dict], path, title: str = "") -> Path:
+    """Explained variance against L0 (log scale), one line per architecture; CE-loss recovered beside it
+    when measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    panels = [("explained_variance", "explained variance")]
+    if any(row.get("ce_loss_score") is not None for row in rows):
+        panels.append(("ce_loss_score", "CE-loss recovered"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    architectures = list(dict.fromkeys(row["architecture"] for row in rows))
+    for ax, (key, label) in zip(axes[0], panels):
+        for arch in architectures:
+            points = sorted((row["l0"], row[key], row["sparsity_setting"]) for row in rows
+                            if row["architecture"] == arch and _finite(row.get("l0")) and row["l0"] > 0
+                            and _finite(row.get(key)))
+            if not points:
+                continue
+            line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=arch)
+            for x, y, setting in points:
+                ax.annotate(setting.split("=")[-1], (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                            color=line.get_color())
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("L0 (active latents per token, held-out)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.suptitle(f"{title}\npoints labelled with k (TopK family), target L0 (jumprelu) or L1 coefficient "
+                 "(standard, gated)".strip())
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _split(text: str) -> list[str]:
+    return [item.strip() for item in str(text).split(",") if item.strip()]
+
+
+def _fmt(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _num(value, digits: int = 4) -> str:
+    return "n/a" if value is None or not _finite(value) else f"{value:.{digits}f}"
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _say(message: str) -> None:
+    print(f"saelab: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,119 @@
+"""`saelab sweep` end to end on a tiny local model: one activation pass shared by every grid point,
+a table with a row per point, the Pareto plot, reuse of finished runs."""
+
+import csv
+import json
+
+import pytest
+
+from saelab.cli import build_parser, main
+from saelab.data import activations
+from saelab.sweep import COLUMNS, SweepConfig, base_config, grid, parse_values
+
+TOKENS = 4096
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    from pydoc_data.topics import topics
+    path = tmp_path / "train.txt"
+    path.write_text("\n\n".join(list(topics.values())[:40]))
+    return path
+
+
+@pytest.fixture
+def count_forwards(monkeypatch):
+    """Counts LMActivationSource.units calls (a pass of the model over the training text) and the model
+    forwards they run."""
+    counts = {"units": 0, "forwards": 0}
+    original_units, original_capture = activations.LMActivationSource.units, activations.capture
+
+    def units(self, start):
+        counts["units"] += 1
+        return original_units(self, start)
+
+    def capture(*args, **kwargs):
+        counts["forwards"] += 1
+        return original_capture(*args, **kwargs)
+
+    monkeypatch.setattr(activations.LMActivationSource, "units", units)
+    monkeypatch.setattr(activations, "capture", capture)
+    return counts
+
+
+def sweep_args(model_dir, text_file, out):
+    return ["sweep", "--model", str(model_dir), "--dataset", str(text_file), "--out", str(out),
+            "--architectures", "topk,standard", "--k", "2,4", "--l1-coefficients", "1,10", "--tokens", str(TOKENS),
+            "--batch-size", "256", "--lr", "3e-3", "--context-size", "32", "--lm-batch-size", "8",
+            "--buffer-tokens", "4096", "--eval-tokens", "256", "--hook", "blocks.1.hook_resid_post", "--expansion", "4",
+            "--no-progress", "--log-every", "4", "--dead-window-tokens", "1024"]
+
+
+def test_sweep_end_to_end_collects_activations_once(tiny_model_dir, text_file, tmp_path, count_forwards, capsys):
+    out = tmp_path / "sweep"
+    assert main(sweep_args(tiny_model_dir, text_file, out)) == 0
+    assert count_forwards["units"] == 1                 # one pass over the training text for all 4 SAEs
+    # That pass ran only as many forwards (8 contexts of 32 tokens each) as the rows it needed.
+    assert count_forwards["forwards"] <= 2 + TOKENS // (8 * 30) + 1
+
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["architecture"], r["sparsity_setting"]) for r in rows] == [
+        ("topk", "k=2"), ("topk", "k=4"), ("standard", "l1_coefficient=1"), ("standard", "l1_coefficient=10")]
+    for row in rows:
+        assert set(COLUMNS) <= set(row)
+        for key in ("l0", "explained_variance", "ce_loss_score", "dead_fraction", "wall_seconds"):
+            assert row[key] != "" and float(row[key]) == float(row[key]), (row["run"], key)
+        assert (out / row["run"] / "final" / "cfg.json").exists()
+        assert (out / row["run"] / "eval.json").exists()
+    assert 0 < float(rows[0]["l0"]) <= 2 and 2 < float(rows[1]["l0"]) <= 4
+    assert float(rows[3]["l0"]) < float(rows[2]["l0"])  # the larger L1 coefficient is sparser
+    assert [r["dead_latent_remedy"] for r in rows] == ["auxk", "auxk", "none", "none"]
+
+    md = (out / "results.md").read_text()
+    assert md.count("\n| topk |") == 2 and md.count("\n| standard |") == 2
+    assert "CE-loss recovered" in md and "explained variance" in md
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["activation_rows"] == TOKENS and summary["completed"]
+    assert "results.md" in capsys.readouterr().err
+
+    # Running it again reuses every finished run: no activation pass, same table.
+    count_forwards["units"] = 0
+    assert main(sweep_args(tiny_model_dir, text_file, out)) == 0
+    assert count_forwards["units"] == 0
+    with open(out / "results.csv") as handle:
+        assert list(csv.DictReader(handle)) == rows
+
+
+def test_grid_and_defaults():
+    scfg = SweepConfig(architectures="topk,matryoshka,jumprelu,gated,standard", k="8,16", target_l0s="10",
+                       l1_coefficients="1_0,2.5", out="x")
+    base = base_config(scfg, tokens=1000, batch_size=100, buffer_tokens=1000, dead_latent_remedy="ghost_grads")
+    assert base.architecture == "standard"
+    points = grid(scfg, base)
+    assert [p.name for p in points] == ["topk-k8", "topk-k16", "matryoshka_batchtopk-k8", "matryoshka_batchtopk-k16",
+                                        "jumprelu-target_l0_10", "gated-l1_10", "gated-l1_2.5", "standard-l1_10",
+                                        "standard-l1_2.5"]
+    assert points[1].cfg.k == 16 and points[4].cfg.target_l0 == 10 and points[6].cfg.l1_coefficient == 2.5
+    assert all(p.cfg.tokens == 1000 for p in points)
+    # ghost grads apply where they can (standard); the others fall back to their automatic remedy
+    assert [p.cfg.remedy for p in points] == ["auxk"] * 4 + ["none"] * 3 + ["ghost_grads"] * 2
+    assert str(points[0].cfg.out).endswith("topk-k8")
+    assert parse_values("16, 32,64", int) == [16, 32, 64]
+    with pytest.raises(ValueError, match="ghost_grads applies to standard"):
+        base_config(SweepConfig(architectures="topk,gated"), dead_latent_remedy="ghost_grads")
+    with pytest.raises(ValueError, match="unknown architecture"):
+        SweepConfig(architectures="topk,relu")
+    with pytest.raises(ValueError, match="cannot read"):
+        SweepConfig(k="16,big")
+
+
+def test_sweep_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sweep", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--architectures", "--k", "--target-l0s", "--l1-coefficients", "--tokens", "--out", "--lr",
+                 "--activation-tokens", "--dead-latent-remedy", "--resample-every-tokens"):
+        assert flag in text
+    assert "--l1-coefficient " not in text and "--target-l0 " not in text
