@@ -34,6 +34,17 @@ def config_from_args(config_class, args: argparse.Namespace, base=None, exclude=
     return dataclasses.replace(base, **given) if base is not None else config_class(**given)
 
 
+def add_sae_and_model_options(parser: argparse.ArgumentParser) -> None:
+    """SAE_FOLDER, --model, --hook, --device: how every command that reads an SAE finds it and its model."""
+    parser.add_argument("sae", metavar="SAE_FOLDER", help="SAE folder (cfg.json + sae_weights.safetensors), "
+                        "or a run folder of `saelab train` (its final/ SAE is used)")
+    parser.add_argument("--model", help="language model: embedded alias (smollm2-135m), local folder, .gguf "
+                        "file or hub id (default: the SAE's cfg.json metadata model_name)")
+    parser.add_argument("--hook", help="hook point, TransformerLens-style name or module path (default: the "
+                        "SAE's metadata hook_name)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saelab", description="Train, evaluate and read sparse autoencoders "
                                      "on language-model activations.")
@@ -72,12 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate an SAE (a saelab or SAELens folder) on text: L0, FVU, cosine, CE/KL with the SAE "
         "spliced in vs zero-ablation, dead/dense latents. Prints a table (or JSON with --json) and writes a "
         "report folder: metrics.json, summary.md, density_histogram.png, error_by_position.png.")
-    ev.add_argument("sae", metavar="SAE_FOLDER", help="SAE folder (cfg.json + sae_weights.safetensors), or a "
-                    "run folder of `saelab train` (its final/ SAE is used)")
-    ev.add_argument("--model", help="language model: embedded alias, local folder, .gguf file or hub id "
-                    "(default: the SAE's cfg.json metadata model_name)")
-    ev.add_argument("--hook", help="hook point, TransformerLens-style name or module path (default: the SAE's "
-                    "metadata hook_name)")
+    add_sae_and_model_options(ev)
     ev.add_argument("--dataset", default="python-docs", help="evaluation text: a builtin corpus (python-docs, "
                     "python-docstrings), a .txt/.jsonl/.parquet file or folder, a saved HF dataset or a hub id; "
                     "its first --tokens tokens are used (default: python-docs)")
@@ -98,7 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "instead of the table")
     ev.add_argument("--out", metavar="REPORT_DIR", help="report folder (default: <run>/eval-<dataset> for a "
                     "run's final/ SAE, else <SAE_FOLDER>-eval-<dataset> beside the SAE folder)")
-    ev.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     _add_analysis_commands(commands)
     return parser
 
@@ -171,22 +176,13 @@ def _eval(args) -> int:
 
 # --- reading features (saelab.analysis) ------------------------------------------------------------------
 def _add_analysis_commands(commands) -> None:
-    def common(parser) -> None:
-        parser.add_argument("sae", metavar="SAE_FOLDER", help="SAE folder (cfg.json + sae_weights.safetensors), "
-                            "or a run folder of `saelab train` (its final/ SAE is used)")
-        parser.add_argument("--model", help="language model: embedded alias (smollm2-135m), local folder, .gguf "
-                            "file or hub id (default: the SAE's cfg.json metadata model_name)")
-        parser.add_argument("--hook", help="hook point, TransformerLens-style name or module path (default: the "
-                            "SAE's metadata hook_name)")
-        parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-
     feats = commands.add_parser(
         "features", help="the top features on each token of a text, or the tokens a feature promotes",
         description="With --text: run the model on the text (BOS first when the SAE was trained so) and print, "
         "per token, the most active SAE features and their activations. With --logits F: print the 10 tokens "
         "whose logits feature F's decoder direction raises most and lowers most, through the model's final norm "
         "(its weight as a diagonal scale: the norm linearised) and the unembedding.")
-    common(feats)
+    add_sae_and_model_options(feats)
     feats.add_argument("--text", help="text to read the features of, e.g. \"The capital of France is Paris\"")
     feats.add_argument("--top", type=int, default=5, help="features shown per token (default: 5)")
     feats.add_argument("--logits", type=int, nargs="+", metavar="F", help="feature index(es) whose promoted and "
@@ -202,7 +198,7 @@ def _add_analysis_commands(commands) -> None:
         "with --strength x W_dec[feature] added to the hook's activation at every position, or, with --clamp, "
         "with the feature's activation set to VALUE at every position (the SAE spliced in with its error term, so "
         "nothing else changes).")
-    common(steer)
+    add_sae_and_model_options(steer)
     steer.add_argument("--feature", type=int, required=True, help="feature (latent) index to steer with")
     steer.add_argument("--prompt", required=True, help="text to continue, e.g. \"I think that\"")
     how = steer.add_mutually_exclusive_group()
@@ -220,7 +216,7 @@ def _add_analysis_commands(commands) -> None:
         "unembedding; later layers' reactions not included) into one part per SAE feature "
         "(activation x decoder direction . target direction), the SAE's b_dec and its reconstruction error. The "
         "parts sum to that total; prints the total, the parts and the top positive and negative features.")
-    common(attr)
+    add_sae_and_model_options(attr)
     attr.add_argument("--prompt", required=True, help="text whose next token is predicted, e.g. "
                       "\"The capital of France is\"")
     attr.add_argument("--target", required=True, help="the next token to explain, with its leading space, e.g. "
