@@ -58,6 +58,8 @@ class Trainer:
         self.elapsed = 0.0
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=self.device)
         self.window_fired = torch.zeros(d_sae, dtype=torch.long, device=self.device)
+        # Firing counts of the last complete dead window, and its length in tokens (None before the first).
+        self._last_window: tuple[torch.Tensor, int] | None = None
         self.resampled = 0   # latents re-initialised so far (dead_latent_remedy resample)
         self._stop_requested = False
 
@@ -239,7 +241,7 @@ class Trainer:
             self.window_fired.zero_()
 
     def _window_frequency(self) -> torch.Tensor:
-        counts, tokens = getattr(self, "_last_window", (self.window_fired, max(1, self.step * self.cfg.batch_size)))
+        counts, tokens = self._last_window or (self.window_fired, max(1, self.step * self.cfg.batch_size))
         return (counts.float() / tokens).cpu()
 
     def _lr_at(self, step: int) -> float:
@@ -269,7 +271,7 @@ class Trainer:
             "config": asdict(self.cfg), "sae_config": asdict(self.sae.cfg), "sae": self.sae.state_dict(),
             "optimizer": self.optimizer.state_dict(), "step": self.step, "scale": self.scale,
             "buffer": self.buffer.state_dict(), "tokens_since_fired": self.tokens_since_fired,
-            "window_fired": self.window_fired, "last_window": getattr(self, "_last_window", None),
+            "window_fired": self.window_fired, "last_window": self._last_window,
             "elapsed": self.elapsed, "resampled": self.resampled,
         }
         path = self.run_dir / CHECKPOINT_FILE
@@ -295,8 +297,7 @@ class Trainer:
         self.buffer.load_state_dict(state["buffer"])
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
         self.window_fired.copy_(state["window_fired"])
-        if state["last_window"] is not None:
-            self._last_window = state["last_window"]
+        self._last_window = state["last_window"]
         _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
 
 
