@@ -48,14 +48,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Ru
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, cfg.device)
     hook = resolve_hook(model, cfg.hook)
-    packing = Packing(cfg.context_size, cfg.prepend_bos)
     eval_contexts = math.ceil(cfg.eval_tokens / cfg.context_size)
     holdout = eval_contexts if cfg.eval_dataset is None else 0  # held out from the training stream
 
     def source(dataset: str, **kwargs) -> LMActivationSource:
-        return LMActivationSource(model, tokenizer, hook, dataset, packing, split=cfg.dataset_split,
-                                  text_column=cfg.text_column, batch_contexts=cfg.lm_batch_size,
-                                  exclude_special_tokens=cfg.exclude_special_tokens, **kwargs)
+        return lm_source(cfg, model, tokenizer, hook, dataset, **kwargs)
 
     train_source = source(cfg.dataset, skip_contexts=holdout)
     trainer = Trainer(cfg, train_source, run_dir, metadata=sae_metadata(cfg, hook.module_path))
@@ -81,6 +78,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Ru
     _say(format_table(metrics, "held-out evaluation:") if metrics else "evaluation skipped (--eval-tokens 0)")
     _say(f"SAE saved to {run_dir / 'final'} (SAELens format); curves in {run_dir / 'training_curves.png'}")
     return RunSummary(run_dir, result.sae, True, metrics)
+
+
+def lm_source(cfg: TrainConfig, model, tokenizer, hook, dataset: str, **kwargs) -> LMActivationSource:
+    """The activations of ``hook`` over ``dataset``, tokenised and packed as ``cfg`` says."""
+    return LMActivationSource(model, tokenizer, hook, dataset, Packing(cfg.context_size, cfg.prepend_bos),
+                              split=cfg.dataset_split, text_column=cfg.text_column,
+                              batch_contexts=cfg.lm_batch_size, exclude_special_tokens=cfg.exclude_special_tokens,
+                              **kwargs)
 
 
 def sae_metadata(cfg: TrainConfig, module_path: str) -> dict:

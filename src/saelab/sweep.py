@@ -21,7 +21,6 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab.data.activations import LMActivationSource, TensorSource
-from saelab.data.tokens import Packing
 from saelab.evals.metrics import evaluate
 from saelab.models import load_model, resolve_hook
 from saelab.training import TrainConfig, Trainer, plot_training_curves
@@ -179,7 +178,7 @@ def collect_activations(source, max_rows: int, progress: bool = False) -> torch.
 
 def sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool = False) -> SweepResult:
     """Train and evaluate every grid point; write results.csv, results.md, pareto.png and sweep.json."""
-    from saelab.pipeline import sae_metadata
+    from saelab.pipeline import lm_source, sae_metadata
 
     out = Path(scfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,14 +186,11 @@ def sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool = False) -> Swee
     torch.manual_seed(base.seed)
     model, tokenizer = load_model(base.model, base.device)
     hook = resolve_hook(model, base.hook)
-    packing = Packing(base.context_size, base.prepend_bos)
     eval_contexts = math.ceil(base.eval_tokens / base.context_size)
     holdout = eval_contexts if base.eval_dataset is None else 0
 
     def source(dataset: str, **kwargs) -> LMActivationSource:
-        return LMActivationSource(model, tokenizer, hook, dataset, packing, split=base.dataset_split,
-                                  text_column=base.text_column, batch_contexts=base.lm_batch_size,
-                                  exclude_special_tokens=base.exclude_special_tokens, **kwargs)
+        return lm_source(base, model, tokenizer, hook, dataset, **kwargs)
 
     eval_dataset = base.eval_dataset or base.dataset
     held_out = source(eval_dataset, max_contexts=eval_contexts) if base.eval_tokens > 0 else None
