@@ -28,6 +28,30 @@ def add_dataclass_options(parser: argparse.ArgumentParser, config_class, exclude
                             help=f"{help_text} (default: {f.default})")
 
 
+def add_list_options(parser: argparse.ArgumentParser, config_class, names, note: str) -> None:
+    """Options that take one value of the field's type or a comma-separated list of them."""
+    for f in dataclasses.fields(config_class):
+        if f.name in names:
+            type_name = str(f.type).replace(" | None", "").strip().upper()
+            parser.add_argument("--" + f.name.replace("_", "-"), default=None, metavar=f"{type_name}[,{type_name}...]",
+                                help=f"{f.metadata.get('help', '')}{note} (default: {f.default})")
+
+
+def list_values(config_class, args: argparse.Namespace, names) -> dict[str, list]:
+    """Read the options of ``add_list_options``: a single value is put back into ``args`` with its field's
+    type; the options given several values are returned, name -> typed values."""
+    from saelab.multi import parse_list
+
+    lists = {}
+    for f in dataclasses.fields(config_class):
+        if f.name in names and getattr(args, f.name, None) is not None:
+            values = parse_list(getattr(args, f.name), TYPES[str(f.type).replace(" | None", "").strip()])
+            if len(values) > 1:
+                lists[f.name] = values
+            setattr(args, f.name, values[0] if len(values) == 1 else None)
+    return lists
+
+
 def config_from_args(config_class, args: argparse.Namespace, base=None, exclude=()):
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
              if f.name not in exclude and getattr(args, f.name, None) is not None}
@@ -53,17 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train an SAE on a model's activations, then evaluate it",
                                 description="Train an SAE on one hook point of a language model, evaluate it "
                                 "on held-out text and save it in the SAELens folder format. With no options: "
-                                "a TopK SAE on SmolLM2-135M's residual stream after block 6, in runs/demo.")
+                                "a TopK SAE on SmolLM2-135M's residual stream after block 6, in runs/demo. Comma-separated values of "
+                                "--hook, --architecture, --k, --expansion, --d-sae, --lr, --l1-coefficient or --target-l0 "
+                                "train one SAE per combination in one run, all fed by one forward pass per batch (stopped "
+                                "after the deepest hook), each in its own run folder under --out (e.g. "
+                                "OUT/blocks.6.hook_resid_post-topk-k32); the other options are shared; --resume OUT "
+                                "resumes them all.")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint "
                        "(other options are taken from the run)")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    add_dataclass_options(train, TrainConfig)
+    from saelab.training.multi import LIST_FIELDS, LIST_HELP
+
+    add_dataclass_options(train, TrainConfig, exclude=LIST_FIELDS)
+    add_list_options(train, TrainConfig, LIST_FIELDS, LIST_HELP)
 
     sweep = commands.add_parser(
         "sweep", help="train a grid of SAEs (architectures x sparsity) on the same activations; Pareto plot",
         description="Train every architecture in --architectures at each of its sparsity settings (TopK family: "
         "--k; jumprelu: --target-l0s; standard, gated: --l1-coefficients) on one hook point. The training "
-        "activations are collected from the model once, held in memory and shared by every run. Each SAE is "
+        "activations are collected from the model once, held in memory and shared by every run (with "
+        "--activations: read from a `saelab cache` folder instead, without the model). Each SAE is "
         "evaluated on the same held-out text. Writes results.csv, results.md (architecture, sparsity setting, "
         "L0, explained variance, CE-loss recovered, dead fraction, wall time), pareto.png (explained variance "
         "against L0, one line per architecture) and one run folder per grid point into --out; running the "
@@ -74,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dataclass_options(sweep, SweepConfig)
     add_dataclass_options(sweep, TrainConfig, exclude=PER_RUN_FIELDS)
+
+    cache = commands.add_parser(
+        "cache", help="write a model's activations at hook points to disk once; train on them without the model",
+        description="Run the model over --tokens tokens of text and write the activations of every hook point in "
+        "--hooks (one forward pass per batch, stopped after the deepest hook) to sharded, memory-mapped .npy "
+        "files in --out, with the token ids and metadata.json. `saelab train --activations OUT` and `saelab sweep "
+        "--activations OUT` then train on them without loading the model. Running the same command again "
+        "continues an interrupted write; a cache written with another config is refused.")
+    cache.add_argument("--overwrite", action="store_true", help="replace a cache already in --out (default: "
+                       "continue it when written with the same config, refuse otherwise)")
+    from saelab.data.cache import CacheConfig
+
+    add_dataclass_options(cache, CacheConfig)
 
     hooks = commands.add_parser("hooks", help="list the hook point names a model supports")
     hooks.add_argument("--model", default=TrainConfig.model, help="model name, folder, .gguf file or hub id")
@@ -105,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", metavar="REPORT_DIR", help="report folder (default: <run>/eval-<dataset> for a "
                     "run's final/ SAE, else <SAE_FOLDER>-eval-<dataset> beside the SAE folder)")
     _add_analysis_commands(commands)
+    _add_interop_commands(commands)
     return parser
 
 
@@ -115,29 +162,69 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         print(f"saelab {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        from saelab.training.distributed import release_process_group
+
+        release_process_group()  # under torchrun (`torchrun ... -m saelab train`): leave the group cleanly
 
 
 def _train(args) -> int:
+    from saelab.multi import expand, is_multi_run, resume_configs, train_many
     from saelab.pipeline import load_run_config, train
+    from saelab.training.multi import LIST_FIELDS
 
-    if args.resume:
+    lists = list_values(TrainConfig, args, LIST_FIELDS)
+    if args.resume and lists:
+        raise ValueError(f"--resume takes the SAEs of the run; drop the lists given to {', '.join(lists)}")
+    if args.resume and is_multi_run(args.resume):
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if f.name not in LIST_FIELDS and getattr(args, f.name, None) is not None}
+        summaries = train_many(resume_configs(args.resume, **given), resume=True, root=args.resume)
+    elif args.resume:
         cfg = config_from_args(TrainConfig, args, base=load_run_config(args.resume))
         cfg = dataclasses.replace(cfg, out=str(Path(args.resume)))
-        summary = train(cfg, resume=True)
+        summaries = [train(cfg, resume=True)]
+    elif lists:
+        if "hook" not in lists:
+            _hook_from_cache(args)
+        base = config_from_args(TrainConfig, args)
+        summaries = train_many(expand(base, lists), overwrite=args.overwrite, root=base.out)
     else:
-        summary = train(config_from_args(TrainConfig, args), overwrite=args.overwrite)
-    return 0 if summary.completed else 130
+        _hook_from_cache(args)
+        summaries = [train(config_from_args(TrainConfig, args), overwrite=args.overwrite)]
+    return 0 if all(summary.completed for summary in summaries) else 130
 
 
 def _sweep(args) -> int:
     from saelab.sweep import PER_RUN_FIELDS, SweepConfig, base_config, sweep
 
     scfg = config_from_args(SweepConfig, args)
+    _hook_from_cache(args)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if f.name not in PER_RUN_FIELDS and getattr(args, f.name, None) is not None}
     result = sweep(scfg, base_config(scfg, **given), overwrite=args.overwrite)
     print((result.out / "results.md").read_text(), end="")
     return 0 if result.completed else 130
+
+
+def _hook_from_cache(args) -> None:
+    """With --activations and no --hook: the cache's only hook (an error lists them when it holds several)."""
+    if args.activations is not None and args.hook is None:
+        from saelab.data.cache import ActivationCache
+
+        args.hook = ActivationCache(args.activations).only_hook()
+
+
+def _cache(args) -> int:
+    from saelab.data.cache import CacheConfig, write_cache
+
+    try:
+        write_cache(config_from_args(CacheConfig, args), overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print("saelab cache: interrupted; finished shards are kept. Run the same command again to continue.",
+              file=sys.stderr)
+        return 130
+    return 0
 
 
 def _hooks(args) -> int:
@@ -170,6 +257,8 @@ def _eval(args) -> int:
     else:
         print(format_table(result.metrics, title=f"{result.info['model']} {result.info['hook']} on "
                            f"{args.dataset} ({result.metrics['tokens']:,} tokens):"))
+    if result.info.get("neuronpedia") and not args.json:
+        print(f"Neuronpedia: {result.info['neuronpedia']}")
     say(f"report written to {result.report_dir}")
     return 0
 
@@ -222,6 +311,19 @@ def _add_analysis_commands(commands) -> None:
     attr.add_argument("--target", required=True, help="the next token to explain, with its leading space, e.g. "
                       "\" Paris\" (a text of several tokens: its first token)")
     attr.add_argument("--top", type=int, default=10, help="features shown in each direction (default: 10)")
+
+    from saelab.analysis.dashboard import DashboardConfig
+
+    dash = commands.add_parser(
+        "dashboard", help="a static site with a page per feature: top contexts, histogram, logit effects",
+        description="Read --tokens tokens of --dataset through the model and the SAE once, collecting per feature "
+        "its frequency, mean and max activation, top-activating contexts, an activation histogram and contexts "
+        "sampled from each activation band; compute the tokens each decoder direction promotes and suppresses; "
+        "write a static site (index.html: a sortable, searchable table of features and the SAE's evaluation; "
+        "feature.html#F: one feature's page) and print the path of index.html. Open it in a browser: no "
+        "server, no network.")
+    add_sae_and_model_options(dash)
+    add_dataclass_options(dash, DashboardConfig)
 
 
 def _analysis_load(args):
@@ -284,5 +386,101 @@ def _attribute(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "sweep": _sweep, "hooks": _hooks, "eval": _eval, "features": _features,
-            "steer": _steer, "attribute": _attribute}
+def _dashboard(args) -> int:
+    from saelab.analysis import DashboardConfig, build_dashboard, parse_features
+    from saelab.evals.loading import find_sae_folder
+    from saelab.sae import SAE
+
+    cfg = config_from_args(DashboardConfig, args)
+    parse_features(cfg.features, SAE.load(find_sae_folder(args.sae)).cfg.d_sae)  # before loading the model
+    index = build_dashboard(_analysis_load(args), cfg, progress=sys.stderr.isatty(),
+                            say=lambda message: print(f"saelab: {message}", file=sys.stderr, flush=True))
+    print(index)
+    return 0
+
+
+COMMANDS = {"train": _train, "sweep": _sweep, "cache": _cache, "hooks": _hooks, "eval": _eval, "features": _features,
+            "steer": _steer, "attribute": _attribute, "dashboard": _dashboard}
+
+
+# --- meeting other tools: pretrained SAEs, Neuronpedia ------------------------------------------------------
+def _add_interop_commands(commands) -> None:
+    pre = commands.add_parser(
+        "pretrained", help="list and describe the pretrained SAE releases SAE.from_pretrained knows",
+        description="`saelab pretrained list` shows the registry of well-known releases (gpt2-small-res-jb, Gemma "
+        "Scope, ...); --release R shows R's SAEs (repo, model, hook, d_sae, Neuronpedia id). `saelab pretrained "
+        "show RELEASE [SAE_ID]` describes a release or one SAE: its files, whether the Hugging Face cache holds "
+        "them, its Neuronpedia page. Nothing is downloaded; SAE.from_pretrained(release, sae_id) downloads.")
+    actions = pre.add_subparsers(dest="action", required=True)
+    listed = actions.add_parser("list", help="the registry's releases, or one release's SAEs")
+    listed.add_argument("--release", help="show this release's SAEs instead")
+    show = actions.add_parser("show", help="one release, or one SAE of it")
+    show.add_argument("release", metavar="RELEASE", help="a registry release (saelab pretrained list) or a hub repo id")
+    show.add_argument("sae_id", metavar="SAE_ID", nargs="?", help="an SAE of the release (default: list them all)")
+
+    export = commands.add_parser(
+        "neuronpedia-export", help="write feature data (top examples, logits, frequency) in Neuronpedia's import shape",
+        description="Run the model over --tokens tokens of --dataset, collect every feature's top-activating "
+        "examples and firing frequency, and write them with each feature's promoted and suppressed tokens (and "
+        "a histogram of its logit effects) as Neuronpedia / SAEDashboard batch-N.json files into --out, with "
+        "skipped_indexes.json (features that never fired) and run_settings.json. The Neuronpedia model id, "
+        "layer and SAE set come from the SAE's metadata neuronpedia_id, else from its model and hook names.")
+    add_sae_and_model_options(export)
+    export.add_argument("--out", required=True, metavar="DIR", help="folder for the batch-N.json files")
+    export.add_argument("--dataset", default="python-docs", help="text to find top examples in (as for saelab eval; "
+                        "default: python-docs)")
+    export.add_argument("--dataset-split", default="train", help="split to read from HF datasets (default: train)")
+    export.add_argument("--text-column", help="column holding text (default: text/content, or input_ids/tokens)")
+    export.add_argument("--tokens", type=int, default=65536, help="tokens of text to read (default: 65536)")
+    export.add_argument("--context-size", type=int, help="tokens per context (default: the SAE's metadata "
+                        "context_size, else 128)")
+    export.add_argument("--batch-contexts", type=int, default=8, help="contexts per forward pass (default: 8)")
+    export.add_argument("--n-top", type=int, default=20, help="top examples per feature (default: 20)")
+    export.add_argument("--window", type=int, default=16, help="tokens shown each side of an example's maximum "
+                        "(default: 16)")
+    export.add_argument("--logit-tokens", type=int, default=10, help="promoted and suppressed tokens per feature "
+                        "(default: 10)")
+    export.add_argument("--features-per-batch", type=int, default=128, help="features per batch-N.json (default: 128)")
+    export.add_argument("--model-id", help="Neuronpedia model id (default: from neuronpedia_id, else the model name)")
+    export.add_argument("--layer", type=int, help="Neuronpedia layer (default: from neuronpedia_id, else the hook's "
+                        "block)")
+    export.add_argument("--sae-set", help="Neuronpedia SAE set, e.g. res-jb (default: from neuronpedia_id, else "
+                        "<hook kind>-saelab)")
+
+
+def _pretrained(args) -> int:
+    from saelab.analysis.neuronpedia import neuronpedia_url
+    from saelab.sae.pretrained import format_release, format_releases, format_sae
+
+    if args.action == "list":
+        print(format_release(args.release) if args.release else format_releases())
+    elif args.sae_id:
+        print(format_sae(args.release, args.sae_id, link=neuronpedia_url))
+    else:
+        print(format_release(args.release))
+    return 0
+
+
+def _neuronpedia_export(args) -> int:
+    from saelab.analysis import collect_top_examples
+    from saelab.analysis.neuronpedia_export import export_neuronpedia, neuronpedia_source
+
+    for name in ("tokens", "batch_contexts", "n_top", "logit_tokens", "features_per_batch"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    loaded = _analysis_load(args)
+    collector = collect_top_examples(loaded, args.dataset, tokens=args.tokens, n_top=args.n_top, window=args.window,
+                                     context_size=args.context_size, batch_contexts=args.batch_contexts,
+                                     split=args.dataset_split, text_column=args.text_column,
+                                     progress=sys.stderr.isatty())
+    source = neuronpedia_source(loaded.sae.cfg.metadata, model_id=args.model_id, layer=args.layer,
+                                sae_set=args.sae_set)
+    context_size = args.context_size or int(loaded.sae.cfg.metadata.get("context_size") or 128)
+    files = export_neuronpedia(loaded, collector, args.out, source, features_per_batch=args.features_per_batch,
+                               logit_tokens=args.logit_tokens,
+                               settings={"dataset": args.dataset, "context_size": context_size})
+    print(f"saelab: wrote {len(files)} batch file(s) for {source.neuronpedia_id} into {args.out}", file=sys.stderr)
+    return 0
+
+
+COMMANDS.update({"pretrained": _pretrained, "neuronpedia-export": _neuronpedia_export})

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from saelab.data.activations import LMActivationSource, TensorSource
+from saelab.data.activations import TensorSource
 from saelab.evals.metrics import evaluate
 from saelab.models import load_model, resolve_hook
 from saelab.training import TrainConfig, Trainer, plot_training_curves
@@ -39,6 +39,10 @@ SWEPT_BY = {**{arch: ("k", "k", "k") for arch in TOPK_FAMILY},
             "gated": ("l1_coefficients", "l1_coefficient", "l1_")}
 # TrainConfig fields a sweep sets per grid point (the CLI does not offer them as shared options).
 PER_RUN_FIELDS = ("architecture", "k", "l1_coefficient", "target_l0", "out")
+# The L1 coefficients when --l1-coefficients is not given. Gated SAEs penalise the gate's pre-activations,
+# standard SAEs the codes, so one list cannot serve both. Calibrated on SmolLM2-135M blocks.6.hook_resid_post
+# (8x, 300k tokens of python-docs): each spans held-out L0 ~16-100, like the TopK family's default k.
+DEFAULT_L1_COEFFICIENTS = {"standard": "STANDARD_TBD", "gated": "2,4,8"}
 
 
 @dataclass
@@ -49,13 +53,16 @@ class SweepConfig:
     k: str = option("16,32,64", "topk, batchtopk, matryoshka_batchtopk: the values of k, comma-separated.")
     target_l0s: str = option("16,32,64", "jumprelu: the target L0s, comma-separated (each run steers its L0 "
                              "weight toward its target; see --l0-coefficient for the starting weight).")
-    l1_coefficients: str = option("2,5,10", "standard, gated: the L1 coefficients, comma-separated (larger: "
-                                  "sparser; inputs are normalised to mean norm sqrt(d_in)).")
+    l1_coefficients: str | None = option(None, "standard, gated: the L1 coefficients, comma-separated (larger: "
+                                         "sparser; inputs are normalised to mean norm sqrt(d_in)). Default: "
+                                         + ", ".join(f"{a} {v}" for a, v in DEFAULT_L1_COEFFICIENTS.items())
+                                         + ", each calibrated to span L0 ~16-100 on the default model and hook.")
     out: str = option("runs/sweep", "Sweep folder: results.csv, results.md, pareto.png, sweep.json and one "
                       "run folder per grid point.")
     activation_tokens: int | None = option(None, "Training activations collected from the model once and "
                                            "shared by every run (default: --tokens, or the whole corpus when "
-                                           "smaller; runs repeat them in epochs). Memory = this x d_in x 4 bytes.")
+                                           "smaller; runs repeat them in epochs). Memory = this x d_in x 4 bytes. Not with --activations: "
+                                           "a cache is read from disk as it is.")
     downstream: bool = option(True, "Also measure CE-loss and KL recovered with each SAE spliced into the "
                               "model on the held-out text (--no-downstream: reconstruction metrics only).")
 
@@ -67,6 +74,8 @@ class SweepConfig:
         if not _split(self.architectures):
             problems.append("architectures is empty")
         for name, kind in (("k", int), ("target_l0s", float), ("l1_coefficients", float)):
+            if getattr(self, name) is None:  # the per-architecture defaults
+                continue
             try:
                 values = parse_values(getattr(self, name), kind)
             except ValueError as err:
@@ -79,6 +88,11 @@ class SweepConfig:
             problems.append(f"activation_tokens must be positive (got {self.activation_tokens})")
         if problems:
             raise ValueError("invalid sweep config: " + "; ".join(problems))
+
+    def values_for(self, architecture: str) -> str:
+        """The comma-separated sparsity settings this sweep trains ``architecture`` at."""
+        given = getattr(self, SWEPT_BY[architecture][0])
+        return DEFAULT_L1_COEFFICIENTS[architecture] if given is None else given
 
 
 @dataclass
@@ -126,7 +140,7 @@ def grid(scfg: SweepConfig, base: TrainConfig) -> list[GridPoint]:
     for arch in _split(scfg.architectures):
         values_field, setting, _ = SWEPT_BY[arch]
         kind = int if setting == "k" else float
-        for value in parse_values(getattr(scfg, values_field), kind):
+        for value in parse_values(scfg.values_for(arch), kind):
             point = GridPoint(arch, setting, value, base)
             cfg = replace(base, architecture=arch, **{setting: value}, dead_latent_remedy=_remedy_for(base, arch),
                           out=str(Path(scfg.out) / point.name))
@@ -176,26 +190,51 @@ def collect_activations(source, max_rows: int, progress: bool = False) -> torch.
     return torch.cat(chunks)
 
 
+class _ModelData:
+    """A sweep's data from the model: held-out text evaluated with the model, and the training activations
+    collected once into memory (``collect``)."""
+
+    def __init__(self, cfg: TrainConfig):
+        from saelab.pipeline import lm_source, sae_metadata
+
+        self.cfg = cfg
+        self.model, tokenizer = load_model(cfg.model, cfg.device)
+        self.hook = resolve_hook(self.model, cfg.hook)
+        self.metadata = sae_metadata(cfg, self.hook.module_path)
+        eval_contexts = math.ceil(cfg.eval_tokens / cfg.context_size)
+        self.holdout = eval_contexts if cfg.eval_dataset is None else 0
+        self.source = lambda dataset, **kwargs: lm_source(cfg, self.model, tokenizer, self.hook, dataset, **kwargs)
+        self.eval_dataset = cfg.eval_dataset or cfg.dataset
+        self.held_out = self.source(self.eval_dataset, max_contexts=eval_contexts) if cfg.eval_tokens > 0 else None
+        self.eval_batches = list(self.held_out.token_batches()) if self.held_out is not None else []
+
+    def collect(self, max_rows: int) -> TensorSource:
+        t0 = time.perf_counter()
+        acts = collect_activations(self.source(self.cfg.dataset, skip_contexts=self.holdout), max_rows,
+                                   self.cfg.progress)
+        _say(f"collected {len(acts):,} activation rows of {self.cfg.dataset} once ({time.perf_counter() - t0:.1f} s, "
+             f"{acts.numel() * 4 / 2**20:,.0f} MiB); every run trains on them")
+        return TensorSource(acts)
+
+    def evaluate(self, sae, downstream: bool = True) -> dict:
+        return {**evaluate(self.model, sae, self.hook, self.eval_batches, self.held_out.keep_mask,
+                           downstream=downstream), "eval_dataset": self.eval_dataset}
+
+
 def sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool = False) -> SweepResult:
     """Train and evaluate every grid point; write results.csv, results.md, pareto.png and sweep.json."""
-    from saelab.pipeline import lm_source, sae_metadata
+    from saelab.pipeline import CachedData
 
     out = Path(scfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    points = grid(scfg, base)
+    if base.activations is not None and scfg.activation_tokens is not None:
+        raise ValueError("--activation-tokens sets how many activations to collect from the model; with "
+                         "--activations the cache is used as it is (write a smaller one with `saelab cache --tokens`)")
     torch.manual_seed(base.seed)
-    model, tokenizer = load_model(base.model, base.device)
-    hook = resolve_hook(model, base.hook)
-    eval_contexts = math.ceil(base.eval_tokens / base.context_size)
-    holdout = eval_contexts if base.eval_dataset is None else 0
-
-    def source(dataset: str, **kwargs) -> LMActivationSource:
-        return lm_source(base, model, tokenizer, hook, dataset, **kwargs)
-
-    eval_dataset = base.eval_dataset or base.dataset
-    held_out = source(eval_dataset, max_contexts=eval_contexts) if base.eval_tokens > 0 else None
-    eval_batches = list(held_out.token_batches()) if held_out is not None else []
-    acts, collect_seconds, rows, completed = None, 0.0, [], True
+    data = CachedData(base) if base.activations is not None else _ModelData(base)
+    base = data.cfg
+    points = grid(scfg, base)
+    train_source, activation_rows, collect_seconds, rows, completed = None, None, 0.0, [], True
     _say(f"sweep of {len(points)} SAEs on {base.model} {base.hook} into {out}: "
          + ", ".join(p.name for p in points))
     for index, point in enumerate(points, 1):
@@ -205,16 +244,19 @@ def sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool = False) -> Swee
             _say(f"[{index}/{len(points)}] {point.name}: reusing the finished run in {run_dir}")
             rows.append(reused)
             continue
-        if acts is None:
+        if train_source is None:
             t0 = time.perf_counter()
-            train_source = source(base.dataset, skip_contexts=holdout)
-            acts = collect_activations(train_source, scfg.activation_tokens or base.tokens, base.progress)
+            if isinstance(data, CachedData):
+                train_source, activation_rows = data.train_source, data.train_source.rows()
+                _say(f"every run trains on the {activation_rows:,} activation rows cached in {base.activations} "
+                     "(the model is not loaded)")
+            else:
+                train_source = data.collect(scfg.activation_tokens or base.tokens)
+                activation_rows = len(train_source.data)
             collect_seconds = time.perf_counter() - t0
-            _say(f"collected {len(acts):,} activation rows of {base.dataset} once ({collect_seconds:.1f} s, "
-                 f"{acts.numel() * 4 / 2**20:,.0f} MiB); every run trains on them")
         _say(f"[{index}/{len(points)}] training {point.name} ({point.label}, {point.cfg.tokens:,} tokens)")
         t0 = time.perf_counter()
-        trainer = Trainer(point.cfg, TensorSource(acts), run_dir, metadata=sae_metadata(point.cfg, hook.module_path))
+        trainer = Trainer(point.cfg, train_source, run_dir, metadata=data.metadata)
         result = trainer.run()
         plot_training_curves(run_dir / METRICS_FILE, run_dir / "training_curves.png")
         if not result.completed:
@@ -223,10 +265,7 @@ def sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool = False) -> Swee
             break
         train_dead = float((trainer.tokens_since_fired >= point.cfg.dead_window_tokens).float().mean())
         t1 = time.perf_counter()
-        metrics = {}
-        if eval_batches:
-            metrics = evaluate(model, result.sae, hook, eval_batches, held_out.keep_mask, downstream=scfg.downstream)
-            metrics["eval_dataset"] = eval_dataset
+        metrics = data.evaluate(result.sae, downstream=scfg.downstream) if base.eval_tokens > 0 else {}
         eval_seconds = time.perf_counter() - t1
         frequency = metrics.pop("firing_frequency", result.firing_frequency)
         metrics.pop("error_by_position", None)
@@ -250,7 +289,7 @@ def sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool = False) -> Swee
     plot_pareto(rows, out / "pareto.png", title=f"{base.model} {base.hook}")
     (out / "sweep.json").write_text(json.dumps({
         "sweep": asdict(scfg), "shared": {k: v for k, v in asdict(base).items() if k not in PER_RUN_FIELDS},
-        "activation_rows": None if acts is None else len(acts), "collect_seconds": collect_seconds,
+        "activation_rows": activation_rows, "collect_seconds": collect_seconds,
         "completed": completed, "rows": rows}, indent=2))
     _say(f"results in {out / 'results.md'} (and .csv); Pareto plot in {out / 'pareto.png'}")
     return SweepResult(out, rows, completed, collect_seconds)

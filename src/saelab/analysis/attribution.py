@@ -22,7 +22,7 @@ import torch
 
 from saelab.analysis.loading import Loaded, token_strings
 from saelab.analysis.logits import final_norm, logit_directions
-from saelab.models import hooked
+from saelab.models import hooked, lm_logits
 
 
 @dataclass
@@ -72,7 +72,7 @@ def attribute(loaded: Loaded, prompt: str, target: str) -> Attribution:
     handle = norm.module.register_forward_pre_hook(record_norm, with_kwargs=True)
     try:
         with hooked(loaded.model, loaded.hook, record_hook):
-            logits = loaded.model(input_ids=ids, use_cache=False).logits[0, -1].float()
+            logits = lm_logits(loaded.model, ids)[0, -1].float()
     finally:
         handle.remove()
     direction = logit_directions(loaded.model, [target_id])[0] * norm.inverse_rms(seen["final"])

@@ -15,11 +15,13 @@ import torch
 from torch import nn
 
 from saelab.analysis.loading import check_feature, token_strings
+from saelab.models.transformer_lens_backend import is_transformer_lens, tl_unembedding
 from saelab.sae import SAE
 
 FINAL_NORM_PATHS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm",
-                    "model.final_layernorm", "model.language_model.norm", "transformer.norm_f")
+                    "model.final_layernorm", "model.language_model.norm", "transformer.norm_f", "ln_final")
 GEMMA_OFFSET_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")  # these scale by 1 + weight
+TL_CENTERING_NORMS = ("LayerNorm", "LayerNormPre")  # TransformerLens's LayerNorms (not nn.LayerNorm); weight "w"
 
 
 @dataclass
@@ -51,12 +53,13 @@ def final_norm(model: nn.Module) -> FinalNorm:
             module = model.get_submodule(path)
         except AttributeError:
             continue
-        weight = getattr(module, "weight", None)
-        d = model.get_output_embeddings().weight.shape[1]
+        weight = getattr(module, "weight", getattr(module, "w", None))
+        d = unembedding(model).shape[1]
         scale = torch.ones(d) if weight is None else weight.detach().float().cpu()
         if type(module).__name__ in GEMMA_OFFSET_NORMS:
             scale = 1.0 + scale
-        centers = isinstance(module, nn.LayerNorm)
+        centers = isinstance(module, nn.LayerNorm) or (is_transformer_lens(model) and
+                                                       type(module).__name__ in TL_CENTERING_NORMS)
         eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
         return FinalNorm(module, scale.to(_device(model)), centers, eps)
     raise ValueError(f"cannot find the final norm of {type(model).__name__} (looked at {', '.join(FINAL_NORM_PATHS)})")
@@ -64,6 +67,8 @@ def final_norm(model: nn.Module) -> FinalNorm:
 
 def unembedding(model: nn.Module) -> torch.Tensor:
     """``[vocab, d_model]``: row t maps the normed residual stream to token t's logit."""
+    if is_transformer_lens(model):
+        return tl_unembedding(model)
     head = model.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embedding (unembedding) to read logits from")
@@ -91,27 +96,42 @@ class LogitEffects:
 
 
 @torch.no_grad()
+def logit_effect_rows(model: nn.Module, sae: SAE, features: list[int]) -> torch.Tensor:
+    """``[len(features), vocab]``: each feature's logit change per unit of activation on every token, its decoder
+    direction taken through the linearised final norm and the unembedding (1/RMS factor left out)."""
+    for feature in features:
+        check_feature(sae, feature)
+    norm = final_norm(model)
+    directions = sae.W_dec[list(features)].detach().float().to(_device(model))
+    if directions.shape[1] != norm.scale.shape[0]:
+        raise ValueError(f"the SAE's d_in ({directions.shape[1]}) is not the model's width ({norm.scale.shape[0]}): "
+                         "logit effects need an SAE on a residual-stream-sized hook of this model")
+    return norm.linear(directions) @ unembedding(model).T
+
+
+@torch.no_grad()
 def logit_effects(model: nn.Module, tokenizer, sae: SAE, feature: int, n: int = 10) -> LogitEffects:
     """The ``n`` tokens whose logits ``W_dec[feature]`` raises most and lowers most, through the linearised
     final norm and the unembedding (values: logit change per unit of activation, 1/RMS factor left out)."""
     check_feature(sae, feature)
+    return top_logit_effects([feature], logit_effect_rows(model, sae, [feature]), tokenizer, n)[0]
+
+
+def top_logit_effects(features: list[int], effects: torch.Tensor, tokenizer, n: int = 10) -> list[LogitEffects]:
+    """Per feature, the ``n`` largest and ``n`` smallest of its row of ``[len(features), vocab]`` logit effects,
+    with their tokens."""
     if n <= 0:
         raise ValueError(f"the number of tokens to show must be positive, got {n}")
-    norm = final_norm(model)
-    direction = sae.W_dec[feature].detach().float().to(_device(model))
-    if direction.shape[0] != norm.scale.shape[0]:
-        raise ValueError(f"the SAE's d_in ({direction.shape[0]}) is not the model's width ({norm.scale.shape[0]}): "
-                         "logit effects need an SAE on a residual-stream-sized hook of this model")
-    effects = unembedding(model) @ norm.linear(direction)
-    n = min(n, effects.shape[0])
-    top = effects.topk(n)
-    bottom = (-effects).topk(n)
+    n = min(n, effects.shape[1])
+    top = effects.topk(n, dim=1)
+    bottom = effects.topk(n, dim=1, largest=False)
 
     def listed(ids, values):
         ids = ids.tolist()
         return list(zip(ids, token_strings(tokenizer, ids), values.tolist()))
 
-    return LogitEffects(feature, listed(top.indices, top.values), listed(bottom.indices, -bottom.values))
+    return [LogitEffects(feature, listed(top.indices[i], top.values[i]), listed(bottom.indices[i], bottom.values[i]))
+            for i, feature in enumerate(features)]
 
 
 def format_logit_effects(effects: LogitEffects) -> str:

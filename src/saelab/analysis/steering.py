@@ -19,7 +19,7 @@ import torch
 
 from saelab.analysis.loading import Loaded, check_feature
 from saelab.evals.metrics import splice
-from saelab.models import hooked
+from saelab.models import hooked, is_transformer_lens, lm_logits
 
 
 @torch.no_grad()
@@ -27,6 +27,8 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_tok
     """The ``max_new_tokens`` most likely next tokens, one at a time (KV cache; stops after EOS)."""
     if max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must not be negative, got {max_new_tokens}")
+    if is_transformer_lens(model):
+        return _greedy_generate_uncached(model, input_ids, max_new_tokens, eos_token_id)
     out: list[int] = []
     past: dict = {}
     # transformers 5.x names the KV cache ``cache``; 4.x ``past_key_values``.
@@ -41,6 +43,19 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_tok
         if eos_token_id is not None and token == eos_token_id:
             break
         step_input = torch.tensor([[token]], device=input_ids.device)
+    return out
+
+
+def _greedy_generate_uncached(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+    """Greedy generation re-running the whole sequence each step (TransformerLens models: no HF KV cache)."""
+    out: list[int] = []
+    ids = input_ids
+    for _ in range(max_new_tokens):
+        token = int(lm_logits(model, ids)[0, -1].float().argmax())
+        out.append(token)
+        if eos_token_id is not None and token == eos_token_id:
+            break
+        ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
     return out
 
 

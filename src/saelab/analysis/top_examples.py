@@ -100,9 +100,10 @@ class TopExamplesCollector:
             self.tokens_seen += int(keep.sum())
         else:
             self.tokens_seen += batch * seq
-        active = feats > 0
-        self.count += active.sum((0, 1))
-        self.sum += feats.sum((0, 1), dtype=torch.float64)
+        # Summed in float32 within a batch (exact for counts; sums of <= batch * seq terms), then accumulated in
+        # int64 / float64: summing a bool or a float64 copy of the whole batch is several times slower.
+        self.count += (feats > 0).float().sum((0, 1)).long()
+        self.sum += feats.sum((0, 1)).double()
         self.max = torch.maximum(self.max, feats.amax((0, 1)))
 
         # This batch's top candidates per feature: [k, d_sae] over the batch's batch*seq positions.
@@ -110,28 +111,24 @@ class TopExamplesCollector:
         k = min(self.n_top, batch * seq)
         cand_values, cand_flat = flat.topk(k, dim=0)                      # [k, d_sae]
         cand_values = cand_values.masked_fill(cand_values <= 0, -math.inf)  # not active: no example
+        # Only features with a candidate above their N-th best change; merging just those keeps the stored
+        # windows from being copied every batch (after the first batches, most features are done).
+        rows = (cand_values[0] > self.values[:, -1]).nonzero().squeeze(1)
+        cand_values, cand_flat = cand_values[:, rows], cand_flat[:, rows]
         cand_b, cand_p = cand_flat // seq, cand_flat % seq
-        # The window around each candidate: [k, d_sae, width], read from the padded batch.
-        offsets = torch.arange(-self.window, self.window + 1)
-        where = cand_p[..., None] + offsets                                # [k, d_sae, width]
-        inside = (where >= 0) & (where < seq)
-        where_padded = where.clamp(0, seq - 1)
-        b = cand_b[..., None].expand_as(where)
-        win_tokens = tokens[b, where_padded].masked_fill(~inside, -1)
-        feature_ids = torch.arange(self.d_sae)[None, :, None].expand_as(where)
-        win_acts = feats[b, where_padded, feature_ids].masked_fill(~inside, 0.0)
+        # The window around each candidate: [k, rows, width].
+        win_tokens, win_acts = windows_at(feats, tokens, cand_b, cand_p, rows.expand_as(cand_b), self.window)
 
-        # Merge with the running top-N: [d_sae, N + k] -> [d_sae, N]. Earlier examples win ties.
-        values = torch.cat([self.values, cand_values.T], 1)
+        # Merge with the running top-N: [rows, N + k] -> [rows, N]. Earlier examples win ties.
+        values = torch.cat([self.values[rows], cand_values.T], 1)
         order = _stable_top(values, self.n_top)
-        self.values = values.gather(1, order)
-        self.context = torch.cat([self.context, (cand_b + self.contexts_seen).T], 1).gather(1, order)
-        self.position = torch.cat([self.position, cand_p.T], 1).gather(1, order)
-        width = offsets.numel()
-        self.window_tokens = torch.cat([self.window_tokens, win_tokens.transpose(0, 1)], 1).gather(
-            1, order[..., None].expand(-1, -1, width))
-        self.window_acts = torch.cat([self.window_acts, win_acts.transpose(0, 1)], 1).gather(
-            1, order[..., None].expand(-1, -1, width))
+        self.values[rows] = values.gather(1, order)
+        self.context[rows] = torch.cat([self.context[rows], (cand_b + self.contexts_seen).T], 1).gather(1, order)
+        self.position[rows] = torch.cat([self.position[rows], cand_p.T], 1).gather(1, order)
+        windows = order[..., None].expand(-1, -1, 2 * self.window + 1)
+        self.window_tokens[rows] = torch.cat([self.window_tokens[rows], win_tokens.transpose(0, 1)], 1).gather(
+            1, windows)
+        self.window_acts[rows] = torch.cat([self.window_acts[rows], win_acts.transpose(0, 1)], 1).gather(1, windows)
         self.contexts_seen += batch
 
     def summary(self, feature: int) -> FeatureSummary:
@@ -142,12 +139,8 @@ class TopExamplesCollector:
             value = float(self.values[feature, j])
             if not value > 0:
                 break
-            tokens = self.window_tokens[feature, j]
-            inside = tokens >= 0
-            start = int(self.position[feature, j]) - self.window + int(inside.long().argmax())
-            examples.append(Example(context=int(self.context[feature, j]), position=int(self.position[feature, j]),
-                                    activation=value, tokens=tokens[inside].tolist(),
-                                    activations=self.window_acts[feature, j][inside].tolist(), window_start=start))
+            examples.append(window_example(int(self.context[feature, j]), int(self.position[feature, j]), value,
+                                           self.window_tokens[feature, j], self.window_acts[feature, j]))
         count = int(self.count[feature])
         return FeatureSummary(feature=feature, count=count, frequency=count / max(self.tokens_seen, 1),
                               mean_when_active=float(self.sum[feature]) / count if count else 0.0,
@@ -155,6 +148,28 @@ class TopExamplesCollector:
 
     def summaries(self) -> list[FeatureSummary]:
         return [self.summary(f) for f in range(self.d_sae)]
+
+
+def windows_at(feats: torch.Tensor, tokens: torch.Tensor, b: torch.Tensor, p: torch.Tensor, f: torch.Tensor,
+               window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``[..., 2 * window + 1]`` around positions ``(b, p)`` of ``tokens`` ``[batch, seq]``, and feature
+    ``f``'s activation on each (``feats`` ``[batch, seq, d_sae]``); -1 and 0 where the window leaves the context."""
+    seq = tokens.shape[1]
+    where = p[..., None] + torch.arange(-window, window + 1)
+    inside = (where >= 0) & (where < seq)
+    where = where.clamp(0, seq - 1)
+    b, f = b[..., None].expand_as(where), f[..., None].expand_as(where)
+    return tokens[b, where].masked_fill(~inside, -1), feats[b, where, f].masked_fill(~inside, 0.0)
+
+
+def window_example(context: int, position: int, activation: float, window_tokens: torch.Tensor,
+                   window_acts: torch.Tensor) -> Example:
+    """An ``Example`` from a stored window (token -1 where the window left the context, dropped here)."""
+    inside = window_tokens >= 0
+    window = (window_tokens.numel() - 1) // 2
+    start = position - window + int(inside.long().argmax())
+    return Example(context=context, position=position, activation=activation, tokens=window_tokens[inside].tolist(),
+                   activations=window_acts[inside].tolist(), window_start=start)
 
 
 def _stable_top(values: torch.Tensor, n: int) -> torch.Tensor:
@@ -173,6 +188,21 @@ def collect_from_batches(sae: SAE, batches: Iterable[tuple[torch.Tensor, torch.T
     return collector
 
 
+def corpus_source(loaded: Loaded, dataset: str, tokens: int, context_size: int | None = None,
+                  batch_contexts: int = 8, split: str = "train", text_column: str | None = None,
+                  include_special_tokens: bool = False) -> LMActivationSource:
+    """The first ``tokens`` tokens of ``dataset`` (rounded up to whole contexts), packed as the SAE was trained:
+    metadata context size (unless given) and BOS convention; special tokens masked unless included."""
+    context_size = int(context_size or loaded.sae.cfg.metadata.get("context_size") or 128)
+    if tokens <= 0 or batch_contexts <= 0 or context_size <= 1:
+        raise ValueError(f"tokens and batch_contexts must be positive and context_size at least 2 (got "
+                         f"tokens={tokens}, batch_contexts={batch_contexts}, context_size={context_size})")
+    return LMActivationSource(loaded.model, loaded.tokenizer, loaded.hook, dataset,
+                              Packing(context_size, loaded.prepend_bos), split=split, text_column=text_column,
+                              batch_contexts=batch_contexts, exclude_special_tokens=not include_special_tokens,
+                              max_contexts=math.ceil(tokens / context_size))
+
+
 @torch.no_grad()
 def collect_top_examples(loaded: Loaded, dataset: str = "python-docs", tokens: int = 65536, n_top: int = 20,
                          window: int = 8, context_size: int | None = None, batch_contexts: int = 8,
@@ -180,15 +210,9 @@ def collect_top_examples(loaded: Loaded, dataset: str = "python-docs", tokens: i
                          include_special_tokens: bool = False, progress: bool = False) -> TopExamplesCollector:
     """One pass of the model over the first ``tokens`` tokens of ``dataset`` (packed as the SAE was trained:
     metadata context size and BOS convention), collecting every feature's statistics and top examples."""
-    meta = loaded.sae.cfg.metadata
-    context_size = int(context_size or meta.get("context_size") or 128)
-    if tokens <= 0 or batch_contexts <= 0 or context_size <= 1:
-        raise ValueError(f"tokens and batch_contexts must be positive and context_size at least 2 (got "
-                         f"tokens={tokens}, batch_contexts={batch_contexts}, context_size={context_size})")
-    source = LMActivationSource(loaded.model, loaded.tokenizer, loaded.hook, dataset,
-                                Packing(context_size, loaded.prepend_bos), split=split, text_column=text_column,
-                                batch_contexts=batch_contexts, exclude_special_tokens=not include_special_tokens,
-                                max_contexts=math.ceil(tokens / context_size))
+    source = corpus_source(loaded, dataset, tokens, context_size, batch_contexts, split, text_column,
+                           include_special_tokens)
+    context_size = source.packing.context_size
     collector = TopExamplesCollector(loaded.sae.cfg.d_sae, n_top, window, sae=loaded.sae)
     batches = source.token_batches()
     if progress:

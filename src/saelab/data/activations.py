@@ -8,7 +8,10 @@ at any unit index, deterministically. That is what makes resume exact: the buffe
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from itertools import islice
 from typing import Protocol
@@ -20,6 +23,8 @@ from saelab.data.text import iter_documents
 from saelab.data.tokens import Packing, context_batches, pack_contexts, special_ids
 from saelab.models.hooks import HookPoint, capture
 
+PREFETCH_BATCHES = 4  # token batches the tokenizer thread may run ahead of the model
+
 
 class ActivationSource(Protocol):
     d_in: int
@@ -30,12 +35,18 @@ class ActivationSource(Protocol):
 
 
 class LMActivationSource:
-    """Activations of one hook point of a language model, over packed contexts of a text source."""
+    """Activations of one or more hook points of a language model, over packed contexts of a text source.
 
-    def __init__(self, model, tokenizer, hook: HookPoint, dataset: str, packing: Packing, *,
+    With several hooks, one forward pass (stopped after the deepest of them) gives all of them, and a unit
+    holds their columns side by side in the order given: ``columns[name]`` is each hook's slice, ``d_in``
+    their total width. The tokenizer runs ahead of the model in a background thread.
+    """
+
+    def __init__(self, model, tokenizer, hook: HookPoint | Sequence[HookPoint], dataset: str, packing: Packing, *,
                  split: str = "train", text_column: str | None = None, batch_contexts: int = 16,
                  exclude_special_tokens: bool = True, skip_contexts: int = 0, max_contexts: int | None = None):
-        self.model, self.tokenizer, self.hook = model, tokenizer, hook
+        self.hooks = [hook] if isinstance(hook, HookPoint) else list({h.name: h for h in hook}.values())
+        self.model, self.tokenizer, self.hook = model, tokenizer, self.hooks[0]
         self.dataset, self.split, self.text_column, self.packing = dataset, split, text_column, packing
         self.batch_contexts = batch_contexts
         self.exclude_special_tokens = exclude_special_tokens
@@ -43,17 +54,27 @@ class LMActivationSource:
         self._special = special_ids(tokenizer)
         self.device = next(model.parameters()).device
         probe = torch.tensor([[self._special[0].item()] * 4])
-        self.d_in = capture(model, probe.to(self.device), [hook])[hook.name].shape[-1]
+        captured = capture(model, probe.to(self.device), self.hooks)
+        self.columns: dict[str, slice] = {}
+        offset = 0
+        for h in self.hooks:
+            width = captured[h.name].shape[-1]
+            self.columns[h.name] = slice(offset, offset + width)
+            offset += width
+        self.d_in = offset
 
     def token_batches(self, start: int = 0) -> Iterator[torch.Tensor]:
         """``[batch_contexts, context_size]`` token ids, beginning at unit ``start``."""
-        contexts = pack_contexts(iter_documents(self.dataset, self.split, self.text_column), self.tokenizer,
-                                 self.packing)
         first = self.skip_contexts + start * self.batch_contexts
         last = None if self.max_contexts is None else self.skip_contexts + self.max_contexts
         if last is not None and first >= last:
             return
-        yield from context_batches(islice(contexts, first, last), self.batch_contexts)
+
+        def batches() -> Iterator[torch.Tensor]:
+            contexts = pack_contexts(iter_documents(self.dataset, self.split, self.text_column), self.tokenizer,
+                                     self.packing)
+            yield from context_batches(islice(contexts, first, last), self.batch_contexts)
+        yield from prefetched(batches(), PREFETCH_BATCHES)
 
     def keep_mask(self, tokens: torch.Tensor) -> torch.Tensor:
         """Positions whose activations are used: all, or all but special tokens (BOS is an attention sink)."""
@@ -62,9 +83,59 @@ class LMActivationSource:
         return ~torch.isin(tokens, self._special)
 
     def units(self, start: int) -> Iterator[torch.Tensor]:
+        on_gpu = self.device.type == "cuda"
+        # bf16 autocast on a GPU (on a CPU bf16 matmuls are far slower than fp32).
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else nullcontext()
         for tokens in self.token_batches(start):
-            acts = capture(self.model, tokens.to(self.device), [self.hook])[self.hook.name]
-            yield acts[self.keep_mask(tokens).to(acts.device)].float().cpu()
+            with autocast:
+                captured = capture(self.model, tokens.pin_memory().to(self.device, non_blocking=True) if on_gpu
+                                   else tokens, self.hooks)
+            keep = self.keep_mask(tokens).to(self.device)
+            acts = [captured[h.name][keep] for h in self.hooks]
+            yield (acts[0] if len(acts) == 1 else torch.cat(acts, dim=-1)).float().cpu()
+
+
+def prefetched(items: Iterable, depth: int) -> Iterator:
+    """The items of ``items``, in order, produced by a background thread up to ``depth`` ahead (the
+    tokenizer's Rust code releases the GIL, so it overlaps the model). Its exceptions reach the consumer;
+    closing the generator stops the thread."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put((end, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            slots.put((end, err))
+
+    thread = threading.Thread(target=produce, daemon=True, name="saelab-tokenizer")
+    thread.start()
+    try:
+        while True:
+            item, err = slots.get()
+            if err is not None:
+                raise err
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # let it finish its current item; it then sees the stop
+            try:
+                slots.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()
 
 
 class TensorSource:
@@ -91,15 +162,17 @@ class ActivationBuffer:
 
     Memory is bounded by one block (``buffer_tokens * d_in * 4`` bytes). When the whole source fits in
     one block it is computed once and reshuffled for every later epoch, so a small corpus can be trained
-    on for many epochs at the cost of a single forward pass over it.
+    on for many epochs at the cost of a single forward pass over it. Blocks are kept on ``device`` (the
+    training device): on a GPU a block crosses from pinned memory once, not batch by batch.
     """
 
     def __init__(self, source: ActivationSource, buffer_tokens: int, batch_size: int, seed: int,
-                 progress: bool = False):
+                 progress: bool = False, device: str | torch.device | None = None):
         if buffer_tokens < batch_size:
             raise ValueError(f"buffer_tokens ({buffer_tokens}) must be at least batch_size ({batch_size})")
         self.source, self.buffer_tokens, self.batch_size, self.seed = source, buffer_tokens, batch_size, seed
         self.progress = progress
+        self.device = torch.device(device or "cpu")
         self.position = BufferPosition()
         self._resident: torch.Tensor | None = None  # the whole source, when it fits in one block
         self._block: torch.Tensor | None = None
@@ -117,7 +190,7 @@ class ActivationBuffer:
         while True:
             if self._block is None:
                 self._block, self._next = self._fill(self.position.epoch, self.position.unit)
-            order = torch.randperm(len(self._block), generator=self._block_generator())
+            order = torch.randperm(len(self._block), generator=self._block_generator()).to(self.device)
             n_batches = len(self._block) // self.batch_size
             if n_batches == 0:
                 raise ValueError(f"the activation source gave {len(self._block)} tokens, fewer than one batch "
@@ -160,9 +233,14 @@ class ActivationBuffer:
             if not rows:
                 raise ValueError("the activation source is empty: the dataset gave no tokens "
                                  "(check the dataset path, split and text column)")
-            block = torch.cat(rows)
+            block = self._placed(torch.cat(rows))
             if unit == 0:
                 self._resident = block
             return block, (epoch + 1, 0)
         bar.close()
-        return torch.cat(rows), (epoch, next_unit)
+        return self._placed(torch.cat(rows)), (epoch, next_unit)
+
+    def _placed(self, block: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return block.pin_memory().to(self.device, non_blocking=True)
+        return block.to(self.device)

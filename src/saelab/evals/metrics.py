@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from saelab.models.hooks import HookNameError, HookPoint, capture, hooked, resolve_hook
+from saelab.models.transformer_lens_backend import lm_logits
 from saelab.sae import SAE
 
 DENSE_THRESHOLD = 0.1  # a latent active on more than 10% of tokens counts as dense
@@ -140,14 +141,24 @@ def evaluate(model, sae: SAE, hook: HookPoint | str | None, token_batches: Itera
             continue
         captured = {}
         with hooked(model, hook, lambda act: captured.__setitem__("act", act.detach())):
-            clean_logits = model(input_ids=tokens, use_cache=False).logits
+            clean_logits = lm_logits(model, tokens)
         _add_reconstruction(totals, sae, captured["act"], keep)
         with splice(model, sae, hook, keep):
-            sae_logits = model(input_ids=tokens, use_cache=False).logits
+            sae_logits = lm_logits(model, tokens)
         with zero_ablate(model, hook, keep):
-            zero_logits = model(input_ids=tokens, use_cache=False).logits
+            zero_logits = lm_logits(model, tokens)
         _add_downstream(totals, tokens, keep, clean_logits, sae_logits, zero_logits)
     return _summarise(totals, downstream)
+
+
+@torch.no_grad()
+def evaluate_activations(sae: SAE, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """The reconstruction metrics of ``evaluate`` (no CE/KL) over activations already computed, e.g. read
+    from an activation cache: ``(act [batch, seq, d_in], keep [batch, seq])`` pairs."""
+    totals = _Totals(sae.cfg.d_in, sae.cfg.d_sae)
+    for act, keep in batches:
+        _add_reconstruction(totals, sae, act, keep)
+    return _summarise(totals, downstream=False)
 
 
 def _add_reconstruction(totals: _Totals, sae: SAE, act: torch.Tensor, keep: torch.Tensor) -> None:

@@ -99,7 +99,7 @@ def summary_markdown(metrics: dict, info: dict) -> str:
                  ("hook", "hook"),
                  ("dataset", "dataset"), ("split", "dataset_split"), ("context size", "context_size"),
                  ("tokens requested", "tokens_requested"), ("contexts", "contexts"),
-                 ("special tokens", "special_tokens"), ("device", "device")]
+                 ("special tokens", "special_tokens"), ("device", "device"), ("Neuronpedia", "neuronpedia")]
     info = {**info, "shape": f"{info['d_in']} -> {info['d_sae']}" if "d_in" in info and "d_sae" in info else None}
     for label, key in described:
         if info.get(key) is not None:

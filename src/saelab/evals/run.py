@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from saelab.analysis.neuronpedia import neuronpedia_url
 from saelab.data.activations import LMActivationSource
 from saelab.data.text import BUILTIN_CORPORA, describe_source
 from saelab.data.tokens import Packing
@@ -113,6 +114,8 @@ def run_eval(cfg: EvalConfig, progress: bool = False, say=None) -> EvalResult:
         "contexts": seen["contexts"],
         "special_tokens": "included" if cfg.include_special_tokens else "excluded",
         "downstream": cfg.downstream, "device": str(model_device),
+        "neuronpedia": neuronpedia_url(sae.cfg.metadata["neuronpedia_id"])
+        if sae.cfg.metadata.get("neuronpedia_id") else None,
     }
     report_dir = Path(cfg.out).expanduser() if cfg.out else default_report_dir(folder, cfg.dataset)
     files = write_report(report_dir, metrics, info)

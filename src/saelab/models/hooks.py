@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from saelab.models.transformer_lens_backend import (is_transformer_lens, lm_forward, tl_has_hook, tl_hook_layer,
+                                                    tl_hook_names)
+
 # Where each family keeps its list of transformer blocks.
 BLOCK_LIST_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
                     "transformer.layers", "model.language_model.layers")
@@ -53,11 +56,18 @@ def block_list_path(model: nn.Module) -> str:
 
 
 def n_layers(model: nn.Module) -> int:
+    if is_transformer_lens(model):
+        return model.cfg.n_layers
     return len(_get_module(model, block_list_path(model)))
 
 
 def resolve_hook(model: nn.Module, name: str) -> HookPoint:
     """Turn a TransformerLens-style name or a module path into a HookPoint; unknown names raise."""
+    if is_transformer_lens(model):  # its hook points are modules named by the hook name
+        if tl_has_hook(model, name):
+            return HookPoint(name=name, module_path=name)
+        raise HookNameError(f"unknown hook point {name!r} for TransformerLens model {type(model).__name__}; "
+                            f"it has {', '.join(tl_hook_names(model)[:12])} ... (model.hook_dict lists them all)")
     match = _TL_NAME.match(name)
     if match:
         layer, kind = int(match.group(1)), match.group(2)
@@ -73,6 +83,8 @@ def resolve_hook(model: nn.Module, name: str) -> HookPoint:
 
 def hook_names(model: nn.Module) -> list[str]:
     """Every TransformerLens-style name this model supports."""
+    if is_transformer_lens(model):
+        return tl_hook_names(model)
     names = []
     for layer in range(n_layers(model)):
         for kind in TL_KINDS:
@@ -83,6 +95,8 @@ def hook_names(model: nn.Module) -> list[str]:
 
 def hook_layer(model: nn.Module, hook: HookPoint) -> int | None:
     """The block index a hook sits in, or None when it sits outside the blocks."""
+    if is_transformer_lens(model):
+        return tl_hook_layer(hook.name)
     prefix = block_list_path(model) + "."
     if hook.module_path.startswith(prefix):
         return int(hook.module_path[len(prefix):].split(".")[0])
@@ -220,7 +234,7 @@ def capture(model: nn.Module, input_ids: torch.Tensor, hooks: list[HookPoint],
 
     with _all_hooked(model, [(h, recorder(h.name)) for h in wanted]):
         try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            lm_forward(model, input_ids, attention_mask)
         except StopForward:
             pass
     missing = [h.name for h in hooks if h.name not in captured]

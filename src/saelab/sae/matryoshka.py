@@ -63,12 +63,12 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         super().__init__(replace(cfg, matryoshka_widths=widths))
 
     def training_forward(self, x: torch.Tensor, info: TrainStepInfo) -> TrainOutput:
-        values, indices = self._encode_sparse(x)
+        values, indices = self._encode_sparse(x, info.data_parallel)
         parts, loss = {}, 0.0
         for width in self.cfg.matryoshka_widths:
             kept = values if width == self.cfg.d_sae else values * (indices < width)
             x_hat = sparse_decode(indices, kept, self.W_dec) + self.b_dec
-            parts[f"mse_{width}"] = normalized_error(x_hat - x, x)
+            parts[f"mse_{width}"] = normalized_error(x_hat - x, x, info.data_parallel)
             loss = loss + parts[f"mse_{width}"]
         parts["mse"] = parts[f"mse_{self.cfg.d_sae}"]  # x_hat is now the whole dictionary's reconstruction
         loss = loss + self._auxk_term(x, x_hat, info, parts)

@@ -71,6 +71,13 @@ class SparseDecode(torch.autograd.Function):
         return None, grad_values, grad_W_dec
 
 
+def count_fired(indices: torch.Tensor, values: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """Tokens on which each latent is non-zero, ``[d_sae]``. A scatter-add: unlike ``bincount`` or boolean
+    indexing it has a fixed output size, so on a GPU it does not wait for the device."""
+    counts = torch.zeros(d_sae, dtype=torch.long, device=indices.device)
+    return counts.index_add_(0, indices.reshape(-1), (values > 0).reshape(-1).long())
+
+
 def topk_encode(x, W_enc, b_enc, b_dec, k: int, subtract_b_dec: bool = True):
     """Returns ``(values, indices)`` ([batch, k] each); gradients reach W_enc, b_enc and b_dec (not x)."""
     return TopKEncode.apply(x, W_enc, b_enc, b_dec, k, subtract_b_dec)

@@ -23,9 +23,10 @@ class StandardSAE(SAE):
         per_token_error = (x_hat - x).pow(2).sum(-1)
         loss = per_token_error.mean() + info.sparsity_coefficient * l1
         parts = {"mse": mse, "l1": l1}
-        if info.ghost_grads and info.dead_mask is not None and bool(info.dead_mask.any()):
+        dead = info.dead() if info.ghost_grads else None
+        if dead is not None:
             sae_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
             parts["ghost_grads"] = ghost_grads_loss(sae_in, self.W_enc, self.b_enc, self.W_dec, x - x_hat,
-                                                    info.dead_mask, per_token_error)
+                                                    dead, per_token_error)
             loss = loss + parts["ghost_grads"]
         return TrainOutput(loss=loss, x_hat=x_hat, fired=(f > 0).sum(0), parts=parts)

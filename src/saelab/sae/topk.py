@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from saelab.sae.base import SAE, TrainOutput, TrainStepInfo, normalized_error
-from saelab.sae.sparse import sparse_decode, topk_encode
+from saelab.sae.sparse import count_fired, sparse_decode, topk_encode
 
 
 class TopKSAE(SAE):
@@ -26,24 +26,25 @@ class TopKSAE(SAE):
         # Only k of d_sae codes are non-zero: gradients and decoding touch only those.
         values, indices = topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, self.cfg.apply_b_dec_to_input)
         x_hat = sparse_decode(indices, values, self.W_dec) + self.b_dec
-        mse = normalized_error(x_hat - x, x)
+        mse = normalized_error(x_hat - x, x, info.data_parallel)
         parts = {"mse": mse}
         loss = mse
-        if info.dead_mask is not None and info.aux_coefficient > 0 and bool(info.dead_mask.any()):
-            parts["auxk"] = self._auxk_loss(x, (x - x_hat).detach(), info)
+        dead = info.dead() if info.aux_coefficient > 0 else None
+        if dead is not None:
+            parts["auxk"] = self._auxk_loss(x, (x - x_hat).detach(), dead, info.aux_k, info.data_parallel)
             loss = loss + info.aux_coefficient * parts["auxk"]
-        fired = torch.bincount(indices[values > 0], minlength=self.cfg.d_sae)
+        fired = count_fired(indices, values, self.cfg.d_sae)
         return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, parts=parts)
 
-    def _auxk_loss(self, x: torch.Tensor, residual: torch.Tensor, info: TrainStepInfo) -> torch.Tensor:
+    def _auxk_loss(self, x: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, aux_k: int,
+                   data_parallel=None) -> torch.Tensor:
         """The dead latents' top pre-activations reconstruct what the live ones missed (normalised MSE)."""
-        dead = info.dead_mask.nonzero().squeeze(1)
-        k_aux = min(info.aux_k, len(dead))
+        k_aux = min(aux_k, len(dead))
         sae_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
         dead_pre = torch.addmm(self.b_enc[dead], sae_in, self.W_enc[:, dead])
         values, positions = dead_pre.topk(k_aux, dim=-1, sorted=False)
         residual_hat = sparse_decode(dead[positions], values.relu(), self.W_dec)
-        return normalized_error(residual_hat - residual, residual)
+        return normalized_error(residual_hat - residual, residual, data_parallel)
 
     @torch.no_grad()
     def constrain_gradients(self) -> None:

@@ -31,6 +31,11 @@ class TrainConfig:
     exclude_special_tokens: bool = option(True, "Leave BOS/EOS/pad positions out of training and "
                                           "reconstruction metrics (their activations are huge outliers).")
     lm_batch_size: int = option(16, "Contexts per language-model forward pass.")
+    activations: str | None = option(None, "Train on an activation cache written by `saelab cache` (its folder) "
+                                     "instead of running the model: --hook picks one of its hooks (default: its "
+                                     "only one); model, text and packing come from the cache. The final "
+                                     "evaluation holds out its last --eval-tokens tokens (reconstruction "
+                                     "metrics); only --eval-dataset loads the model, for CE/KL too.")
     # --- the SAE ----------------------------------------------------------------------------------
     architecture: str = option("topk", "SAE architecture: topk, batchtopk (k on average over the batch; "
                                "saved as jumprelu), matryoshka_batchtopk (alias matryoshka; nested BatchTopK "
@@ -56,11 +61,13 @@ class TrainConfig:
                                        "at unit mean squared norm, as in Gemma Scope, is ~0.05 here for d_in "
                                        "~2300).")
     jumprelu_init_threshold: float = option(0.5, "jumprelu: initial threshold of every latent, in the same "
-                                            "units. The log-threshold is learned and Adam moves it by about "
-                                            "lr per step, so start near the expected final value.")
-    threshold_ema_rate: float = option(0.01, "batchtopk, matryoshka_batchtopk: per-step rate of the moving "
+                                            "units. The log-thresholds are learned 10x faster than the other "
+                                            "weights (up to ~10 * lr per step), so they can travel an order of "
+                                            "magnitude in a few hundred steps.")
+    threshold_ema_rate: float = option(0.1, "batchtopk, matryoshka_batchtopk: per-step rate of the moving "
                                        "average of the smallest selected activation, the saved JumpReLU "
-                                       "threshold.")
+                                       "threshold. It must follow the encoder to the end of training: a slow "
+                                       "average (0.01) lags behind and fires fewer than k latents.")
     matryoshka_widths: str | None = option(None, "matryoshka_batchtopk: nested prefix widths, strictly "
                                            "increasing: latent counts (128,512,4608) or fractions of d_sae "
                                            "(1/16,0.25,1); d_sae is added as the last (default "
@@ -97,7 +104,13 @@ class TrainConfig:
     buffer_tokens: int = option(524_288, "Activations held and shuffled at once; memory = buffer_tokens * "
                                 "d_in * 4 bytes. A corpus that fits is computed once and reused each epoch.")
     seed: int = option(0, "Random seed: the same seed and config give the same SAE.")
-    device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda when available).")
+    device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda when available; under torchrun "
+                                "each process takes GPU LOCAL_RANK).")
+    distribute: str = option("batch", "Under torchrun (`torchrun --nproc_per_node N -m saelab train ...`): "
+                             "batch = every process trains every SAE on its 1/N share of each batch (data "
+                             "parallel, the same SAEs as one process); saes = with several SAEs (a --hook list), "
+                             "each process trains its share of them (round-robin) on whole batches, running the "
+                             "model only to its own deepest hook.", choices=("batch", "saes"))
     # --- output -----------------------------------------------------------------------------------
     out: str = option("runs/demo", "Run folder: checkpoint, metrics.jsonl, training_curves.png, final/ SAE.")
     checkpoint_every_tokens: int = option(300_000, "Write a resumable checkpoint this often (and on Ctrl-C).")
@@ -106,6 +119,14 @@ class TrainConfig:
                                       "eval_tokens of --dataset, which training then skips).")
     eval_tokens: int = option(8192, "Tokens of held-out text for the final evaluation (0: skip it).")
     progress: bool = option(True, "Show progress bars.")
+    # --- experiment tracking ----------------------------------------------------------------------
+    wandb: bool = option(False, "Log to Weights & Biases as well: every metrics.jsonl record, a histogram of "
+                         "log10 firing frequencies each dead window, the final evaluation and the final SAE "
+                         "as a model artifact (pip install 'saelab[wandb]'; WANDB_MODE=offline logs to local "
+                         "files; --resume continues the same W&B run).")
+    wandb_project: str = option("saelab", "W&B project to log to.")
+    wandb_entity: str | None = option(None, "W&B entity (user or team) to log to (default: your default entity).")
+    wandb_run_name: str | None = option(None, "W&B run name (default: the name of the --out folder).")
 
     def __post_init__(self):
         if self.architecture == "matryoshka":

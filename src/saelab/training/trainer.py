@@ -11,15 +11,20 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from tqdm.auto import tqdm
 
 from saelab.data.activations import ActivationBuffer, ActivationSource
 from saelab.sae import SAE, SAEConfig, TrainStepInfo, create_sae
+from saelab.sae.base import normalized_error
 from saelab.training.config import TOPK_FAMILY, TrainConfig
+from saelab.training.distributed import DataParallel
+from saelab.training.tracking import NullTracker
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -38,12 +43,36 @@ class TrainResult:
     firing_frequency: torch.Tensor   # [d_sae], over the last dead window of training
 
 
+@dataclass
+class _Session:
+    """What an open run keeps between steps: its batch stream, log file and progress bar, and the sums
+    of the loss terms since the last log line (tensors: summing them needs no host sync)."""
+    batches: Iterator[torch.Tensor]
+    metrics_file: TextIO
+    bar: tqdm
+    next_checkpoint: int
+    totals: dict = field(default_factory=dict)
+    steps_in_log: int = 0
+    t_log: float = field(default_factory=time.perf_counter)
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, source: ActivationSource, run_dir, metadata: dict | None = None):
+    """Trains one SAE. ``run()`` does it all; ``open()``, ``advance()`` (one step) until ``done``, then
+    ``close()`` let a driver step several trainers in lockstep (training/multi.py). ``buffer`` (default:
+    one of its own over ``source``) is where batches come from, e.g. a view of a buffer shared by several
+    trainers; ``source`` then only has to give ``d_in``."""
+
+    def __init__(self, cfg: TrainConfig, source: ActivationSource, run_dir, metadata: dict | None = None,
+                 buffer=None, data_parallel: DataParallel | None = None, tracker: NullTracker | None = None):
         self.cfg, self.source, self.run_dir = cfg, source, Path(run_dir)
+        # Under torchrun: this rank trains on its share of each batch; rank 0 alone writes files and logs.
+        self.dp = data_parallel or DataParallel()
+        self.dp.check_batch_size(cfg.batch_size)
+        self.tracker = tracker or NullTracker()  # W&B (training/tracking.py), or nothing
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.metadata = metadata or {}
-        self.buffer = ActivationBuffer(source, cfg.buffer_tokens, cfg.batch_size, cfg.seed, progress=cfg.progress)
+        self.buffer = buffer or ActivationBuffer(source, cfg.buffer_tokens, cfg.batch_size, cfg.seed,
+                                                 progress=cfg.progress and self.dp.is_main, device=self.device)
         d_sae = cfg.d_sae or cfg.expansion * source.d_in
         sae_cfg = SAEConfig(d_in=source.d_in, d_sae=d_sae, architecture=cfg.architecture,
                             k=cfg.k if cfg.architecture in TAKES_K else None, metadata=self.metadata,
@@ -60,8 +89,12 @@ class Trainer:
         self.window_fired = torch.zeros(d_sae, dtype=torch.long, device=self.device)
         # Firing counts of the last complete dead window, and its length in tokens (None before the first).
         self._last_window: tuple[torch.Tensor, int] | None = None
+        # Indices of the dead latents, refreshed every log_every steps (when the log syncs with the device
+        # anyway) and after resampling, so that a step never waits for the device to count them.
+        self._dead_latents = torch.zeros(0, dtype=torch.long, device=self.device)
         self.resampled = 0   # latents re-initialised so far (dead_latent_remedy resample)
         self._stop_requested = False
+        self._session: _Session | None = None
 
     # --- public ------------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -69,14 +102,69 @@ class Trainer:
         self._stop_requested = True
 
     def run(self, resume: bool = False, on_step=None) -> TrainResult:
+        self.open(resume)
+        with _sigint_requests_stop(self):
+            completed = self._loop(on_step)
+        return self.close(completed)
+
+    def open(self, resume: bool = False, progress: bool | None = None) -> None:
+        """Start the run, or continue it from its checkpoint; ``progress`` (default cfg.progress): its bar."""
+        cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self._load_checkpoint()
         else:
             self._initialize()
-            (self.run_dir / METRICS_FILE).write_text("")
-        with _sigint_requests_stop(self):
-            completed = self._loop(on_step)
+            self.dp.broadcast_from_main(self.sae)
+            if self.dp.is_main:
+                (self.run_dir / METRICS_FILE).write_text("")
+        bar = tqdm(total=self.total_steps * cfg.batch_size, initial=self.step * cfg.batch_size, unit="tok",
+                   unit_scale=True, desc="training",
+                   disable=not self.dp.is_main or not (cfg.progress if progress is None else progress),
+                   dynamic_ncols=True)
+        every = cfg.checkpoint_every_tokens
+        metrics_path = self.run_dir / METRICS_FILE if self.dp.is_main else os.devnull  # rank 0 writes the log
+        self._session = _Session(batches=self.buffer.batches(), metrics_file=open(metrics_path, "a"),
+                                 bar=bar, next_checkpoint=(self.step * cfg.batch_size // every + 1) * every)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    def advance(self) -> None:
+        """One optimiser step on the next batch; then the log line and checkpoint when they fall due."""
+        cfg, s = self.cfg, self._session
+        if self.step % cfg.log_every == 0:
+            self._refresh_dead_latents()
+        x = self.dp.shard(next(s.batches)).to(self.device, non_blocking=True) * self.scale
+        parts = self._train_step(x)
+        self.step += 1
+        if self._resample_due():
+            self._resample(s.batches)
+        for name, value in parts.items():
+            s.totals[name] = s.totals.get(name, 0.0) + value
+        s.steps_in_log += 1
+        s.bar.update(cfg.batch_size)
+        if self.step % cfg.log_every == 0 or self.done:
+            now = time.perf_counter()
+            self.elapsed += now - s.t_log
+            record = self._log_record(self.dp.mean_over_ranks(s.totals), s.steps_in_log, now - s.t_log)
+            s.metrics_file.write(json.dumps(record) + "\n")
+            s.metrics_file.flush()
+            self.tracker.log_metrics(record)
+            s.bar.set_postfix(loss=f"{record['loss']:.4f}", L0=f"{record['l0']:.1f}",
+                              FVU=f"{record['fvu']:.3f}", dead=f"{record['dead_fraction']:.2f}")
+            s.totals, s.steps_in_log, s.t_log = {}, 0, now
+        if self.step * cfg.batch_size >= s.next_checkpoint:
+            self._save_checkpoint()
+            s.next_checkpoint += cfg.checkpoint_every_tokens
+
+    def close(self, completed: bool = True) -> TrainResult:
+        """End the session: write the checkpoint (resumable when not ``completed``) and return the result."""
+        s, self._session = self._session, None
+        self.elapsed += time.perf_counter() - s.t_log if s.steps_in_log else 0.0
+        s.metrics_file.close()
+        s.bar.close()
         self._save_checkpoint()
         return TrainResult(sae=self.export_sae(), completed=completed, steps=self.step,
                            tokens=self.step * self.cfg.batch_size, seconds=self.elapsed,
@@ -98,46 +186,13 @@ class Trainer:
         self.sae.initialize((sample * self.scale).cpu(), self.cfg.b_dec_init, generator)
 
     def _loop(self, on_step) -> bool:
-        cfg = self.cfg
-        bar = tqdm(total=self.total_steps * cfg.batch_size, initial=self.step * cfg.batch_size, unit="tok",
-                   unit_scale=True, desc="training", disable=not cfg.progress, dynamic_ncols=True)
-        metrics_file = (self.run_dir / METRICS_FILE).open("a")
-        totals: dict[str, torch.Tensor] = {}
-        steps_in_log, t_log = 0, time.perf_counter()
-        next_checkpoint = (self.step * cfg.batch_size // cfg.checkpoint_every_tokens + 1) * cfg.checkpoint_every_tokens
-        batches = self.buffer.batches()
-        try:
-            while self.step < self.total_steps:
-                if self._stop_requested:
-                    return False
-                x = next(batches).to(self.device, non_blocking=True) * self.scale
-                parts = self._train_step(x)
-                self.step += 1
-                if self._resample_due():
-                    self._resample(batches)
-                for name, value in parts.items():
-                    totals[name] = totals.get(name, 0.0) + value
-                steps_in_log += 1
-                bar.update(cfg.batch_size)
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    now = time.perf_counter()
-                    self.elapsed += now - t_log
-                    record = self._log_record(totals, steps_in_log, now - t_log)
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", L0=f"{record['l0']:.1f}",
-                                    FVU=f"{record['fvu']:.3f}", dead=f"{record['dead_fraction']:.2f}")
-                    totals, steps_in_log, t_log = {}, 0, now
-                if self.step * cfg.batch_size >= next_checkpoint:
-                    self._save_checkpoint()
-                    next_checkpoint += cfg.checkpoint_every_tokens
-                if on_step is not None:
-                    on_step(self)
-            return True
-        finally:
-            self.elapsed += time.perf_counter() - t_log if steps_in_log else 0.0
-            metrics_file.close()
-            bar.close()
+        while not self.done:
+            if self.dp.agree_to_stop(self._stop_requested, self.step, self.cfg.log_every):
+                return False
+            self.advance()
+            if on_step is not None:
+                on_step(self)
+        return True
 
     def _train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -147,7 +202,7 @@ class Trainer:
         warmup = min(1.0, self.step / max(1.0, cfg.l1_warmup_fraction * self.total_steps))
         info = TrainStepInfo(
             sparsity_coefficient=cfg.l1_coefficient * warmup,
-            dead_mask=self.tokens_since_fired >= cfg.dead_window_tokens,
+            dead_latents=self._dead_latents,
             aux_k=cfg.aux_k or self.source.d_in // 2,
             aux_coefficient=cfg.aux_coefficient if cfg.remedy == "auxk" else 0.0,
             l0_coefficient=cfg.l0_coefficient * warmup,
@@ -155,22 +210,26 @@ class Trainer:
             bandwidth=cfg.jumprelu_bandwidth,
             threshold_ema_rate=cfg.threshold_ema_rate,
             ghost_grads=cfg.remedy == "ghost_grads",
+            data_parallel=self.dp if self.dp.active else None,
         )
         out = self.sae.training_forward(x, info)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        self.dp.average_gradients(self.sae.parameters())
         self.sae.constrain_gradients()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.sae.constrain_weights()
+        # Counted over the whole batch (after_step sees that), so that every rank sees the same dead latents.
+        out.fired, batch_tokens = self.dp.sum_counts(out.fired), len(x) * self.dp.world_size
         self.sae.after_step(out, info)
-        self._track_firing(out.fired, len(x))
+        self._track_firing(out.fired, batch_tokens)
         with torch.no_grad():
             parts = {name: value.detach() for name, value in out.parts.items()}
             parts["loss"] = out.loss.detach()
-            parts["l0"] = out.fired.sum() / len(x)
-            parts["fvu"] = (out.x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+            parts["l0"] = out.fired.sum() / batch_tokens
+            parts["fvu"] = normalized_error(out.x_hat - x, x, info.data_parallel)
         return parts
 
     # --- resampling dead latents (Towards Monosemanticity, 2023) -------------------------------------
@@ -218,6 +277,7 @@ class Trainer:
         self._reset_optimizer_rows(dead)
         self.tokens_since_fired[dead] = 0
         self.resampled += len(dead)
+        self._refresh_dead_latents()
         return len(dead)
 
     def _reset_optimizer_rows(self, latents: torch.Tensor) -> None:
@@ -231,13 +291,17 @@ class Trainer:
         digest = hashlib.sha256(f"{self.cfg.seed}:{purpose}:{self.step}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
+    def _refresh_dead_latents(self) -> None:
+        self._dead_latents = (self.tokens_since_fired >= self.cfg.dead_window_tokens).nonzero().squeeze(1)
+
     def _track_firing(self, fired: torch.Tensor, n_tokens: int) -> None:
         self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[fired > 0] = 0
+        self.tokens_since_fired.masked_fill_(fired > 0, 0)  # not boolean indexing: that waits for the device
         self.window_fired += fired
         # The frequency window restarts every dead window, so it reflects recent training.
         if (self.step + 1) * self.cfg.batch_size % self.cfg.dead_window_tokens < n_tokens:
             self._last_window = self.window_fired.clone(), self.cfg.dead_window_tokens
+            self.tracker.log_density(self._window_frequency(), self.step + 1)
             self.window_fired.zero_()
 
     def _window_frequency(self) -> torch.Tensor:
@@ -267,11 +331,13 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
+        if not self.dp.is_main:  # every rank holds the same state; one copy is written
+            return
         state = {
             "config": asdict(self.cfg), "sae_config": asdict(self.sae.cfg), "sae": self.sae.state_dict(),
             "optimizer": self.optimizer.state_dict(), "step": self.step, "scale": self.scale,
             "buffer": self.buffer.state_dict(), "tokens_since_fired": self.tokens_since_fired,
-            "window_fired": self.window_fired, "last_window": self._last_window,
+            "window_fired": self.window_fired, "last_window": self._last_window, "dead_latents": self._dead_latents,
             "elapsed": self.elapsed, "resampled": self.resampled,
         }
         path = self.run_dir / CHECKPOINT_FILE
@@ -298,7 +364,9 @@ class Trainer:
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
         self.window_fired.copy_(state["window_fired"])
         self._last_window = state["last_window"]
-        _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+        self._dead_latents = state["dead_latents"]
+        if self.dp.is_main:
+            _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
 
 
 def _adam(params, lr: float) -> torch.optim.Adam:

@@ -1,0 +1,413 @@
+"""The on-disk activation cache: a model's activations at several hook points, written once by one forward
+pass per batch, then read by any number of training runs without the model.
+
+A cache folder::
+
+    metadata.json                    what was cached and how; the shards finished so far
+    tokens/shard_00000.npy           int32 [contexts, context_size]: the token ids of each context
+    keep/shard_00000.npy             bool  [contexts, context_size]: the positions that have an activation row
+    hooks/<hook>/shard_00000.npy     [rows, d_in]: one row per kept position, in (context, position) order
+
+Activations are plain ``.npy`` files read through numpy's memory map, so a reader holds only the rows it
+asks for: float32 and float16 as themselves, bfloat16 (which numpy lacks) as its raw 16 bits in a uint16
+array. Only kept positions are stored (BOS/EOS/pad are left out by default, as in training), so a shard's
+rows are exactly what ``LMActivationSource`` yields for its contexts.
+
+A shard holds a whole number of forward batches (``lm_batch_size`` contexts) and a training *unit* is one
+such batch, the unit ``LMActivationSource`` yields: a run on the cache sees the same rows in the same
+order as a run on the model. Every file is written under a temporary name and renamed; metadata.json
+lists the finished shards, so an interrupted write continues at the next shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields, replace
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from saelab import __version__
+from saelab.data.activations import LMActivationSource
+from saelab.data.text import describe_source
+from saelab.data.tokens import Packing, bos_id
+from saelab.models.hooks import HookPoint, capture
+from saelab.training.config import TrainConfig, option
+
+FORMAT = "saelab-activation-cache"
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+# Storage of each --dtype: the numpy dtype of the .npy file and the torch dtype it holds.
+DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
+          "bfloat16": (np.uint16, torch.bfloat16)}
+# CacheConfig fields that do not change what is written: a rerun may change them and still continue.
+NOT_CONTENT = ("out", "device", "progress")
+# TrainConfig fields a cache fixes; training on it takes them from its metadata.
+FIXED_BY_CACHE = ("model", "dataset", "dataset_split", "text_column", "context_size", "prepend_bos",
+                  "exclude_special_tokens", "lm_batch_size")
+
+
+def _as_in_training(name: str, extra_help: str = ""):
+    """A CacheConfig field with the TrainConfig field's default and help: caching and training read text
+    the same way."""
+    f = next(f for f in fields(TrainConfig) if f.name == name)
+    return option(f.default, f.metadata["help"] + extra_help)
+
+
+@dataclass
+class CacheConfig:
+    model: str = _as_in_training("model")
+    hooks: str = option("blocks.6.hook_resid_post", "Hook points to cache, comma-separated (TransformerLens-style "
+                        "names or module paths); all are read in one forward pass per batch that stops after "
+                        "the deepest.")
+    dataset: str = _as_in_training("dataset")
+    dataset_split: str = _as_in_training("dataset_split")
+    text_column: str | None = _as_in_training("text_column")
+    tokens: int = option(1_200_000, "Tokens of text to cache, rounded up to whole contexts (fewer when the text "
+                         "ends first). Disk: tokens x d_in x 4 bytes per hook (2 for float16, bfloat16).")
+    context_size: int = _as_in_training("context_size")
+    prepend_bos: bool = _as_in_training("prepend_bos")
+    exclude_special_tokens: bool = _as_in_training("exclude_special_tokens", " They are not stored.")
+    lm_batch_size: int = _as_in_training("lm_batch_size", " Training from the cache reads it in these same "
+                                         "batches, so it sees the rows a run on the model would.")
+    dtype: str | None = option(None, "Storage type of the activations: float32, float16 or bfloat16 (default: "
+                               "float32 on CPU, bfloat16 on CUDA where the model runs in bf16).",
+                               choices=tuple(DTYPES))
+    shard_tokens: int = option(65_536, "Tokens per shard file, rounded to whole forward batches: the unit "
+                               "an interrupted write resumes from.")
+    out: str = option("acts", "Cache folder: metadata.json, tokens/, keep/ and hooks/<hook>/ shards. Running "
+                      "the same command again continues an interrupted write.")
+    device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda when available).")
+    progress: bool = option(True, "Show a progress bar (tokens/s, ETA).")
+
+    def __post_init__(self):
+        problems = [f"{name} must be positive (got {getattr(self, name)})"
+                    for name in ("tokens", "context_size", "lm_batch_size", "shard_tokens") if getattr(self, name) <= 0]
+        if not self.hook_names:
+            problems.append("hooks lists no hook point")
+        if self.dtype not in (None, *DTYPES):
+            problems.append(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if problems:
+            raise ValueError("invalid cache config: " + "; ".join(problems))
+
+    @property
+    def hook_names(self) -> list[str]:
+        return list(dict.fromkeys(name.strip() for name in self.hooks.split(",") if name.strip()))
+
+    @property
+    def contexts(self) -> int:
+        return math.ceil(self.tokens / self.context_size)
+
+    @property
+    def batches_per_shard(self) -> int:
+        return max(1, round(self.shard_tokens / (self.context_size * self.lm_batch_size)))
+
+
+# --- writing -------------------------------------------------------------------------------------------
+def write_cache(cfg: CacheConfig, overwrite: bool = False) -> Path:
+    """Write (or continue writing) the cache ``cfg`` describes; returns its folder."""
+    from saelab.models import load_model, resolve_hook
+    from saelab.models.loading import default_device
+
+    out = Path(cfg.out)
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    cfg = replace(cfg, dtype=cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    metadata = _existing_metadata(out, cfg, overwrite)
+    if metadata is not None and metadata["complete"]:
+        _say(f"{out} already holds this cache, complete ({metadata['tokens']:,} tokens); nothing to do")
+        return out
+    model, tokenizer = load_model(cfg.model, device)
+    hooks = [resolve_hook(model, name) for name in cfg.hook_names]
+    # The training source's own token stream and keep mask: the cache packs text exactly as training does.
+    reader = LMActivationSource(model, tokenizer, hooks[0], cfg.dataset, Packing(cfg.context_size, cfg.prepend_bos),
+                                split=cfg.dataset_split, text_column=cfg.text_column,
+                                batch_contexts=cfg.lm_batch_size, exclude_special_tokens=cfg.exclude_special_tokens,
+                                max_contexts=cfg.contexts)
+    if metadata is None:
+        metadata = _new_metadata(cfg, tokenizer, hooks, _hook_widths(model, tokenizer, hooks))
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / METADATA_FILE, metadata)
+    done = len(metadata["shards"])
+    _say(f"caching {', '.join(cfg.hook_names)} of {cfg.model} over {cfg.contexts * cfg.context_size:,} tokens of "
+         f"{cfg.dataset} into {out} ({cfg.dtype})" + (f", continuing at shard {done}" if done else ""))
+    _write_shards(out, metadata, cfg, model, hooks, reader)
+    if not metadata["shards"]:
+        raise ValueError(f"the dataset {cfg.dataset!r} gave no full context of {cfg.context_size} tokens; "
+                         "check the dataset path, split and text column")
+    metadata["complete"] = True
+    _write_json(out / METADATA_FILE, metadata)
+    size = sum(p.stat().st_size for p in out.rglob("*.npy"))
+    _say(f"cache complete: {metadata['tokens']:,} tokens, {metadata['rows']:,} rows per hook, "
+         f"{len(metadata['shards'])} shards, {size / 2**20:,.1f} MiB in {out}")
+    return out
+
+
+def _write_shards(out: Path, metadata: dict, cfg: CacheConfig, model, hooks: list[HookPoint],
+                  reader: LMActivationSource) -> None:
+    """The shards not yet written, each recorded in metadata.json once all its files are in place."""
+    widths = {name: hook["d_in"] for name, hook in metadata["hooks"].items()}
+    batches = reader.token_batches(len(metadata["shards"]) * cfg.batches_per_shard)
+    with tqdm(total=cfg.contexts * cfg.context_size, initial=metadata["tokens"], desc="caching", unit="tok",
+              unit_scale=True, disable=not cfg.progress, dynamic_ncols=True) as bar:
+        while shard := list(islice(batches, cfg.batches_per_shard)):
+            rows = _write_shard(out, len(metadata["shards"]), shard, model, hooks, reader.keep_mask, widths,
+                                metadata["dtype"], bar.update)
+            metadata["shards"].append({"contexts": sum(len(b) for b in shard), "rows": rows})
+            metadata["contexts"] += metadata["shards"][-1]["contexts"]
+            metadata["tokens"] = metadata["contexts"] * cfg.context_size
+            metadata["rows"] += rows
+            _write_json(out / METADATA_FILE, metadata)
+
+
+def _existing_metadata(out: Path, cfg: CacheConfig, overwrite: bool) -> dict | None:
+    """The metadata of a cache already in ``out`` written with the same config (None: start afresh)."""
+    path = out / METADATA_FILE
+    if not path.exists():
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} is a non-empty folder without {METADATA_FILE}, not an activation cache; "
+                                  "choose another --out")
+        return None
+    metadata = json.loads(path.read_text())
+    if metadata.get("format") != FORMAT:
+        raise FileExistsError(f"{path} is not the metadata of a saelab activation cache; choose another --out")
+    if overwrite:
+        for name in ("tokens", "keep", "hooks"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        path.unlink()
+        return None
+    wanted = _content_config(cfg)
+    changed = [f"{name} {metadata['config'].get(name)!r} -> {value!r}" for name, value in wanted.items()
+               if metadata["config"].get(name) != value]
+    if changed:
+        raise ValueError(f"{out} holds a cache written with another config ({'; '.join(changed)}). Rerun with its "
+                         "config to continue it, pass --overwrite to replace it, or choose another --out.")
+    return metadata
+
+
+def _content_config(cfg: CacheConfig) -> dict:
+    return {name: value for name, value in asdict(cfg).items() if name not in NOT_CONTENT}
+
+
+def _hook_widths(model, tokenizer, hooks: list[HookPoint]) -> dict[str, int]:
+    probe = torch.full((1, 4), bos_id(tokenizer), device=next(model.parameters()).device)
+    return {name: act.shape[-1] for name, act in capture(model, probe, hooks).items()}
+
+
+def _new_metadata(cfg: CacheConfig, tokenizer, hooks: list[HookPoint], widths: dict[str, int]) -> dict:
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "saelab_version": __version__,
+        "config": _content_config(cfg),
+        "model": cfg.model, "tokenizer": tokenizer.name_or_path, "vocab_size": len(tokenizer),
+        "hooks": {h.name: {"module_path": h.module_path, "reads_input": h.reads_input, "d_in": widths[h.name]}
+                  for h in hooks},
+        "dtype": cfg.dtype, "storage": f"{np.dtype(DTYPES[cfg.dtype][0]).name} .npy"
+                                       + (" (raw bfloat16 bits)" if cfg.dtype == "bfloat16" else ""),
+        "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos,
+        "exclude_special_tokens": cfg.exclude_special_tokens, "sequence_separator_token": "bos",
+        "dataset": cfg.dataset, "dataset_path": describe_source(cfg.dataset), "dataset_split": cfg.dataset_split,
+        "text_column": cfg.text_column, "lm_batch_size": cfg.lm_batch_size,
+        "contexts_per_shard": cfg.batches_per_shard * cfg.lm_batch_size,
+        "shards": [], "contexts": 0, "tokens": 0, "rows": 0, "complete": False,
+    }
+
+
+def _write_shard(out: Path, index: int, batches: list[torch.Tensor], model, hooks: list[HookPoint], keep_mask,
+                 widths: dict[str, int], dtype: str, on_batch) -> int:
+    """One shard: token ids, keep mask and every hook's rows, each written to a temporary file (activations
+    through a memory map, one forward batch at a time) and renamed once all are complete."""
+    tokens = torch.cat(batches)
+    keep = keep_mask(tokens)
+    rows = int(keep.sum())
+    renames = []
+
+    def temporary(kind: str) -> Path:
+        final = shard_path(out, kind, index)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        renames.append((final.with_name(final.stem + ".tmp.npy"), final))
+        return renames[-1][0]
+
+    np.save(temporary("tokens"), tokens.numpy().astype(np.int32))
+    np.save(temporary("keep"), keep.numpy())
+    arrays = {h.name: _open_rows(temporary(f"hooks/{h.name}"), rows, widths[h.name], dtype) for h in hooks}
+    device, start = next(model.parameters()).device, 0
+    for batch in batches:
+        captured = capture(model, batch.to(device), hooks)
+        batch_keep = keep_mask(batch)
+        n = int(batch_keep.sum())
+        for name, act in captured.items():
+            arrays[name][start:start + n] = _storable(act[batch_keep.to(act.device)], dtype)
+        start += n
+        on_batch(batch.numel())
+    for array in arrays.values():
+        if isinstance(array, np.memmap):
+            array.flush()
+    del arrays
+    for tmp, final in renames:
+        os.replace(tmp, final)
+    return rows
+
+
+def _open_rows(path: Path, rows: int, d_in: int, dtype: str) -> np.ndarray:
+    if rows == 0:  # numpy cannot memory-map an empty array
+        empty = np.zeros((0, d_in), DTYPES[dtype][0])
+        np.save(path, empty)
+        return empty
+    return np.lib.format.open_memmap(path, mode="w+", dtype=DTYPES[dtype][0], shape=(rows, d_in))
+
+
+def _storable(act: torch.Tensor, dtype: str) -> np.ndarray:
+    stored = act.detach().to(DTYPES[dtype][1]).cpu()
+    return stored.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else stored.numpy()
+
+
+# --- reading -------------------------------------------------------------------------------------------
+class ActivationCache:
+    """A cache folder written by ``saelab cache``, opened for reading (only metadata.json is read here)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        meta = self.path / METADATA_FILE
+        if not meta.exists():
+            what = "does not exist" if not self.path.exists() else f"holds no {METADATA_FILE}: it is no activation cache"
+            raise FileNotFoundError(f"activation cache {self.path} {what}. Write one with `saelab cache --hooks ... "
+                                    f"--out {self.path}`.")
+        self.metadata = json.loads(meta.read_text())
+        if self.metadata.get("format") != FORMAT or self.metadata.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{meta} is not a saelab activation cache of format version {FORMAT_VERSION}")
+        if not self.metadata["complete"]:
+            raise ValueError(f"activation cache {self.path} is incomplete ({self.metadata['tokens']:,} tokens "
+                             "written); rerun the `saelab cache` command that started it to finish it")
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.metadata["hooks"])
+
+    @property
+    def n_contexts(self) -> int:
+        return self.metadata["contexts"]
+
+    def hook_info(self, name: str) -> dict:
+        """``module_path``, ``reads_input`` and ``d_in`` of one cached hook; an unknown name lists the cached ones."""
+        if name not in self.metadata["hooks"]:
+            raise ValueError(f"activation cache {self.path} has no hook {name!r}; it holds {', '.join(self.hooks)} "
+                             "(choose one with --hook)")
+        return self.metadata["hooks"][name]
+
+    def only_hook(self) -> str:
+        """The hook to use when none is named: the cache's only one."""
+        if len(self.hooks) != 1:
+            raise ValueError(f"activation cache {self.path} holds {len(self.hooks)} hooks ({', '.join(self.hooks)}); "
+                             "choose one with --hook")
+        return self.hooks[0]
+
+    def configure(self, cfg: TrainConfig) -> TrainConfig:
+        """``cfg`` with what the cache fixes (model, text, packing) taken from it. A field set to something
+        other than its default and the cache's value is a contradiction, and an error."""
+        self.hook_info(cfg.hook)
+        cached = {name: self.metadata["config"][name] for name in FIXED_BY_CACHE}
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
+        clashes = [f"{name} {getattr(cfg, name)!r} (the cache's: {value!r})" for name, value in cached.items()
+                   if getattr(cfg, name) not in (value, defaults[name])]
+        if clashes:
+            raise ValueError(f"activation cache {self.path} was written with other settings than asked: "
+                             f"{'; '.join(clashes)}. Training on a cache takes them from it: drop those options.")
+        return replace(cfg, **cached)
+
+    def source(self, hook: str, stop: int | None = None) -> CachedActivationSource:
+        return CachedActivationSource(self, hook, stop)
+
+    def batches(self, hook: str, start: int = 0, stop: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(rows [n, d_in] float32, keep [contexts, context_size])`` over contexts ``[start, stop)``, at most
+        one forward batch at a time; batches begin at multiples of ``lm_batch_size`` (the units of training)."""
+        stop = self.n_contexts if stop is None else min(stop, self.n_contexts)
+        per_shard, per_batch = self.metadata["contexts_per_shard"], self.metadata["lm_batch_size"]
+        for index in range(start // per_shard, len(self.metadata["shards"])):
+            first = index * per_shard
+            if first >= stop:
+                return
+            rows, keep = self._open_shard(hook, index)
+            offsets = np.concatenate(([0], np.cumsum(keep.sum(1))))
+            lo, hi = max(start, first) - first, min(stop - first, len(keep))
+            while lo < hi:
+                end = min((lo // per_batch + 1) * per_batch, hi)
+                yield self._tensor(rows[offsets[lo]:offsets[end]]), torch.from_numpy(np.array(keep[lo:end]))
+                lo = end
+
+    def activations(self, hook: str, start: int = 0, stop: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(act [contexts, context_size, d_in], keep)`` over contexts ``[start, stop)``: the rows put back at
+        their positions (zeros where nothing is stored), the shape a model forward gives."""
+        d_in = self.hook_info(hook)["d_in"]
+        for rows, keep in self.batches(hook, start, stop):
+            act = torch.zeros(*keep.shape, d_in)
+            act[keep] = rows
+            yield act, keep
+
+    def row_count(self, stop: int | None = None) -> int:
+        """Activation rows (kept positions) of the first ``stop`` contexts (default: all)."""
+        stop = self.n_contexts if stop is None else stop
+        total, per_shard = 0, self.metadata["contexts_per_shard"]
+        for index, shard in enumerate(self.metadata["shards"]):
+            first = index * per_shard
+            if first + shard["contexts"] <= stop:
+                total += shard["rows"]
+            elif first < stop:
+                total += int(np.load(shard_path(self.path, "keep", index))[:stop - first].sum())
+        return total
+
+    def _open_shard(self, hook: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+        self.hook_info(hook)
+        paths = shard_path(self.path, f"hooks/{hook}", index), shard_path(self.path, "keep", index)
+        for path in paths:
+            if not path.exists():
+                raise FileNotFoundError(f"activation cache {self.path} is damaged: {path} is missing. Write it again "
+                                        "with `saelab cache ... --overwrite`.")
+        return np.load(paths[0], mmap_mode="r"), np.load(paths[1])
+
+    def _tensor(self, rows: np.ndarray) -> torch.Tensor:
+        rows = np.array(rows)  # a copy: only these rows leave the memory map
+        if self.metadata["dtype"] == "bfloat16":
+            return torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16).float()
+        return torch.from_numpy(rows).float()
+
+
+class CachedActivationSource:
+    """One hook of an activation cache as an ``ActivationSource``, over its first ``stop`` contexts (default:
+    all). Units are the cache's forward batches, read through memory maps, so ``ActivationBuffer`` shuffles
+    it in bounded memory and resumes exactly, as it does the model."""
+
+    def __init__(self, cache: ActivationCache, hook: str, stop: int | None = None):
+        self.cache, self.hook = cache, hook
+        self.d_in = cache.hook_info(hook)["d_in"]
+        self.stop = cache.n_contexts if stop is None else stop
+        if not 0 < self.stop <= cache.n_contexts:
+            raise ValueError(f"activation cache {cache.path} has {cache.n_contexts} contexts; cannot train on the "
+                             f"first {self.stop}")
+
+    def rows(self) -> int:
+        return self.cache.row_count(self.stop)
+
+    def units(self, start: int) -> Iterator[torch.Tensor]:
+        for rows, _ in self.cache.batches(self.hook, start * self.cache.metadata["lm_batch_size"], self.stop):
+            yield rows
+
+
+def shard_path(folder: Path, kind: str, index: int) -> Path:
+    return Path(folder) / kind / f"shard_{index:05d}.npy"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)  # atomic: a kill leaves the previous metadata intact
+
+
+def _say(message: str) -> None:
+    print(f"saelab: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,57 @@
+"""The TopK family trains through the sparse kernels (sae/sparse.py), never the dense encode/decode, and
+the training step's bookkeeping does not need the host to look at device values."""
+
+import pytest
+import torch
+
+from saelab.sae import SAE, SAEConfig, TrainStepInfo, create_sae
+from saelab.sae.sparse import count_fired
+
+
+def graph_nodes(tensor: torch.Tensor) -> set[str]:
+    seen, stack, names = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka_batchtopk"])
+def test_topk_family_trains_through_the_sparse_kernels(architecture, monkeypatch):
+    cfg = SAEConfig(d_in=16, d_sae=64, architecture=architecture, k=4, matryoshka_widths="16,32")
+    sae = create_sae(cfg, training=True)
+    sae.initialize(torch.randn(256, 16), "mean", torch.Generator().manual_seed(0))
+
+    def dense(*_args, **_kwargs):
+        raise AssertionError("the dense path ran during training")
+
+    monkeypatch.setattr(SAE, "decode", dense)
+    monkeypatch.setattr(type(sae), "encode", dense)
+    dead = torch.arange(0, 64, 3)
+    out = sae.training_forward(torch.randn(32, 16), TrainStepInfo(dead_latents=dead, aux_k=8, aux_coefficient=0.1))
+    nodes = graph_nodes(out.loss)
+    assert "SparseDecodeBackward" in nodes
+    assert {"TopKEncodeBackward", "BatchTopKEncodeBackward"} & nodes
+    assert "auxk" in out.parts  # the dead latents given as indices reached the AuxK loss
+    assert not any(name.startswith("MmBackward") for name in nodes)  # no dense [batch, d_sae] product in the graph
+
+
+def test_fired_counts_equal_bincount_of_the_positive_codes():
+    indices = torch.tensor([[0, 3, 5], [3, 5, 7], [1, 1, 0]])
+    values = torch.tensor([[1.0, 0.0, 2.0], [0.5, 0.1, 0.0], [0.2, 0.0, 0.0]])
+    expected = torch.bincount(indices[values > 0], minlength=8)
+    assert torch.equal(count_fired(indices, values, 8), expected)
+
+
+def test_dead_latents_given_as_indices_or_a_mask_mean_the_same():
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[[2, 7]] = True
+    assert torch.equal(TrainStepInfo(dead_mask=mask).dead(), torch.tensor([2, 7]))
+    assert torch.equal(TrainStepInfo(dead_latents=torch.tensor([2, 7])).dead(), torch.tensor([2, 7]))
+    assert TrainStepInfo(dead_latents=torch.zeros(0, dtype=torch.long)).dead() is None
+    assert TrainStepInfo(dead_mask=torch.zeros(10, dtype=torch.bool)).dead() is None
+    assert TrainStepInfo().dead() is None
