@@ -100,6 +100,11 @@ def test_grid_and_defaults():
     # ghost grads apply where they can (standard); the others fall back to their automatic remedy
     assert [p.cfg.remedy for p in points] == ["auxk"] * 4 + ["none"] * 3 + ["ghost_grads"] * 2
     assert str(points[0].cfg.out).endswith("topk-k8")
+    # Without --l1-coefficients each L1 architecture gets its own calibrated list (gated penalises another
+    # quantity than standard); a given list applies to both.
+    default = SweepConfig(architectures="gated,standard")
+    assert [(p.architecture, p.value) for p in grid(default, base_config(default))] == [
+        ("gated", 2.0), ("gated", 4.0), ("gated", 8.0), ("standard", 2.0), ("standard", 5.0), ("standard", 10.0)]
     assert parse_values("16, 32,64", int) == [16, 32, 64]
     with pytest.raises(ValueError, match="ghost_grads applies to standard"):
         base_config(SweepConfig(architectures="topk,gated"), dead_latent_remedy="ghost_grads")

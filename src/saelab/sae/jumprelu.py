@@ -2,13 +2,14 @@
 
 ``JumpReLUSAE`` is what a folder holds (tensor ``threshold``); BatchTopK and Matryoshka SAEs export to it.
 ``JumpReLUTrainingSAE`` trains one: a learned log-threshold per latent, gradients for the threshold from
-straight-through estimators (rectangle kernel of width ``bandwidth``), an L0 penalty, and optionally a
-multiplicative adaptation of the L0 weight that steers the batch L0 toward a target.
+straight-through estimators (rectangle kernel of width ``bandwidth``), an L0 penalty, and optionally steering
+toward a target L0 (each step, every threshold nudged toward it and the L0 weight adapted).
 
-Short runs are the hard case: on SmolLM2 activations (300k tokens, 292 steps) the thresholds must grow ~3x
-from their initial value while the encoder settles, and the L0 weight must settle with them. Plain
-log-thresholds under Adam move by ~lr per step (at most x1.3 over such a run), so the L0 penalty could not
-act and every target gave the same L0; hence ``LOG_THRESHOLD_LR_SCALE``.
+Short runs are the hard case. On SmolLM2-135M activations (300k tokens, 292 steps) the thresholds must travel
+~3x from their initial value while the encoder settles. Plain log-thresholds under Adam move by ~lr per step
+(at most x1.3 over such a run), so the L0 penalty could not act and targets 16, 32 and 64 all ended at L0 ~47;
+hence ``LOG_THRESHOLD_LR_SCALE``. And L0 is too steep in the L0 weight for the weight alone to steer so few
+steps; hence the threshold nudge (``TARGET_L0_NUDGE``).
 """
 
 from __future__ import annotations

@@ -52,9 +52,11 @@ class TrainConfig:
     l1_warmup_fraction: float = option(0.05, "standard, gated, jumprelu: fraction of training over which the "
                                        "sparsity penalty's weight (L1, or jumprelu's L0) ramps up from 0.")
     l0_coefficient: float = option(1.0, "jumprelu: weight of the L0 penalty (the loss's squared error is "
-                                   "summed over dimensions of inputs normalised to mean norm sqrt(d_in)).")
-    target_l0: float | None = option(None, "jumprelu: steer the training L0 toward this by adapting the L0 "
-                                     "weight multiplicatively each step (default: fixed weight).")
+                                   "summed over dimensions of inputs normalised to mean norm sqrt(d_in)); "
+                                   "with --target-l0, the weight it starts from.")
+    target_l0: float | None = option(None, "jumprelu: steer the training L0 to this: each step moves every "
+                                     "threshold by up to 5% toward it, and near it the L0 weight adapts "
+                                     "until the thresholds stay there on their own (default: fixed weight).")
     jumprelu_bandwidth: float = option(0.05, "jumprelu: width of the straight-through estimators' "
                                        "rectangle kernel, in pre-activation units of inputs normalised to mean "
                                        "norm sqrt(d_in) (there a unit direction's projection is ~N(0,1); 0.001 "
