@@ -57,3 +57,13 @@ def synthetic_activations(n: int, d_in: int, n_features: int, active: int, seed:
 def mean_max_cosine(true_directions: torch.Tensor, learned_rows: torch.Tensor) -> float:
     learned = learned_rows / learned_rows.norm(dim=1, keepdim=True)
     return (true_directions @ learned.T).max(dim=1).values.mean().item()
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """A small English text file (40 topics of Python's bundled documentation), shared read-only."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("text") / "docs.txt"
+    path.write_text("\n\n".join(list(topics.values())[:40]))
+    return path

@@ -22,14 +22,6 @@ SHARED = ["--lr", "3e-3", "--batch-size", "256", "--buffer-tokens", "2048", "--e
 TRAIN = ["--k", "4", *SHARED]
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    from pydoc_data.topics import topics
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    path.write_text("\n\n".join(list(topics.values())[:40]))
-    return path
-
-
 def cache_config(model_dir, text_file, out, **overrides) -> CacheConfig:
     base = dict(model=str(model_dir), dataset=str(text_file), hooks=",".join(HOOKS), tokens=6144, context_size=32,
                 lm_batch_size=8, shard_tokens=1024, out=str(out), progress=False)

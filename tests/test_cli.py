@@ -15,14 +15,6 @@ FAST = ["--tokens", "16384", "--k", "4", "--lr", "3e-3", "--batch-size", "256", 
         "--no-progress", "--log-every", "4"]
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    from pydoc_data.topics import topics
-    path = tmp_path / "train.txt"
-    path.write_text("\n\n".join(list(topics.values())[:40]))
-    return path
-
-
 def test_train_end_to_end_on_a_local_model_folder(tiny_model_dir, text_file, tmp_path):
     out = tmp_path / "run"
     rc = main(["train", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--out", str(out), *FAST])

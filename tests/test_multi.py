@@ -33,14 +33,6 @@ def one_thread():
 
 
 @pytest.fixture
-def text_file(tmp_path):
-    from pydoc_data.topics import topics
-    path = tmp_path / "train.txt"
-    path.write_text("\n\n".join(list(topics.values())[:40]))
-    return path
-
-
-@pytest.fixture
 def forwards(monkeypatch):
     """The hooks captured by each model forward over training contexts (not the sources' shape probes)."""
     calls = []

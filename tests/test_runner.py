@@ -10,15 +10,6 @@ from saelab import SAE, LanguageModelSAERunnerConfig, SAETrainingRunner
 from saelab.runner import TL_TO_HF
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    from pydoc_data.topics import topics
-
-    path = tmp_path_factory.mktemp("text") / "docs.txt"
-    path.write_text("\n\n".join(list(topics.values())[:40]))
-    return path
-
-
 def issue_example(**overrides) -> dict:
     """The config of the issue, word for word, except where ``overrides`` say."""
     return {**dict(model_name="gpt2-small", hook_name="blocks.8.hook_resid_pre", d_in=768,

@@ -14,14 +14,6 @@ TOKENS = 4096
 
 
 @pytest.fixture
-def text_file(tmp_path):
-    from pydoc_data.topics import topics
-    path = tmp_path / "train.txt"
-    path.write_text("\n\n".join(list(topics.values())[:40]))
-    return path
-
-
-@pytest.fixture
 def count_forwards(monkeypatch):
     """Counts LMActivationSource.units calls (a pass of the model over the training text) and the model
     forwards they run."""

@@ -131,15 +131,6 @@ def test_add_sae_and_hooks_on_its_latents(tl_model):
 
 
 # --- training and analysis on a HookedTransformer --------------------------------------------------------------
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    from pydoc_data.topics import topics
-
-    path = tmp_path_factory.mktemp("text") / "docs.txt"
-    path.write_text("\n\n".join(list(topics.values())[:40]))
-    return path
-
-
 def test_training_and_evaluation_on_a_hooked_transformer(tl_model, text_file, tmp_path):
     cfg = LanguageModelSAERunnerConfig(
         model_name="tiny-tl", hook_name="blocks.1.hook_resid_pre", d_in=D_MODEL, architecture="topk",

@@ -17,7 +17,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, config_class, exclude
         if f.name in exclude:
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
+        help_text = _help_of(f)
         type_name = str(f.type).replace(" | None", "").strip()
         if type_name == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
@@ -28,13 +28,18 @@ def add_dataclass_options(parser: argparse.ArgumentParser, config_class, exclude
                             help=f"{help_text} (default: {f.default})")
 
 
+def _help_of(field) -> str:
+    """A config field's help text, with % escaped: argparse treats help strings as %-format templates."""
+    return field.metadata.get("help", "").replace("%", "%%")
+
+
 def add_list_options(parser: argparse.ArgumentParser, config_class, names, note: str) -> None:
     """Options that take one value of the field's type or a comma-separated list of them."""
     for f in dataclasses.fields(config_class):
         if f.name in names:
             type_name = str(f.type).replace(" | None", "").strip().upper()
             parser.add_argument("--" + f.name.replace("_", "-"), default=None, metavar=f"{type_name}[,{type_name}...]",
-                                help=f"{f.metadata.get('help', '')}{note} (default: {f.default})")
+                                help=f"{_help_of(f)}{note} (default: {f.default})")
 
 
 def list_values(config_class, args: argparse.Namespace, names) -> dict[str, list]:
