@@ -13,6 +13,7 @@ from saelab.cli import build_parser, main
 from saelab.data.activations import LMActivationSource
 from saelab.data.tokens import Packing
 from saelab.evals import DOWNSTREAM_KEYS, METRIC_KEYS, evaluate
+from saelab.evals.metrics import evaluate_many
 from saelab.models import capture, resolve_hook
 from saelab.sae import SAEConfig, TrainStepInfo, create_sae
 
@@ -163,6 +164,29 @@ def test_evaluate_agrees_with_an_independent_computation(lm):
     assert weighted_mse == pytest.approx(got["mse"], rel=1e-6)
     # plain lists: the training pipeline writes evaluate's output, less firing_frequency, to eval.json
     assert json.loads(json.dumps({k: v for k, v in got.items() if k != "firing_frequency"}))["error_by_position"]
+
+
+def test_evaluate_many_equals_each_sae_alone_with_fewer_model_passes(lm):
+    model, source = lm["model"], lm["source"]
+    other_hook = resolve_hook(model, "blocks.0.hook_resid_post")
+    pairs = [(make_sae("topk", k=4, seed=1), lm["hook"]), (make_sae("standard", seed=2), lm["hook"]),
+             (make_sae("topk", k=2, seed=3), other_hook)]
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        together = evaluate_many(model, pairs, lm["batches"], source.keep_mask)
+        passes_together, calls[:] = len(calls), []
+        alone = [evaluate(model, sae, hook, lm["batches"], source.keep_mask) for sae, hook in pairs]
+        passes_alone = len(calls)
+    finally:
+        handle.remove()
+    for got, expected in zip(together, alone):
+        for key in METRIC_KEYS:
+            assert got[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12), key
+        assert torch.equal(got["firing_frequency"], expected["firing_frequency"])
+    assert together[0]["l0"] != together[1]["l0"]  # three different SAEs, three different results
+    # per batch: 1 clean + 2 zero-ablated (two hooks) + 3 spliced passes, instead of 3 x 3
+    assert (passes_together, passes_alone) == (6 * len(lm["batches"]), 9 * len(lm["batches"]))
 
 
 def test_training_and_evaluation_fvu_agree_on_the_same_tokens(lm):

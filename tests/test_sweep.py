@@ -77,6 +77,19 @@ def test_sweep_end_to_end_collects_activations_once(tiny_model_dir, text_file, t
     with open(out / "results.csv") as handle:
         assert list(csv.DictReader(handle)) == rows
 
+    # A sweep stopped after training, before the shared evaluation: the rerun trains nothing (no activation
+    # pass) and evaluates the saved SAEs to the same figures.
+    for row in rows:
+        (out / row["run"] / "sweep_row.json").unlink()
+        assert (out / row["run"] / "trained.json").exists()
+    assert main(sweep_args(tiny_model_dir, text_file, out)) == 0
+    assert count_forwards["units"] == 0
+    with open(out / "results.csv") as handle:
+        again = list(csv.DictReader(handle))
+    for before, after in zip(rows, again):
+        for key in ("l0", "explained_variance", "ce_loss_score", "dead_fraction", "train_seconds"):
+            assert float(after[key]) == pytest.approx(float(before[key]), rel=1e-5), (before["run"], key)
+
 
 def test_grid_and_defaults():
     scfg = SweepConfig(architectures="topk,matryoshka,jumprelu,gated,standard", k="8,16", target_l0s="10",

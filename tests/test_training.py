@@ -79,6 +79,26 @@ def test_run_folder_has_metrics_and_checkpoint(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+class CountingSource(TensorSource):
+    """A TensorSource that counts the rows it hands out (each row costs a forward pass on a real model)."""
+
+    def __init__(self, data, rows_per_unit):
+        super().__init__(data, rows_per_unit)
+        self.rows_given = 0
+
+    def units(self, start):
+        for unit in super().units(start):
+            self.rows_given += len(unit)
+            yield unit
+
+
+def test_a_short_run_reads_only_what_it_trains_on_not_a_whole_buffer(tmp_path):
+    data, _ = synthetic_activations(20_000, d_in=16, n_features=32, active=3)
+    source = CountingSource(data, rows_per_unit=128)
+    Trainer(config(tmp_path, tokens=1_000, batch_size=256, d_sae=48, buffer_tokens=16_384), source, tmp_path).run()
+    assert 1_024 <= source.rows_given <= 1_024 + 128  # four batches, rounded up to whole units
+
+
 def test_resume_refuses_a_changed_config(tmp_path):
     data, _ = synthetic_activations(5_000, d_in=16, n_features=32, active=3)
     Trainer(config(tmp_path, tokens=10_000, d_sae=48), TensorSource(data), tmp_path).run()

@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 
 from saelab.data.activations import ActivationBuffer
-from saelab.evals.metrics import evaluate
+from saelab.evals.metrics import evaluate_many
 from saelab.models import load_model, resolve_hook
 from saelab.pipeline import CachedData, RunSummary, _finish, _say, lm_source, load_run_config, sae_metadata
-from saelab.sae import SAE
 from saelab.training import TrainConfig, Trainer
 from saelab.training.config import TOPK_FAMILY
 from saelab.training.distributed import DataParallel, data_parallel_from_env, round_robin
@@ -124,7 +123,7 @@ def train_many(configs: list[TrainConfig], resume: bool = False, overwrite: bool
     holdout = eval_contexts if base.eval_dataset is None else 0  # held out from the training stream
     source = lm_source(base, model, tokenizer, hooks, base.dataset, skip_contexts=holdout)
     device = torch.device(base.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    shared = SharedBuffer(ActivationBuffer(source, base.buffer_tokens, base.batch_size, base.seed,
+    shared = SharedBuffer(ActivationBuffer(source, base.block_tokens, base.batch_size, base.seed,
                                            progress=base.progress, device=device))
     trainers = []
     for cfg, hook, tracker in zip(configs, hooks, trackers):
@@ -136,21 +135,24 @@ def train_many(configs: list[TrainConfig], resume: bool = False, overwrite: bool
          + ", ".join(cfg.out for cfg in configs))
     results = MultiTrainer(trainers, progress=base.progress and dp.is_main).run(resume=resume)
 
+    metrics = _held_out_metrics(base, model, tokenizer, hooks, results) if dp.is_main else {}
+    return [_finish(cfg, result, lambda sae, i=i: metrics[i], dp, tracker)
+            for i, (cfg, result, tracker) in enumerate(zip(configs, results, trackers))]
+
+
+def _held_out_metrics(base: TrainConfig, model, tokenizer, hooks: list, results: list) -> dict[int, dict]:
+    """Every finished SAE evaluated on the held-out text together: the model's clean pass runs once per
+    batch for all of them (evaluate_many), not once per SAE."""
+    finished = [i for i, result in enumerate(results) if result.completed]
+    if base.eval_tokens <= 0 or not finished:
+        return {}
+    eval_contexts = math.ceil(base.eval_tokens / base.context_size)
     eval_dataset = base.eval_dataset or base.dataset
     held_out = lm_source(base, model, tokenizer, hooks[0], eval_dataset, max_contexts=eval_contexts)
-    held_out_batches: list[torch.Tensor] = []
-
-    def metrics_at(hook):
-        def held_out_metrics(sae: SAE) -> dict:
-            if not held_out_batches:
-                held_out_batches.extend(held_out.token_batches())  # tokenised once for every SAE
-            _say(f"evaluating the SAE on {hook.name} on {eval_contexts * base.context_size:,} held-out tokens of "
-                 f"{eval_dataset}")
-            return {**evaluate(model, sae, hook, held_out_batches, held_out.keep_mask), "eval_dataset": eval_dataset}
-        return held_out_metrics
-
-    return [_finish(cfg, result, metrics_at(hook), dp, tracker)
-            for cfg, hook, result, tracker in zip(configs, hooks, results, trackers)]
+    _say(f"evaluating {len(finished)} SAEs on {eval_contexts * base.context_size:,} held-out tokens of {eval_dataset}")
+    evaluated = evaluate_many(model, [(results[i].sae, hooks[i]) for i in finished], held_out.token_batches(),
+                              held_out.keep_mask)
+    return {i: {**metrics, "eval_dataset": eval_dataset} for i, metrics in zip(finished, evaluated)}
 
 
 def _train_share_of_saes(configs: list[TrainConfig], dp: DataParallel, resume: bool,

@@ -17,7 +17,7 @@ from saelab.data.activations import LMActivationSource
 from saelab.data.cache import ActivationCache
 from saelab.data.text import describe_source
 from saelab.data.tokens import Packing
-from saelab.evals.metrics import evaluate, evaluate_activations
+from saelab.evals.metrics import evaluate, evaluate_activations, evaluate_many
 from saelab.evals.report import format_table
 from saelab.models import load_model, resolve_hook
 from saelab.sae import SAE
@@ -142,12 +142,15 @@ class CachedData:
         self._eval_model = None  # (model, hook, held-out token batches, keep mask), loaded on first use
 
     def evaluate(self, sae: SAE, downstream: bool = True) -> dict:
+        return self.evaluate_many([sae], downstream)[0]
+
+    def evaluate_many(self, saes: list[SAE], downstream: bool = True) -> list[dict]:
         cfg = self.cfg
         if cfg.eval_dataset is None:
             held_out = self.cache.n_contexts - self.eval_start
             _say(f"evaluating on the last {held_out * cfg.context_size:,} tokens of the cache (held out)")
-            return {**evaluate_activations(sae, self.cache.activations(cfg.hook, self.eval_start)),
-                    "eval_dataset": f"{cfg.activations} (last {held_out} contexts, held out)"}
+            return [{**evaluate_activations(sae, self.cache.activations(cfg.hook, self.eval_start)),
+                     "eval_dataset": f"{cfg.activations} (last {held_out} contexts, held out)"} for sae in saes]
         if self._eval_model is None:
             model, tokenizer = load_model(cfg.model, cfg.device)
             hook = resolve_hook(model, cfg.hook)
@@ -156,8 +159,8 @@ class CachedData:
             self._eval_model = model, hook, list(held_out.token_batches()), held_out.keep_mask
         model, hook, batches, keep_mask = self._eval_model
         _say(f"evaluating on {sum(b.numel() for b in batches):,} tokens of {cfg.eval_dataset}")
-        return {**evaluate(model, sae, hook, batches, keep_mask, downstream=downstream),
-                "eval_dataset": cfg.eval_dataset}
+        results = evaluate_many(model, [(sae, hook) for sae in saes], batches, keep_mask, downstream=downstream)
+        return [{**metrics, "eval_dataset": cfg.eval_dataset} for metrics in results]
 
 
 def lm_source(cfg: TrainConfig, model, tokenizer, hook, dataset: str, **kwargs) -> LMActivationSource:

@@ -21,13 +21,15 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab.data.activations import TensorSource
-from saelab.evals.metrics import evaluate
+from saelab.evals.metrics import evaluate_many
 from saelab.models import load_model, resolve_hook
+from saelab.sae.format import load_sae
 from saelab.training import TrainConfig, Trainer, plot_training_curves
 from saelab.training.config import TOPK_FAMILY, option
 from saelab.training.trainer import METRICS_FILE
 
-ROW_FILE = "sweep_row.json"
+ROW_FILE = "sweep_row.json"      # a grid point trained and evaluated: its table row
+TRAINED_FILE = "trained.json"   # a grid point trained, its evaluation still to come
 COLUMNS = ("architecture", "sparsity_setting", "l0", "explained_variance", "ce_loss_score", "kl_score",
            "dead_fraction", "eval_dead_fraction", "train_seconds", "eval_seconds", "wall_seconds",
            "dead_latent_remedy", "run")
@@ -219,9 +221,10 @@ class _ModelData:
              f"{acts.numel() * 4 / 2**20:,.0f} MiB); every run trains on them")
         return TensorSource(acts)
 
-    def evaluate(self, sae, downstream: bool = True) -> dict:
-        return {**evaluate(self.model, sae, self.hook, self.eval_batches, self.held_out.keep_mask,
-                           downstream=downstream), "eval_dataset": self.eval_dataset}
+    def evaluate_many(self, saes: list, downstream: bool = True) -> list[dict]:
+        results = evaluate_many(self.model, [(sae, self.hook) for sae in saes], self.eval_batches,
+                                self.held_out.keep_mask, downstream=downstream)
+        return [{**metrics, "eval_dataset": self.eval_dataset} for metrics in results]
 
 
 def sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool = False) -> SweepResult:
@@ -237,15 +240,22 @@ def sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool = False) -> Swee
     data = CachedData(base) if base.activations is not None else _ModelData(base)
     base = data.cfg
     points = grid(scfg, base)
-    train_source, activation_rows, collect_seconds, rows, completed = None, None, 0.0, [], True
+    train_source, activation_rows, collect_seconds, completed = None, None, 0.0, True
+    rows: dict[str, dict] = {}          # grid point name -> its table row
+    to_evaluate: list[tuple] = []       # (point, sae, training figures): trained, evaluated together at the end
     _say(f"sweep of {len(points)} SAEs on {base.model} {base.hook} into {out}: "
          + ", ".join(p.name for p in points))
     for index, point in enumerate(points, 1):
         run_dir = Path(point.cfg.out)
-        reused = None if overwrite else _reusable_row(run_dir, point.cfg)
+        reused = None if overwrite else _saved_for(run_dir / ROW_FILE, point.cfg, "row")
         if reused is not None:
             _say(f"[{index}/{len(points)}] {point.name}: reusing the finished run in {run_dir}")
-            rows.append(reused)
+            rows[point.name] = reused
+            continue
+        trained = None if overwrite else _saved_for(run_dir / TRAINED_FILE, point.cfg, "trained")
+        if trained is not None:
+            _say(f"[{index}/{len(points)}] {point.name}: trained earlier in {run_dir}; evaluated with the others")
+            to_evaluate.append((point, load_sae(run_dir / "final"), trained))
             continue
         if train_source is None:
             t0 = time.perf_counter()
@@ -258,7 +268,6 @@ def sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool = False) -> Swee
                 activation_rows = len(train_source.data)
             collect_seconds = time.perf_counter() - t0
         _say(f"[{index}/{len(points)}] training {point.name} ({point.label}, {point.cfg.tokens:,} tokens)")
-        t0 = time.perf_counter()
         trainer = Trainer(point.cfg, train_source, run_dir, metadata=data.metadata)
         result = trainer.run()
         plot_training_curves(run_dir / METRICS_FILE, run_dir / "training_curves.png")
@@ -266,27 +275,16 @@ def sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool = False) -> Swee
             _say(f"stopped during {point.name}; run the same command again to continue the sweep")
             completed = False
             break
-        train_dead = float((trainer.tokens_since_fired >= point.cfg.dead_window_tokens).float().mean())
-        t1 = time.perf_counter()
-        metrics = data.evaluate(result.sae, downstream=scfg.downstream) if base.eval_tokens > 0 else {}
-        eval_seconds = time.perf_counter() - t1
-        frequency = metrics.pop("firing_frequency", result.firing_frequency)
-        metrics.pop("error_by_position", None)
-        result.sae.save(run_dir / "final", sparsity=torch.log10(frequency + 1e-10), runner_cfg=asdict(point.cfg))
-        (run_dir / "eval.json").write_text(json.dumps(
-            {**metrics, "train_tokens": result.tokens, "train_seconds": round(result.seconds, 1)}, indent=2))
-        row = {"architecture": point.architecture, "sparsity_setting": point.label,
-               "l0": metrics.get("l0"), "explained_variance": metrics.get("explained_variance"),
-               "ce_loss_score": metrics.get("ce_loss_score"), "kl_score": metrics.get("kl_score"),
-               "dead_fraction": train_dead, "eval_dead_fraction": metrics.get("dead_fraction"),
-               "train_seconds": result.seconds, "eval_seconds": eval_seconds,
-               "wall_seconds": time.perf_counter() - t0, "dead_latent_remedy": point.cfg.remedy,
-               "run": point.name}
-        (run_dir / ROW_FILE).write_text(json.dumps({"config": asdict(point.cfg), "row": row}, indent=2))
-        rows.append(row)
-        _say(f"  {point.name}: L0 {_num(row['l0'])}, explained variance {_num(row['explained_variance'])}, "
-             f"CE recovered {_num(row['ce_loss_score'])}, dead {row['dead_fraction']:.3f}, "
-             f"{row['wall_seconds']:.0f} s")
+        # Saved now (with training firing frequencies), so a sweep stopped later keeps this SAE.
+        result.sae.save(run_dir / "final", sparsity=torch.log10(result.firing_frequency + 1e-10),
+                        runner_cfg=asdict(point.cfg))
+        trained = {"train_tokens": result.tokens, "train_seconds": result.seconds,
+                   "dead_fraction": float((trainer.tokens_since_fired >= point.cfg.dead_window_tokens).float().mean())}
+        (run_dir / TRAINED_FILE).write_text(json.dumps({"config": asdict(point.cfg), "trained": trained}, indent=2))
+        to_evaluate.append((point, result.sae, trained))
+    if completed and to_evaluate:
+        rows.update(_evaluate_together(data, to_evaluate, scfg, base))
+    rows = [rows[point.name] for point in points if point.name in rows]
 
     write_table(rows, out / "results.csv", out / "results.md")
     plot_pareto(rows, out / "pareto.png", title=f"{base.model} {base.hook}")
@@ -298,12 +296,44 @@ def sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool = False) -> Swee
     return SweepResult(out, rows, completed, collect_seconds)
 
 
-def _reusable_row(run_dir: Path, cfg: TrainConfig) -> dict | None:
-    path = run_dir / ROW_FILE
+def _evaluate_together(data, to_evaluate: list[tuple], scfg: SweepConfig, base: TrainConfig) -> dict[str, dict]:
+    """Evaluate the trained SAEs on the held-out text in one go (the model's clean pass shared by all of
+    them); write each run's eval.json, final/ (sparsity from the held-out text) and table row."""
+    _say(f"evaluating {len(to_evaluate)} SAEs together on the held-out text")
+    t0 = time.perf_counter()
+    saes = [sae for _, sae, _ in to_evaluate]
+    evaluated = data.evaluate_many(saes, downstream=scfg.downstream) if base.eval_tokens > 0 else [{} for _ in saes]
+    eval_seconds = (time.perf_counter() - t0) / len(saes)  # each SAE's share of the shared evaluation
+    rows = {}
+    for (point, sae, trained), metrics in zip(to_evaluate, evaluated):
+        run_dir = Path(point.cfg.out)
+        metrics.pop("error_by_position", None)
+        if "firing_frequency" in metrics:
+            sae.save(run_dir / "final", sparsity=torch.log10(metrics.pop("firing_frequency") + 1e-10),
+                     runner_cfg=asdict(point.cfg))
+        (run_dir / "eval.json").write_text(json.dumps(
+            {**metrics, "train_tokens": trained["train_tokens"], "train_seconds": round(trained["train_seconds"], 1)},
+            indent=2))
+        row = {"architecture": point.architecture, "sparsity_setting": point.label,
+               "l0": metrics.get("l0"), "explained_variance": metrics.get("explained_variance"),
+               "ce_loss_score": metrics.get("ce_loss_score"), "kl_score": metrics.get("kl_score"),
+               "dead_fraction": trained["dead_fraction"], "eval_dead_fraction": metrics.get("dead_fraction"),
+               "train_seconds": trained["train_seconds"], "eval_seconds": eval_seconds,
+               "wall_seconds": trained["train_seconds"] + eval_seconds, "dead_latent_remedy": point.cfg.remedy,
+               "run": point.name}
+        (run_dir / ROW_FILE).write_text(json.dumps({"config": asdict(point.cfg), "row": row}, indent=2))
+        rows[point.name] = row
+        _say(f"  {point.name}: L0 {_num(row['l0'])}, explained variance {_num(row['explained_variance'])}, "
+             f"CE recovered {_num(row['ce_loss_score'])}, dead {row['dead_fraction']:.3f}")
+    return rows
+
+
+def _saved_for(path: Path, cfg: TrainConfig, key: str):
+    """``key`` of the JSON file at ``path`` when it was written for this very config, else None."""
     if not path.exists():
         return None
     saved = json.loads(path.read_text())
-    return saved["row"] if saved.get("config") == json.loads(json.dumps(asdict(cfg))) else None
+    return saved[key] if saved.get("config") == json.loads(json.dumps(asdict(cfg))) else None
 
 
 def write_table(rows: list[dict], csv_path, md_path) -> None:

@@ -9,8 +9,8 @@ activation zero-ablated.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +102,16 @@ class _Totals:
         self.pos_x_sum = torch.zeros(0, d_in, dtype=torch.float64)
         self.pos_x_sq = torch.zeros(0, dtype=torch.float64)
 
+    def add_downstream(self, clean: _NextTokenReference, with_sae: tuple[float, float],
+                       zero: tuple[float, float]) -> None:
+        self.ce["clean"] += clean.ce
+        (ce_sae, kl_sae), (ce_zero, kl_zero) = with_sae, zero
+        self.ce["sae"] += ce_sae
+        self.ce["zero"] += ce_zero
+        self.kl["sae"] += kl_sae
+        self.kl["zero"] += kl_zero
+        self.predictions += clean.predictions
+
     def grow_positions(self, seq: int) -> None:
         extra = seq - len(self.pos_tokens)
         if extra > 0:
@@ -127,28 +137,43 @@ def evaluate(model, sae: SAE, hook: HookPoint | str | None, token_batches: Itera
     error over its variance about the overall mean, ``fvu_contribution`` = its share of the overall
     FVU (these sum to ``fvu``); None where no token was evaluated).
     """
+    return evaluate_many(model, [(sae, hook)], token_batches, keep_mask, downstream)[0]
+
+
+@torch.no_grad()
+def evaluate_many(model, saes: Sequence[tuple[SAE, HookPoint | str | None]], token_batches: Iterable[torch.Tensor],
+                  keep_mask: Callable[[torch.Tensor], torch.Tensor] | None = None, downstream: bool = True) -> list[dict]:
+    """``evaluate`` for several ``(sae, hook)`` pairs on the same text, one result each (equal to evaluating
+    that SAE alone). The model's clean pass runs once per batch and the zero-ablated pass once per distinct
+    hook; only the spliced pass runs once per SAE (a sweep of 18 SAEs: 20 passes per batch, not 54)."""
     device = next(model.parameters()).device
-    hook = sae_hook(model, sae, hook)
-    sae = sae.to(device)
-    totals = _Totals(sae.cfg.d_in, sae.cfg.d_sae)
+    pairs = [(sae.to(device), sae_hook(model, sae, hook)) for sae, hook in saes]
+    hooks = list({hook.name: hook for _, hook in pairs}.values())
+    totals = [_Totals(sae.cfg.d_in, sae.cfg.d_sae) for sae, _ in pairs]
     for tokens in token_batches:
         tokens = tokens.to(device)
         keep = (torch.ones_like(tokens, dtype=torch.bool) if keep_mask is None
                 else keep_mask(tokens.cpu()).to(device))
         if not downstream:
-            act = capture(model, tokens, [hook])[hook.name]
-            _add_reconstruction(totals, sae, act, keep)
+            acts = capture(model, tokens, hooks)
+            for total, (sae, hook) in zip(totals, pairs):
+                _add_reconstruction(total, sae, acts[hook.name], keep)
             continue
-        captured = {}
-        with hooked(model, hook, lambda act: captured.__setitem__("act", act.detach())):
-            clean_logits = lm_logits(model, tokens)
-        _add_reconstruction(totals, sae, captured["act"], keep)
-        with splice(model, sae, hook, keep):
-            sae_logits = lm_logits(model, tokens)
-        with zero_ablate(model, hook, keep):
-            zero_logits = lm_logits(model, tokens)
-        _add_downstream(totals, tokens, keep, clean_logits, sae_logits, zero_logits)
-    return _summarise(totals, downstream)
+        acts = {}
+        with ExitStack() as stack:
+            for hook in hooks:
+                stack.enter_context(hooked(model, hook, lambda act, name=hook.name: acts.__setitem__(name, act.detach())))
+            clean = _NextTokenReference(lm_logits(model, tokens), tokens, keep)
+        zero = {}
+        for hook in hooks:
+            with zero_ablate(model, hook, keep):
+                zero[hook.name] = clean.ce_and_kl(lm_logits(model, tokens))
+        for total, (sae, hook) in zip(totals, pairs):
+            _add_reconstruction(total, sae, acts[hook.name], keep)
+            with splice(model, sae, hook, keep):
+                with_sae = clean.ce_and_kl(lm_logits(model, tokens))
+            total.add_downstream(clean, with_sae, zero[hook.name])
+    return [_summarise(total, downstream) for total in totals]
 
 
 @torch.no_grad()
@@ -186,20 +211,23 @@ def _add_reconstruction(totals: _Totals, sae: SAE, act: torch.Tensor, keep: torc
     totals.pos_x_sq.index_add_(0, positions, xd.pow(2).sum(-1))
 
 
-def _add_downstream(totals: _Totals, tokens, keep, clean, with_sae, zero) -> None:
-    # Next-token predictions whose target is a position the SAE is applied to (not a special token).
-    targets = tokens[:, 1:]
-    mask = keep[:, 1:]
-    logp = {name: F.log_softmax(logits[:, :-1].float(), dim=-1)
-            for name, logits in (("clean", clean), ("sae", with_sae), ("zero", zero))}
-    for name, lp in logp.items():
-        nll = -lp.gather(-1, targets[..., None]).squeeze(-1)
-        totals.ce[name] += nll[mask].double().sum().item()
-    p_clean = logp["clean"].exp()
-    for name in ("sae", "zero"):
-        kl = (p_clean * (logp["clean"] - logp[name])).sum(-1)
-        totals.kl[name] += kl[mask].double().sum().item()
-    totals.predictions += int(mask.sum().item())
+class _NextTokenReference:
+    """The clean model's next-token predictions for one batch, against which CE and KL are measured. Only
+    predictions whose target is a position the SAE is applied to (not a special token) count."""
+
+    def __init__(self, clean_logits: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor):
+        self.targets, self.mask = tokens[:, 1:], keep[:, 1:]
+        self.logp = F.log_softmax(clean_logits[:, :-1].float(), dim=-1)
+        self.p = self.logp.exp()
+        self.ce, _ = self.ce_and_kl(None)
+        self.predictions = int(self.mask.sum().item())
+
+    def ce_and_kl(self, logits: torch.Tensor | None) -> tuple[float, float]:
+        """Summed cross-entropy of ``logits`` (None: the clean ones) and summed KL(clean || them)."""
+        logp = self.logp if logits is None else F.log_softmax(logits[:, :-1].float(), dim=-1)
+        nll = -logp.gather(-1, self.targets[..., None]).squeeze(-1)
+        kl = 0.0 if logits is None else (self.p * (self.logp - logp)).sum(-1)[self.mask].double().sum().item()
+        return nll[self.mask].double().sum().item(), kl
 
 
 def _summarise(t: _Totals, downstream: bool) -> dict:

@@ -174,6 +174,12 @@ class TrainConfig:
             raise ValueError("invalid training config: " + "; ".join(problems))
 
     @property
+    def block_tokens(self) -> int:
+        """Rows the activation buffer fills at once: ``buffer_tokens``, but no more than the run trains on
+        (whole batches), so that a short run does not pay the model's forward pass over a full buffer."""
+        return min(self.buffer_tokens, -(-self.tokens // self.batch_size) * self.batch_size)
+
+    @property
     def remedy(self) -> str:
         """The dead-latent remedy in effect: ``dead_latent_remedy`` with auto resolved."""
         if self.dead_latent_remedy == "auto":

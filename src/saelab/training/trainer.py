@@ -71,7 +71,7 @@ class Trainer:
         self.tracker = tracker or NullTracker()  # W&B (training/tracking.py), or nothing
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.metadata = metadata or {}
-        self.buffer = buffer or ActivationBuffer(source, cfg.buffer_tokens, cfg.batch_size, cfg.seed,
+        self.buffer = buffer or ActivationBuffer(source, cfg.block_tokens, cfg.batch_size, cfg.seed,
                                                  progress=cfg.progress and self.dp.is_main, device=self.device)
         d_sae = cfg.d_sae or cfg.expansion * source.d_in
         sae_cfg = SAEConfig(d_in=source.d_in, d_sae=d_sae, architecture=cfg.architecture,
