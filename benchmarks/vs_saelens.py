@@ -2,7 +2,7 @@
 benchmarks/results/vs_saelens.json. Not a test.
 
     python benchmarks/vs_saelens.py --quick      # tiny budgets, a few minutes: checks that everything runs
-    python benchmarks/vs_saelens.py              # the measurement (an hour or more on 2 CPU cores)
+    python benchmarks/vs_saelens.py              # the measurement (~50 min on 2 CPU cores)
 
 Task: the embedded SmolLM2-135M (SAELens loads the same dequantised safetensors folder saelab caches,
 as an AutoModelForCausalLM), the residual stream after block 6 (saelab blocks.6.hook_resid_post, SAELens

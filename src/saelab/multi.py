@@ -14,6 +14,7 @@ from itertools import product
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from saelab.data.activations import ActivationBuffer
 from saelab.evals.metrics import evaluate_many
@@ -150,8 +151,9 @@ def _held_out_metrics(base: TrainConfig, model, tokenizer, hooks: list, results:
     eval_dataset = base.eval_dataset or base.dataset
     held_out = lm_source(base, model, tokenizer, hooks[0], eval_dataset, max_contexts=eval_contexts)
     _say(f"evaluating {len(finished)} SAEs on {eval_contexts * base.context_size:,} held-out tokens of {eval_dataset}")
-    evaluated = evaluate_many(model, [(results[i].sae, hooks[i]) for i in finished], held_out.token_batches(),
-                              held_out.keep_mask)
+    batches = tqdm(held_out.token_batches(), total=math.ceil(eval_contexts / base.lm_batch_size), unit="batch",
+                   desc=f"evaluating {len(finished)} SAEs", leave=False, disable=not base.progress)
+    evaluated = evaluate_many(model, [(results[i].sae, hooks[i]) for i in finished], batches, held_out.keep_mask)
     return {i: {**metrics, "eval_dataset": eval_dataset} for i, metrics in zip(finished, evaluated)}
 
 
