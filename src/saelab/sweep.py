@@ -1,10 +1,11 @@
 """What ``saelab sweep`` does: train a grid of SAEs (architectures x sparsity settings) on one hook point,
-all on the same activations, collected from the model once and held in memory; evaluate each on the
-same held-out text; write a table (CSV, markdown) and the explained-variance-vs-L0 Pareto plot.
+all on the same activations, collected from the model once and held in memory; evaluate them together
+on the same held-out text (one clean model pass per batch for all); write a table (CSV, markdown) and the
+explained-variance-vs-L0 Pareto plot.
 
 Each grid point is an ordinary run folder (checkpoint, metrics.jsonl, training_curves.png, eval.json,
-``final/`` SAE) under the sweep folder; a point whose folder already holds its result for the same
-config is reused, so an interrupted sweep continues where it stopped.
+``final/`` SAE) under the sweep folder; a point whose folder already holds its result (or its trained SAE,
+awaiting evaluation) for the same config is reused, so an interrupted sweep continues where it stopped.
 """
 
 from __future__ import annotations
