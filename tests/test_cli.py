@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from conftest import SHARED_DATA
 from saelab import SAE
 from saelab.cli import build_parser, main
 from saelab.training import TrainConfig

@@ -31,6 +31,12 @@ class HookNameError(ValueError):
     pass
 
 
+def is_transformer_lens_name(name: str) -> bool:
+    """Whether ``name`` is a TransformerLens-style hook name saelab maps, e.g. ``blocks.6.hook_resid_post``."""
+    match = _TL_NAME.match(name)
+    return bool(match) and match.group(2) in TL_KINDS
+
+
 @dataclass(frozen=True)
 class HookPoint:
     """One activation: the output (or input) of one module."""

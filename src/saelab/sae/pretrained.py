@@ -31,7 +31,6 @@ REQUIRED_FILES = {"saelens": (CONFIG_FILE, WEIGHTS_FILE), "gemma_scope": (GEMMA_
 WIDTH_UNITS = {"k": 1_000, "m": 1_000_000}
 # Gemma Scope's published training setup (its SAELens configs say the same).
 GEMMA_SCOPE_METADATA = {"context_size": 1024, "prepend_bos": True, "dataset_path": "monology/pile-uncopyrighted"}
-_HOOK_ID = re.compile(r"^blocks\.\d+\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)$")
 
 
 class PretrainedError(ValueError):
@@ -75,7 +74,7 @@ def resolve(release: str, sae_id: str) -> PretrainedRef:
         return _registry_ref(release, releases[release], sae_id)
     if is_repo_id(release):
         return PretrainedRef(release, sae_id, repo_id=release, path=sae_id.strip("/"), format="saelens",
-                             hook=sae_id if _HOOK_ID.match(sae_id) else None)
+                             hook=_hook_named_by(sae_id))
     raise PretrainedError(f"unknown release {release!r}: not in saelab's registry (`saelab pretrained list`) and not "
                           "a hub repo id (owner/repo). For an SAE folder on disk use SAE.load(folder).")
 
@@ -107,7 +106,14 @@ def _hook_of(entry: dict, sae_id: str, path: str) -> str | None:
     if template:
         layer = re.search(r"layer_(\d+)", path)
         return template.format(layer=layer.group(1)) if layer else None
-    return sae_id if _HOOK_ID.match(sae_id) else None
+    return _hook_named_by(sae_id)
+
+
+def _hook_named_by(sae_id: str) -> str | None:
+    """``sae_id`` itself when it is a hook name (SAELens-style releases name each SAE by its hook)."""
+    from saelab.models.hooks import is_transformer_lens_name  # here: loading saelab.sae needs no LM stack
+
+    return sae_id if is_transformer_lens_name(sae_id) else None
 
 
 def _width_of(path: str) -> int | None:
