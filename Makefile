@@ -25,8 +25,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Leaves out the real model and the longest training runs (slow), other processes (subprocess: torchrun,
+# the CLI in a subprocess, SAELens's venv), headless chromium (browser) and SAELens cross-loading (saelens).
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not subprocess and not browser and not saelens"
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py

@@ -23,8 +23,7 @@ import torch
 
 from saelab.data import LMActivationSource, Packing, TensorSource
 from saelab.models import load_model, resolve_hook
-from saelab.pipeline import train
-from saelab.training import TrainConfig, Trainer
+from saelab.training import TrainConfig, Trainer, train
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -77,7 +76,7 @@ def main() -> None:
     figures["sae_step_fraction_of_matmul_peak"] = round(step_gflops / figures["fp32_matmul_gflops"], 3)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        train(replace(cfg, out=tmp))
+        train([replace(cfg, out=tmp)])
         wall = time.perf_counter() - start
     figures["end_to_end_seconds"] = round(wall, 1)
     figures["end_to_end_tokens_per_s"] = round(args.tokens / wall)

@@ -67,12 +67,11 @@ BUDGETS = {
 
 # --- saelab jobs (run in a subprocess of this file) ---------------------------------------------------------
 def saelab_train(job: dict) -> dict:
-    from saelab.pipeline import train
-    from saelab.training import TrainConfig
+    from saelab.training import TrainConfig, train
 
     t0 = time.perf_counter()
     cfg = TrainConfig(**job["config"])
-    summary = train(cfg, overwrite=True)
+    summary = train([cfg], overwrite=True)[0]
     seconds = time.perf_counter() - t0
     result = {"tokens": cfg.tokens, "seconds": seconds}
     if job.get("heldout"):
@@ -89,13 +88,12 @@ def saelab_cache(job: dict) -> dict:
 
 
 def saelab_multi(job: dict) -> dict:
-    from saelab.multi import train_many
-    from saelab.training import TrainConfig
+    from saelab.training import TrainConfig, train
 
     t0 = time.perf_counter()
     configs = [TrainConfig(**{**job["config"], "hook": hook, "out": str(Path(job["config"]["out"]) / hook)})
                for hook in job["hooks"]]
-    train_many(configs, overwrite=True)
+    train(configs, overwrite=True)
     return {"tokens": configs[0].tokens, "seconds": time.perf_counter() - t0, "saes": len(configs)}
 
 

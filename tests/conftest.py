@@ -1,11 +1,18 @@
-"""Shared fixtures: tiny offline models and tokenizers, synthetic activations with known features."""
+"""Shared fixtures: tiny offline models and tokenizers, synthetic activations with known features, and the
+SAELens interpreter that the cross-loading tests run ``tests/saelens_roundtrip.py`` under."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
-SHARED_DATA = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_tokenizer(vocab_size: int = 300):
@@ -67,3 +74,86 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "docs.txt"
     path.write_text("\n\n".join(list(topics.values())[:40]))
     return path
+
+
+# --- SAELens, in its own interpreter ------------------------------------------------------------------
+
+SAELENS_HELPER = Path(__file__).with_name("saelens_roundtrip.py")
+
+
+def saelens_python() -> Path:
+    """``$SAELAB_SAELENS_PYTHON``, else ``<repo>/.venv-saelens/bin/python`` (``bash scripts/install_saelens.sh``)."""
+    return Path(os.environ.get("SAELAB_SAELENS_PYTHON") or REPO / ".venv-saelens" / "bin" / "python")
+
+
+class SAELensRun:
+    """``tests/saelens_roundtrip.py`` running in the background on one list of jobs."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self._summary = None
+
+    def result(self, timeout: float = 900) -> dict:
+        """Wait for the helper; its summary line (``{"sae_lens_version": ..., ...}``). Fails the test when the
+        helper failed."""
+        if self._summary is None:
+            try:
+                out, err = self.proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise
+            assert self.proc.returncode == 0, f"SAELens helper failed ({self.proc.returncode}):\n{err[-4000:]}"
+            self._summary = json.loads(out.strip().splitlines()[-1])
+        return self._summary
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class SAELens:
+    """The interpreter that has sae-lens 6.x. ``start(jobs, root)`` writes ``root/jobs.json`` and runs every job
+    (see ``tests/saelens_roundtrip.py``) in one background process, since importing sae_lens takes ~15 s;
+    ``run(jobs, root)`` also waits for it and returns the summary."""
+
+    def __init__(self, python: Path):
+        self.python = python
+
+    def start(self, jobs: list[dict], root: Path) -> SAELensRun:
+        (root / "jobs.json").write_text(json.dumps(jobs))
+        return SAELensRun(subprocess.Popen([str(self.python), str(SAELENS_HELPER), str(root / "jobs.json")],
+                                           cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+
+    def run(self, jobs: list[dict], root: Path, timeout: float = 900) -> dict:
+        return self.start(jobs, root).result(timeout)
+
+
+def find_saelens() -> SAELens | None:
+    """The SAELens interpreter, or None where it is not installed (for code that must not skip)."""
+    python = saelens_python()
+    return SAELens(python) if python.exists() else None
+
+
+@pytest.fixture(scope="session")
+def saelens() -> SAELens:
+    """The SAELens interpreter; skips the test where it is absent. Mark its tests ``saelens`` (and
+    ``subprocess``), so that ``-m "not saelens"`` leaves them out."""
+    found = find_saelens()
+    if found is None:
+        pytest.skip(f"SAELens interpreter {saelens_python()} not found: run `bash scripts/install_saelens.sh` "
+                    "or set SAELAB_SAELENS_PYTHON to a python that has sae-lens 6.x")
+    return found
+
+
+def step_for(sae, remedy: str = "none", dead_mask=None, dead_latents=None, **settings):
+    """Give ``sae`` those of these training settings its architecture declares (as a run does: each architecture
+    reads its own) and return the ``TrainStep`` to call ``training_forward`` with."""
+    import dataclasses
+
+    from saelab.sae import TrainStep, architecture
+
+    current = sae.settings or architecture(sae.architecture).settings()
+    own = {f.name for f in dataclasses.fields(current)}
+    sae.settings = dataclasses.replace(current, **{name: value for name, value in settings.items() if name in own})
+    return TrainStep(remedy=remedy, dead_mask=dead_mask, dead_latents=dead_latents)

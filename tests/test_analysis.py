@@ -286,14 +286,6 @@ def test_bad_input_is_a_clear_error(sae_folder, capsys):
         build_parser().parse_args(["steer", sae, "--feature", "1", "--prompt", "x", "--strength", "1", "--clamp", "2"])
 
 
-def test_every_option_has_help():
-    parser = build_parser()
-    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    for name in ("features", "steer", "attribute"):
-        for action in subparsers.choices[name]._actions:
-            assert action.help, (name, action.dest)
-
-
 def test_token_features_in_python(lm):
     loaded = loaded_for(lm)
     rows = token_features(loaded, "The value", top=2)

@@ -1,34 +1,29 @@
 """BatchTopK, JumpReLU, Gated and Matryoshka-BatchTopK SAEs: encode formulas, sparse gradients, training on
 synthetic ground truth, exact resume, the saved folder and cross-loading with SAELens.
 
-The SAELens half (``tests/saelens_roundtrip.py`` under SAELens's interpreter) starts in the background when
-this module's first test runs, so its ~20 s import overlaps the training tests; those tests skip when
-the interpreter is absent.
+The SAELens half (``tests/saelens_roundtrip.py`` under SAELens's interpreter, conftest.py's ``saelens``) starts
+in the background when this module's first test runs, so its ~20 s import overlaps the training tests; those
+tests, marked ``saelens``, skip when the interpreter is absent, and nothing starts when none of them is selected.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import mean_max_cosine, synthetic_activations
+from conftest import find_saelens, mean_max_cosine, step_for, synthetic_activations
 from saelab.data import TensorSource
+import saelab.sae
 from saelab.sae import (SAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, JumpReLUTrainingSAE, MatryoshkaBatchTopKSAE,
-                        SAEConfig, TrainStepInfo, create_sae)
+                        MatryoshkaSettings, SAEConfig, create_sae)
 from saelab.sae.jumprelu import LOG_THRESHOLD_LR_SCALE
 from saelab.sae.matryoshka import resolve_widths
 from saelab.training import TrainConfig, Trainer
 
-REPO = Path(__file__).resolve().parents[1]
-HELPER = Path(__file__).with_name("saelens_roundtrip.py")
-SAELENS_PYTHON = Path(os.environ.get("SAELAB_SAELENS_PYTHON") or REPO / ".venv-saelens" / "bin" / "python")
 D_IN, D_SAE, K = 16, 48, 4
 METADATA = {"model_name": "HuggingFaceTB/SmolLM2-135M", "hook_name": "model.layers.6", "context_size": 128}
 
@@ -42,11 +37,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def random_sae(architecture: str, seed: int = 0, training: bool = False, **cfg) -> SAE:
-    """Random weights with non-trivial biases, thresholds and gates."""
+def random_sae(architecture: str, seed: int = 0, training: bool = False, **settings) -> SAE:
+    """Random weights with non-trivial biases, thresholds and gates; ``settings``: its training settings."""
     k = K if architecture in ("batchtopk", "matryoshka_batchtopk") else None
-    sae = create_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=architecture, k=k, metadata=dict(METADATA),
-                               **cfg), training=training)
+    arch = saelab.sae.architecture(architecture)
+    sae = create_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=architecture, k=k, metadata=dict(METADATA)),
+                     training=training or bool(settings), settings=arch.settings_from(settings))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sae.named_parameters():
@@ -72,8 +68,13 @@ SAELENS_TO_SAELAB = ["jumprelu", "gated"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def saelens_process(tmp_path_factory):
-    if not SAELENS_PYTHON.exists():
+def saelens_process(request, tmp_path_factory):
+    """The SAELens jobs, started in the background; None when SAELens is absent or when no ``saelens`` test of
+    this module was selected (``-m "not saelens"``)."""
+    saelens = find_saelens()
+    selected = any(getattr(item, "module", None) is request.module and item.get_closest_marker("saelens")
+                   for item in request.session.items)
+    if saelens is None or not selected:
         yield None
         return
     root = tmp_path_factory.mktemp("saelens_architectures")
@@ -91,23 +92,9 @@ def saelens_process(tmp_path_factory):
         jobs.append({"mode": "create", "architecture": arch, "d_in": D_IN, "d_sae": D_SAE, "seed": 40 + i,
                      "metadata": METADATA, "folder": str(root / f"saelens_{arch}"),
                      "inputs": str(root / "inputs.safetensors"), "out": str(root / f"saelens_{arch}.out")})
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    proc = subprocess.Popen([str(SAELENS_PYTHON), str(HELPER), str(root / "jobs.json")], cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    state = {"root": root, "ours": ours, "proc": proc, "done": None}
-
-    def finish():
-        if state["done"] is None:
-            out, err = proc.communicate(timeout=600)
-            assert proc.returncode == 0, f"SAELens helper failed ({proc.returncode}):\n{err[-4000:]}"
-            state["done"] = json.loads(out.strip().splitlines()[-1])
-        return state
-
-    state["finish"] = finish
-    yield state
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    run = saelens.start(jobs, root)
+    yield {"root": root, "ours": ours, "run": run}
+    run.kill()
 
 
 # --- encode formulas (SAE_FORMAT.md, written out by hand) ---------------------------------------------
@@ -134,14 +121,14 @@ def test_gated_encode_matches_the_format():
     f = sae.encode(x)
     assert torch.equal(f, gate.float() * magnitude)
     assert (f > 0).sum() < (magnitude > 0).sum()     # the gate matters
-    out = sae.training_forward(x, TrainStepInfo(sparsity_coefficient=0.5))
+    out = sae.training_forward(x, step_for(sae, l1_coefficient=0.5))
     assert torch.allclose(out.x_hat, sae(x), atol=1e-5)
 
 
 def test_gated_training_loss_is_reconstruction_l1_and_frozen_decoder_aux():
     sae = random_sae("gated", seed=2)
     x = inputs(32)
-    out = sae.training_forward(x, TrainStepInfo(sparsity_coefficient=0.5))
+    out = sae.training_forward(x, step_for(sae, l1_coefficient=0.5))
     sae_in = x - sae.b_dec
     gate_acts = torch.relu(sae_in @ sae.W_enc + sae.b_gate)
     recon = (sae(x) - x).pow(2).sum(-1).mean()
@@ -160,7 +147,7 @@ def test_jumprelu_training_gradients_are_the_straight_through_estimates():
     sae = random_sae("jumprelu", seed=3, training=True)
     x = inputs(256)
     bandwidth, coefficient = 0.2, 0.7
-    out = sae.training_forward(x, TrainStepInfo(l0_coefficient=coefficient, bandwidth=bandwidth))
+    out = sae.training_forward(x, step_for(sae, l0_coefficient=coefficient, jumprelu_bandwidth=bandwidth))
     assert torch.allclose(out.x_hat, sae(x), atol=1e-5)
     pre = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).detach()
     theta = sae.threshold.detach()
@@ -196,7 +183,7 @@ def test_batchtopk_selects_the_top_k_times_batch_of_the_whole_batch():
     assert torch.equal(f, batch_topk_reference(sae, x))
     counts = (f > 0).sum(1)
     assert counts.sum() == K * 100 and counts.min() < K < counts.max()  # per token it varies
-    out = sae.training_forward(x, TrainStepInfo())
+    out = sae.training_forward(x, step_for(sae))
     assert out.fired.sum() == K * 100
     assert torch.allclose(out.x_hat, sae.decode(f), atol=1e-5)
 
@@ -207,7 +194,7 @@ def test_batchtopk_sparse_gradients_equal_the_dense_computation(architecture):
     x = inputs(40)
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[::3] = True
-    info = TrainStepInfo(dead_mask=dead, aux_k=5, aux_coefficient=0.5)
+    info = step_for(sae, remedy="auxk", dead_mask=dead, aux_k=5, aux_coefficient=0.5)
     loss = sae.training_forward(x, info).loss
     sparse_grads = torch.autograd.grad(loss, list(sae.parameters()))
 
@@ -233,8 +220,8 @@ def test_batchtopk_threshold_is_a_moving_average_of_the_smallest_selected_value(
     seen = []
     for seed in range(3):
         x = inputs(50, seed=seed)
-        out = sae.training_forward(x, TrainStepInfo())
-        sae.after_step(out, TrainStepInfo(threshold_ema_rate=0.25))
+        out = sae.training_forward(x, step_for(sae))
+        sae.after_step(out, step_for(sae, threshold_ema_rate=0.25))
         f = batch_topk_reference(sae, x)
         seen.append(f[f > 0].min().item())
     expected = seen[0]                                      # the first batch sets it, then it moves 25% per step
@@ -253,8 +240,8 @@ def test_matryoshka_widths():
     assert resolve_widths(None, 128) == [8, 16, 32, 64, 128]
     assert resolve_widths("1/4,0.5", 128) == [32, 64, 128]           # d_sae is added as the last prefix
     assert resolve_widths("8,40", 128) == [8, 40, 128]
-    assert MatryoshkaBatchTopKSAE(SAEConfig(d_in=4, d_sae=64, architecture="matryoshka_batchtopk", k=2,
-                                            matryoshka_widths="1/8,1/2,1")).cfg.matryoshka_widths == [8, 32, 64]
+    assert MatryoshkaBatchTopKSAE(SAEConfig(d_in=4, d_sae=64, architecture="matryoshka_batchtopk", k=2),
+                                  MatryoshkaSettings(matryoshka_widths="1/8,1/2,1")).widths == [8, 32, 64]
     for bad in ("40,8", "1/2,1/4", "a,b", "0,1", "2.0", "200"):
         with pytest.raises(ValueError, match="matryoshka width"):
             resolve_widths(bad, 128)
@@ -404,13 +391,13 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, architec
 
 
 def test_cli_accepts_the_new_options():
-    from saelab.cli import build_parser, config_from_args, list_values
-    from saelab.training.multi import LIST_FIELDS
+    from saelab.cli import build_parser, config_from_args, option_fields, read_lists
+    from saelab.training.run import list_fields
 
     args = build_parser().parse_args(["train", "--architecture", "matryoshka", "--matryoshka-widths", "1/8,1/2",
                                       "--target-l0", "20", "--jumprelu-bandwidth", "0.01", "--threshold-ema-rate",
                                       "0.05", "--l0-coefficient", "2"])
-    assert list_values(TrainConfig, args, LIST_FIELDS) == {}  # single values: one SAE
+    assert read_lists(args, option_fields(TrainConfig), list_fields()) == {}  # single values: one SAE
     cfg = config_from_args(TrainConfig, args)
     assert (cfg.architecture, cfg.matryoshka_widths, cfg.target_l0, cfg.jumprelu_bandwidth,
             cfg.threshold_ema_rate, cfg.l0_coefficient) == ("matryoshka_batchtopk", "1/8,1/2", 20.0, 0.01, 0.05, 2.0)
@@ -427,13 +414,16 @@ def agree(actual, expected, what, tol=1e-5):
 
 
 def _saelens(saelens_process):
-    if saelens_process is None:
-        pytest.skip(f"SAELens interpreter {SAELENS_PYTHON} not found (bash scripts/install_saelens.sh)")
-    return saelens_process["finish"]()
+    """The background SAELens jobs, once finished (the ``saelens`` fixture has skipped where SAELens is absent)."""
+    assert saelens_process is not None, "a SAELens test that is not marked saelens"
+    saelens_process["run"].result(timeout=600)
+    return saelens_process
 
 
+@pytest.mark.saelens
+@pytest.mark.subprocess
 @pytest.mark.parametrize("architecture", SAELAB_TO_SAELENS)
-def test_saelab_folder_loads_in_saelens(saelens_process, architecture):
+def test_saelab_folder_loads_in_saelens(saelens, saelens_process, architecture):
     state = _saelens(saelens_process)
     root, ours = state["root"], state["ours"][architecture]
     theirs = load_file(root / f"saelab_{architecture}.out")
@@ -449,8 +439,10 @@ def test_saelab_folder_loads_in_saelens(saelens_process, architecture):
     assert (encoded > 0).any()
 
 
+@pytest.mark.saelens
+@pytest.mark.subprocess
 @pytest.mark.parametrize("architecture", SAELENS_TO_SAELAB)
-def test_saelens_folder_loads_in_saelab(saelens_process, architecture):
+def test_saelens_folder_loads_in_saelab(saelens, saelens_process, architecture):
     state = _saelens(saelens_process)
     root = state["root"]
     folder = root / f"saelens_{architecture}"

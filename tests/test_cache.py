@@ -49,14 +49,12 @@ def count_forwards(monkeypatch):
 
 def no_model(monkeypatch):
     """Make loading a model an error in training and sweeping: a cache must be enough."""
-    import saelab.pipeline
-    import saelab.sweep
+    import saelab.data.sources
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(saelab.pipeline, "load_model", refuse)
-    monkeypatch.setattr(saelab.sweep, "load_model", refuse)
+    monkeypatch.setattr(saelab.data.sources, "load_model", refuse)
 
 
 def files(folder) -> dict:
@@ -147,6 +145,7 @@ def test_cached_source_units_resume_anywhere(cached):
         assert all(torch.equal(a, b) for a, b in zip(source.units(start), units[start:], strict=True))
 
 
+@pytest.mark.slow
 def test_training_on_the_cache_equals_training_on_the_model(tiny_model_dir, text_file, cached, tmp_path):
     # Several buffer blocks per epoch and several epochs over the 192 cached contexts.
     cfg = lambda out: TrainConfig(out=str(out), d_sae=64, k=4, tokens=24_576, batch_size=256, lr=3e-3,
@@ -161,6 +160,7 @@ def test_training_on_the_cache_equals_training_on_the_model(tiny_model_dir, text
         assert torch.equal(tensor, from_cache[name]), name
 
 
+@pytest.mark.slow
 def test_train_cli_on_the_cache_without_the_model(tiny_model_dir, text_file, cached, tmp_path, monkeypatch, capsys):
     # Same SAE as `saelab train` on the model (no held-out text either way: the rows line up).
     args = [*TRAIN, "--tokens", "4096", "--eval-tokens", "0"]
@@ -194,6 +194,7 @@ def test_eval_dataset_loads_the_model_for_ce(tiny_model_dir, text_file, cached, 
     assert metrics["eval_dataset"] == str(text_file) and metrics["ce_loss_score"] == metrics["ce_loss_score"]
 
 
+@pytest.mark.slow
 def test_sweep_cli_on_the_cache_without_the_model(tiny_model_dir, text_file, cached, tmp_path, monkeypatch):
     one_hook = write_cache(cache_config(tiny_model_dir, text_file, tmp_path / "acts", hooks=HOOKS[1], tokens=4096))
     no_model(monkeypatch)

@@ -1,12 +1,13 @@
 """`saelab train` end to end on a tiny local model, and the errors a user meets on bad input."""
 
+import argparse
 import json
 
 import pytest
-import torch
 
 from saelab import SAE
-from saelab.cli import build_parser, main
+from saelab.cli import build_parser, main, option_fields
+from saelab.training.sweep import SweepConfig
 from saelab.training import TrainConfig
 
 FAST = ["--tokens", "16384", "--k", "4", "--lr", "3e-3", "--batch-size", "256", "--context-size", "32", "--lm-batch-size", "8",
@@ -32,13 +33,61 @@ def test_train_end_to_end_on_a_local_model_folder(tiny_model_dir, text_file, tmp
     assert main(["train", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--out", str(out), *FAST]) == 2
 
 
-def test_help_explains_every_option(capsys):
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["train", "--help"])
+def subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()):
+    """``(words, parser, one-line help)`` of every subcommand under ``parser``, nested ones (``pretrained list``)
+    included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                yield (*prefix, name), sub, helps.get(name)
+                yield from subcommands(sub, (*prefix, name))
+
+
+def flags(config) -> list[str]:
+    """The flag of every field the command line offers for ``config`` (TrainConfig: with every registered
+    architecture's settings)."""
+    return ["--" + field.name.replace("_", "-") for field in option_fields(config)]
+
+
+SUBCOMMANDS = [" ".join(words) for words, _, _ in subcommands(build_parser())]
+# What a subcommand's --help must say besides its options, and must not say.
+HELP_MENTIONS = {
+    "train": [*flags(TrainConfig), "TransformerLens", "default: smollm2-135m"],
+    "sweep": [*flags(SweepConfig), "--architectures", "--k", "--target-l0", "--target-l0s", "--l1-coefficient",
+              "--l1-coefficients", "--tokens", "--out", "--lr", "--activation-tokens", "--dead-latent-remedy",
+              "--resample-every-tokens"],
+    "eval": ["--model", "--hook", "--dataset", "--dataset-split", "--text-column", "--tokens", "--context-size",
+             "--batch-contexts", "--include-special-tokens", "--no-downstream", "--json", "--out", "--device",
+             "metrics.json", "eval-<dataset>"],
+}
+# A sweep sets these per grid point (--architectures, its own --out): train's forms are not offered.
+HELP_OMITS = {"sweep": ["--architecture ", "--architecture STR"]}
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_option_has_help(command, capsys):
+    """Every option of every subcommand has a help text, and ``saelab COMMAND --help`` shows it."""
+    assert {"train", "sweep", "eval", "features", "steer", "attribute", "dashboard", "pretrained list",
+            "pretrained show"} <= set(SUBCOMMANDS)  # the discovery found them all
+    words = tuple(command.split())
+    parser, summary = next((sub, summary) for w, sub, summary in subcommands(build_parser()) if w == words)
+    assert summary, f"`saelab {command}` has no one-line help in its parent's list"
+    with pytest.raises(SystemExit) as exit:
+        build_parser().parse_args([*words, "--help"])
+    assert exit.value.code == 0
     text = capsys.readouterr().out
-    for field in TrainConfig.__dataclass_fields__:
-        assert "--" + field.replace("_", "-") in text
-    assert "TransformerLens" in text and "default: smollm2-135m" in text
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):  # its subcommands are cases of their own
+            assert set(action.choices) <= set(text.split()), command
+            continue
+        assert action.help and action.help != argparse.SUPPRESS, (command, action.dest)
+        for shown in action.option_strings or [action.metavar or action.dest]:
+            assert shown in text, (command, shown)
+    for needed in HELP_MENTIONS.get(command, []):
+        assert needed in text, (command, needed)
+    for absent in HELP_OMITS.get(command, []):
+        assert absent not in text, (command, absent)
 
 
 def run_cli(args, capsys):

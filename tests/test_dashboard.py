@@ -14,8 +14,8 @@ from saelab.analysis import (ActivationDistributions, DashboardCollector, batche
                              logit_effects, parse_features)
 from saelab.analysis import dashboard
 from saelab.analysis.dashboard import LogitTable, feature_chunks, summary_metrics
-from saelab.analysis.neuronpedia import neuronpedia_url
-from saelab.cli import build_parser, main
+from saelab.sae.neuronpedia import neuronpedia_url
+from saelab.cli import main
 from saelab.data.activations import LMActivationSource
 from saelab.data.tokens import Packing
 from saelab.models import capture, load_model, resolve_hook
@@ -256,13 +256,6 @@ def test_summary_metrics_of_an_eval_report(tmp_path):
     assert summary_metrics(tmp_path / "sae") == (str(report / "metrics.json"), {"fvu": 0.2, "dataset": "wiki.txt"})
 
 
-def test_every_option_has_help():
-    parser = build_parser()
-    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    for action in subparsers.choices["dashboard"]._actions:
-        assert action.help, action.dest
-
-
 # --- (c) the pages in headless Chromium ------------------------------------------------------------------
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -299,6 +292,7 @@ def column(page, n: int) -> list[float]:
         f"#features tbody tr td:nth-child({n})", "cells => cells.map(c => c.dataset.value)")]
 
 
+@pytest.mark.browser
 def test_pages_in_chromium(site, browser):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     index = read_script(site["out"] / "data" / "index.js", "saelabIndex")

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from conftest import synthetic_activations
+from conftest import step_for, synthetic_activations
 from saelab.data import TensorSource
-from saelab.sae import SAEConfig, TrainStepInfo, create_sae
+from saelab.sae import SAEConfig, create_sae
 from saelab.training import TrainConfig, Trainer
 
 
@@ -44,7 +44,7 @@ def test_remedy_auto_and_validation():
     assert TrainConfig(architecture="jumprelu", dead_latent_remedy="resample").remedy == "resample"
     with pytest.raises(ValueError, match="ghost_grads is for the standard architecture"):
         TrainConfig(architecture="topk", dead_latent_remedy="ghost_grads")
-    with pytest.raises(ValueError, match="auxk needs a TopK-family"):
+    with pytest.raises(ValueError, match="auxk is for the topk, batchtopk, matryoshka_batchtopk architectures"):
         TrainConfig(architecture="gated", dead_latent_remedy="auxk")
     with pytest.raises(ValueError, match="dead_latent_remedy must be one of"):
         TrainConfig(dead_latent_remedy="necromancy")
@@ -61,9 +61,9 @@ def test_ghost_grads_reach_only_dead_latents():
     dead = torch.zeros(48, dtype=torch.bool)
     dead[[3, 7, 20, 41]] = True
     x = torch.randn(64, 16)
-    out = sae.training_forward(x, TrainStepInfo(sparsity_coefficient=1.0, dead_mask=dead, ghost_grads=True))
+    out = sae.training_forward(x, step_for(sae, l1_coefficient=1.0, dead_mask=dead, remedy="ghost_grads"))
     ghost = out.parts["ghost_grads"]
-    plain = sae.training_forward(x, TrainStepInfo(sparsity_coefficient=1.0, dead_mask=dead))
+    plain = sae.training_forward(x, step_for(sae, l1_coefficient=1.0, dead_mask=dead))
     assert "ghost_grads" not in plain.parts
     # As large as the reconstruction loss (per token, by construction), and added to the loss.
     assert torch.allclose(ghost, (out.x_hat - x).pow(2).sum(-1).mean(), rtol=1e-3)
@@ -95,7 +95,7 @@ def test_resampling_sets_dead_latents_to_high_loss_inputs(tmp_path, data):
     trainer._initialize()
     sae, optimizer = trainer.sae, trainer.optimizer
     x = data[:256] * trainer.scale
-    sae.training_forward(x, TrainStepInfo(sparsity_coefficient=1.0)).loss.backward()
+    sae.training_forward(x, step_for(sae, l1_coefficient=1.0)).loss.backward()
     optimizer.step()  # Adam now has moments for every latent
     dead = torch.tensor([2, 9, 30, 31, 50])
     trainer.tokens_since_fired[dead] = trainer.cfg.dead_window_tokens

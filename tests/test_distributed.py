@@ -71,6 +71,7 @@ def two_process_runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_two_gloo_processes_train_the_single_process_sae(two_process_runs, tmp_path, name):
     single = _train(tmp_path, DataParallel(), **CONFIGS[name]).sae.state_dict()
@@ -134,6 +135,7 @@ def final_weights(run_dir):
     return load_file(run_dir / "final" / "sae_weights.safetensors")
 
 
+@pytest.mark.subprocess
 def test_torchrun_train_gives_the_single_process_sae(tiny_model_dir, tmp_path):
     from saelab.cli import main
 
@@ -145,6 +147,7 @@ def test_torchrun_train_gives_the_single_process_sae(tiny_model_dir, tmp_path):
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
+@pytest.mark.subprocess
 def test_torchrun_spreads_the_saes_of_a_hook_list_over_the_processes(tiny_model_dir, tmp_path):
     from saelab.cli import main
 

@@ -12,11 +12,10 @@ from saelab import SAE
 from saelab.cli import main
 from saelab.data import activations
 from saelab.data.activations import ActivationBuffer, TensorSource, prefetched
-from saelab.multi import check_shared, expand, parse_list, train_many
-from saelab.pipeline import train
+from saelab.training.run import check_shared, expand, parse_list
+from saelab.training.run import train as train_many
 from saelab.training import TrainConfig, Trainer
-from saelab.training import multi as multi_training
-from saelab.training.multi import MultiTrainer, SharedBuffer
+from saelab.training.lockstep import MultiTrainer, SharedBuffer
 
 HOOKS = ("blocks.0.hook_resid_post", "blocks.2.hook_resid_post")
 CONTEXT = 32
@@ -71,7 +70,7 @@ def test_saes_trained_together_equal_each_trained_alone(tiny_model_dir, text_fil
     shared_forwards = list(forwards)
     assert shared_forwards and all(hooks == list(HOOKS) for hooks in shared_forwards)
     forwards.clear()
-    alone = [train(cfg) for cfg in two_saes(tiny_model_dir, text_file, tmp_path / "alone")]
+    alone = [train_many([cfg])[0] for cfg in two_saes(tiny_model_dir, text_file, tmp_path / "alone")]
     # The model ran once per batch of contexts for both SAEs: as often as for either one alone.
     assert forwards == [[HOOKS[0]]] * len(shared_forwards) + [[HOOKS[1]]] * len(shared_forwards)
     for joint, single in zip(together, alone):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from saelab.analysis.neuronpedia import neuronpedia_url
+from saelab.sae.neuronpedia import neuronpedia_url
 from saelab.analysis.neuronpedia_export import neuronpedia_source
 from saelab.cli import main
 from saelab.data.activations import LMActivationSource

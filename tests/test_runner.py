@@ -1,13 +1,14 @@
 """SAELens-style config and runner: the names map onto TrainConfig, and the issue's example trains end to end
 (a tiny local model folder for gpt2-small, tiny token counts)."""
 
+import json
 import warnings
 
 import pytest
 import torch
 
 from saelab import SAE, LanguageModelSAERunnerConfig, SAETrainingRunner
-from saelab.runner import TL_TO_HF
+from saelab.compat.saelens import TL_TO_HF
 
 
 def issue_example(**overrides) -> dict:
@@ -92,6 +93,10 @@ def test_issue_example_trains_end_to_end(tiny_model_dir, text_file, tmp_path):
     # n_checkpoints=5: a checkpoint every 512 of the 2560 tokens
     assert runner.train_config.checkpoint_every_tokens == 512
     assert (runner.run_dir / "checkpoint.pt").exists()
+    # SAELens's README example ends by reading the held-out evaluation off the runner.
+    eval_json = json.loads((runner.run_dir / "eval.json").read_text())
+    assert runner.metrics["l0"] == eval_json["l0"] and 0 < runner.metrics["l0"] <= 4
+    assert runner.metrics["ce_loss_score"] == eval_json["ce_loss_score"]
 
     # a d_in that is not the hook's width is refused before training
     wrong = LanguageModelSAERunnerConfig(**issue_example(

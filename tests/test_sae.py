@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from saelab.sae import SAEConfig, TrainStepInfo, create_sae
+from conftest import step_for
+from saelab.sae import SAEConfig, create_sae
 from saelab.sae.base import geometric_median
 
 
@@ -42,7 +43,7 @@ def test_standard_encode_is_relu_and_decode_is_affine():
 def test_training_forward_reconstructs_like_inference(architecture):
     sae = random_sae(architecture)
     x = torch.randn(32, 16)
-    out = sae.training_forward(x, TrainStepInfo(sparsity_coefficient=1.0))
+    out = sae.training_forward(x, step_for(sae, l1_coefficient=1.0))
     assert torch.allclose(out.x_hat, sae(x), atol=1e-5)
     assert torch.equal(out.fired, (sae.encode(x) != 0).sum(0))
     out.loss.backward()
@@ -52,12 +53,12 @@ def test_training_forward_reconstructs_like_inference(architecture):
 def test_auxk_loss_only_with_dead_latents_and_reaches_them():
     sae = random_sae("topk")
     x = torch.randn(32, 16)
-    no_dead = sae.training_forward(x, TrainStepInfo(dead_mask=torch.zeros(48, dtype=torch.bool), aux_k=8,
-                                                    aux_coefficient=1 / 32))
+    no_dead = sae.training_forward(x, step_for(sae, remedy="auxk", dead_mask=torch.zeros(48, dtype=torch.bool),
+                                               aux_k=8, aux_coefficient=1 / 32))
     assert "auxk" not in no_dead.parts
     dead = torch.zeros(48, dtype=torch.bool)
     dead[40:] = True
-    out = sae.training_forward(x, TrainStepInfo(dead_mask=dead, aux_k=4, aux_coefficient=1 / 32))
+    out = sae.training_forward(x, step_for(sae, remedy="auxk", dead_mask=dead, aux_k=4, aux_coefficient=1 / 32))
     assert out.parts["auxk"] > 0
     sae.zero_grad()
     out.parts["auxk"].backward()
@@ -123,7 +124,7 @@ def test_sparse_topk_gradients_equal_the_dense_computation():
     x = torch.randn(50, 24)
     dead = torch.zeros(96, dtype=torch.bool)
     dead[::3] = True
-    info = TrainStepInfo(dead_mask=dead, aux_k=5, aux_coefficient=0.5)
+    info = step_for(sae, remedy="auxk", dead_mask=dead, aux_k=5, aux_coefficient=0.5)
     sparse_loss = sae.training_forward(x, info).loss
     sparse_grads = torch.autograd.grad(sparse_loss, list(sae.parameters()))
     dense_loss = dense_topk_reference_loss(sae, x, dead, 5, 0.5)

@@ -1,15 +1,15 @@
 """saelab's SAE folder against SAELens 6.x: each loads the other's folder and computes the same codes.
 
-The SAELens half runs under SAELens's own interpreter (``tests/saelens_roundtrip.py``), found at
-``$SAELAB_SAELENS_PYTHON`` or ``<repo>/.venv-saelens/bin/python`` (``bash scripts/install_saelens.sh``
-makes it); those tests skip when it is absent. The pure-saelab format tests always run.
+The SAELens half runs under SAELens's own interpreter (``tests/saelens_roundtrip.py``, through the
+``saelens`` fixture of conftest.py), found at ``$SAELAB_SAELENS_PYTHON`` or ``<repo>/.venv-saelens/bin/python``
+(``bash scripts/install_saelens.sh`` makes it); those tests, marked ``saelens``, skip when it is absent. The
+pure-saelab format tests always run.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,9 +19,6 @@ from safetensors.torch import load_file, save_file
 
 from saelab.sae import SAE, SAEConfig, SAEFormatError, StandardSAE, TopKSAE, create_sae, load_sparsity
 
-REPO = Path(__file__).resolve().parents[1]
-HELPER = Path(__file__).with_name("saelens_roundtrip.py")
-SAELENS_PYTHON = Path(os.environ.get("SAELAB_SAELENS_PYTHON") or REPO / ".venv-saelens" / "bin" / "python")
 D_IN, D_SAE, K, N = 16, 64, 8, 48
 TOL = 1e-5
 METADATA = {"model_name": "HuggingFaceTB/SmolLM2-135M", "hook_name": "model.layers.6", "context_size": 128,
@@ -78,11 +75,8 @@ SAELENS_TO_SAELAB = ["standard", "topk", "topk-rescale"]
 
 
 @pytest.fixture(scope="module")
-def interop(tmp_path_factory):
-    """Run every SAELens job in one subprocess (importing sae_lens takes ~15 s)."""
-    if not SAELENS_PYTHON.exists():
-        pytest.skip(f"SAELens interpreter {SAELENS_PYTHON} not found: run `bash scripts/install_saelens.sh` "
-                    "or set SAELAB_SAELENS_PYTHON to a python that has sae-lens 6.x")
+def interop(saelens, tmp_path_factory):
+    """Run every SAELens job in one subprocess (importing sae_lens takes ~15 s); skips without SAELens."""
     root = tmp_path_factory.mktemp("saelens_interop")
     inputs = make_inputs()
     save_file(inputs, root / "inputs.safetensors")
@@ -98,11 +92,7 @@ def interop(tmp_path_factory):
                      "seed": 20 + i, "rescale_acts_by_decoder_norm": name.endswith("rescale"),
                      "metadata": METADATA, "folder": str(root / f"saelens_{name}"),
                      "inputs": str(root / "inputs.safetensors"), "out": str(root / f"saelens_{name}.out")})
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    proc = subprocess.run([str(SAELENS_PYTHON), str(HELPER), str(root / "jobs.json")], cwd=root,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"SAELens helper failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = saelens.run(jobs, root, timeout=900)
     assert summary["sae_lens_version"].startswith("6."), summary
 
     def result(stem: str):
@@ -111,6 +101,8 @@ def interop(tmp_path_factory):
     return {"root": root, "inputs": inputs, "saelab_saes": saelab_saes, "result": result, "summary": summary}
 
 
+@pytest.mark.saelens
+@pytest.mark.subprocess
 @pytest.mark.parametrize("arch", SAELAB_TO_SAELENS)
 def test_saelab_folder_loads_in_saelens(interop, arch):
     ours = saelab_outputs(interop["saelab_saes"][arch], interop["inputs"])
@@ -128,6 +120,8 @@ def test_saelab_folder_loads_in_saelens(interop, arch):
         assert cfg["metadata"].get(key) == value, f"metadata {key}: {cfg['metadata'].get(key)!r} != {value!r}"
 
 
+@pytest.mark.saelens
+@pytest.mark.subprocess
 @pytest.mark.parametrize("name", SAELENS_TO_SAELAB)
 def test_saelens_folder_loads_in_saelab(interop, name):
     folder = interop["root"] / f"saelens_{name}"

@@ -4,7 +4,8 @@ the training step's bookkeeping does not need the host to look at device values.
 import pytest
 import torch
 
-from saelab.sae import SAE, SAEConfig, TrainStepInfo, create_sae
+from conftest import step_for
+from saelab.sae import SAE, MatryoshkaSettings, SAEConfig, TrainStep, create_sae
 from saelab.sae.sparse import count_fired
 
 
@@ -22,8 +23,9 @@ def graph_nodes(tensor: torch.Tensor) -> set[str]:
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka_batchtopk"])
 def test_topk_family_trains_through_the_sparse_kernels(architecture, monkeypatch):
-    cfg = SAEConfig(d_in=16, d_sae=64, architecture=architecture, k=4, matryoshka_widths="16,32")
-    sae = create_sae(cfg, training=True)
+    cfg = SAEConfig(d_in=16, d_sae=64, architecture=architecture, k=4)
+    widths = MatryoshkaSettings(matryoshka_widths="16,32") if architecture == "matryoshka_batchtopk" else None
+    sae = create_sae(cfg, training=True, settings=widths)
     sae.initialize(torch.randn(256, 16), "mean", torch.Generator().manual_seed(0))
 
     def dense(*_args, **_kwargs):
@@ -32,7 +34,7 @@ def test_topk_family_trains_through_the_sparse_kernels(architecture, monkeypatch
     monkeypatch.setattr(SAE, "decode", dense)
     monkeypatch.setattr(type(sae), "encode", dense)
     dead = torch.arange(0, 64, 3)
-    out = sae.training_forward(torch.randn(32, 16), TrainStepInfo(dead_latents=dead, aux_k=8, aux_coefficient=0.1))
+    out = sae.training_forward(torch.randn(32, 16), step_for(sae, remedy="auxk", dead_latents=dead, aux_k=8, aux_coefficient=0.1))
     nodes = graph_nodes(out.loss)
     assert "SparseDecodeBackward" in nodes
     assert {"TopKEncodeBackward", "BatchTopKEncodeBackward"} & nodes
@@ -50,8 +52,8 @@ def test_fired_counts_equal_bincount_of_the_positive_codes():
 def test_dead_latents_given_as_indices_or_a_mask_mean_the_same():
     mask = torch.zeros(10, dtype=torch.bool)
     mask[[2, 7]] = True
-    assert torch.equal(TrainStepInfo(dead_mask=mask).dead(), torch.tensor([2, 7]))
-    assert torch.equal(TrainStepInfo(dead_latents=torch.tensor([2, 7])).dead(), torch.tensor([2, 7]))
-    assert TrainStepInfo(dead_latents=torch.zeros(0, dtype=torch.long)).dead() is None
-    assert TrainStepInfo(dead_mask=torch.zeros(10, dtype=torch.bool)).dead() is None
-    assert TrainStepInfo().dead() is None
+    assert torch.equal(TrainStep(dead_mask=mask).dead(), torch.tensor([2, 7]))
+    assert torch.equal(TrainStep(dead_latents=torch.tensor([2, 7])).dead(), torch.tensor([2, 7]))
+    assert TrainStep(dead_latents=torch.zeros(0, dtype=torch.long)).dead() is None
+    assert TrainStep(dead_mask=torch.zeros(10, dtype=torch.bool)).dead() is None
+    assert TrainStep().dead() is None

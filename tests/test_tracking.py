@@ -72,6 +72,7 @@ def offline_wandb(tmp_path, monkeypatch):
     return folder
 
 
+@pytest.mark.slow
 def test_train_with_wandb_logs_metrics_density_eval_and_the_sae(tiny_model_dir, tmp_path, offline_wandb):
     out = tmp_path / "run"
     code = main(["train", "--model", str(tiny_model_dir), "--hook", "blocks.1.hook_resid_post", "--d-sae", "64",

@@ -17,6 +17,7 @@ def config(tmp_path, **overrides):
     return TrainConfig(**{**base, **overrides})
 
 
+@pytest.mark.slow
 def test_topk_recovers_planted_directions(tmp_path):
     data, directions = synthetic_activations(40_000, d_in=32, n_features=64, active=3)
     result = Trainer(config(tmp_path), TensorSource(data, rows_per_unit=1024), tmp_path).run()
@@ -26,6 +27,7 @@ def test_topk_recovers_planted_directions(tmp_path):
     assert (f != 0).sum(1).float().mean() <= 3
 
 
+@pytest.mark.slow
 def test_standard_sae_learns_a_sparse_reconstruction(tmp_path):
     data, directions = synthetic_activations(40_000, d_in=32, n_features=64, active=3)
     cfg = config(tmp_path, architecture="standard", l1_coefficient=1.0, lr=3e-3)
@@ -37,6 +39,7 @@ def test_standard_sae_learns_a_sparse_reconstruction(tmp_path):
     assert mean_max_cosine(directions, sae.W_dec.detach()) >= 0.8
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     # Several buffer blocks per epoch and several epochs, so resume must restore the data position exactly.
     data, _ = synthetic_activations(20_000, d_in=16, n_features=32, active=3)
@@ -59,6 +62,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == full.steps
 
 
+@pytest.mark.slow
 def test_same_seed_same_sae_and_other_seed_differs(tmp_path):
     data, _ = synthetic_activations(5_000, d_in=16, n_features=32, active=3)
     run = lambda folder, seed: Trainer(config(folder, tokens=20_000, d_sae=48, seed=seed),

@@ -187,6 +187,7 @@ def test_load_model_with_the_tl_prefix(monkeypatch, tokenizer):
     assert capture(model, tokens(n=1), [resolve_hook(model, HOOK)])[HOOK].shape == (1, 12, D_MODEL)
 
 
+@pytest.mark.subprocess
 def test_importing_saelab_does_not_import_transformer_lens():
     import subprocess
     import sys

@@ -1,19 +1,18 @@
 """saelab: train, evaluate and read sparse autoencoders on language-model activations."""
 
-__version__ = "0.1.0"
+from saelab.version import __version__
+from saelab.compat import LanguageModelSAERunnerConfig, SAETrainingRunner
+from saelab.evals import evaluate, splice
+from saelab.models import load_model, resolve_hook
+from saelab.sae import SAE, Architecture, SAEConfig, Settings, register_architecture
+from saelab.training import RunSummary, TrainConfig, Trainer
+from saelab.training import train as train_many
 
-from saelab.evals import evaluate, splice  # noqa: E402
-from saelab.models import load_model, resolve_hook  # noqa: E402
-from saelab.runner import LanguageModelSAERunnerConfig, SAETrainingRunner  # noqa: E402
-from saelab.sae import SAE, SAEConfig  # noqa: E402
-from saelab.training import TrainConfig, Trainer  # noqa: E402
 
-
-def train(cfg: TrainConfig | None = None, **overrides):
-    """Train an SAE end to end (what ``saelab train`` does); returns a RunSummary."""
-    from saelab.pipeline import train as run_pipeline
-
-    return run_pipeline(cfg or TrainConfig(**overrides))
+def train(cfg: TrainConfig | None = None, resume: bool = False, overwrite: bool = False, **overrides) -> RunSummary:
+    """Train one SAE end to end (what ``saelab train`` does); returns its RunSummary. Several SAEs on one data
+    source: ``saelab.training.train([cfg1, cfg2, ...])``."""
+    return train_many([cfg or TrainConfig(**overrides)], resume=resume, overwrite=overwrite)[0]
 
 
 def __getattr__(name: str):
@@ -21,7 +20,7 @@ def __getattr__(name: str):
     # `import saelab` works (and stays fast) without the optional transformer_lens.
     if name == "HookedSAETransformer":
         try:
-            from saelab.models.hooked_sae_transformer import HookedSAETransformer
+            from saelab.compat.hooked_sae_transformer import HookedSAETransformer
         except ModuleNotFoundError as err:
             if err.name != "transformer_lens":
                 raise
@@ -31,5 +30,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'saelab' has no attribute {name!r}")
 
 
-__all__ = ["SAE", "HookedSAETransformer", "LanguageModelSAERunnerConfig", "SAEConfig", "SAETrainingRunner",
-           "TrainConfig", "Trainer", "__version__", "evaluate", "load_model", "resolve_hook", "splice", "train"]
+__all__ = ["SAE", "Architecture", "HookedSAETransformer", "LanguageModelSAERunnerConfig", "RunSummary", "SAEConfig",
+           "SAETrainingRunner", "Settings", "TrainConfig", "Trainer", "__version__", "evaluate", "load_model",
+           "register_architecture", "resolve_hook", "splice", "train"]

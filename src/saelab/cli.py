@@ -1,80 +1,95 @@
-"""The command line: one config dataclass per command, its field help texts as ``--help``."""
+"""The command line: one config dataclass per command, its fields' help texts as ``--help`` and their
+declared roles (``saelab.options``) as the rules: which options take comma lists, which a sweep replaces.
+The CLI holds no field lists of its own and no logic a Python user would miss."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
+from saelab.evals.options import SAEOptions
+from saelab.log import say
+from saelab.options import default_of, help_text, type_name
+from saelab.sae import settings_fields
 from saelab.training.config import TrainConfig
 
 TYPES = {"int": int, "float": float, "str": str}
+LIST_NOTE = " Comma-separated values: one SAE per combination (see above)."
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, config_class, exclude=()) -> None:
-    for f in dataclasses.fields(config_class):
-        if f.name in exclude:
+def option_fields(config_class) -> list[dataclasses.Field]:
+    """The fields of ``config_class`` the command line offers; for TrainConfig also every registered
+    architecture's settings (one option per name, its help saying which architectures take it)."""
+    found = [f for f in dataclasses.fields(config_class) if type_name(f) in (*TYPES, "bool")]
+    if issubclass(config_class, TrainConfig):
+        for f, architectures in settings_fields().values():
+            found.append(_settings_field(f, architectures))
+    return found
+
+
+def _settings_field(f: dataclasses.Field, architectures: list[str]) -> dataclasses.Field:
+    field = dataclasses.field(default=f.default, metadata={**f.metadata, "help": f"{', '.join(architectures)}: "
+                                                          f"{help_text(f)}"})
+    field.name, field.type = f.name, f.type
+    return field
+
+
+def add_options(parser: argparse.ArgumentParser, fields: list[dataclasses.Field], lists=(), skip=()) -> None:
+    """An option per field (a positional argument where the field says so); ``lists``: the fields that take
+    comma-separated values."""
+    for f in fields:
+        if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        help_text = _help_of(f)
-        type_name = str(f.type).replace(" | None", "").strip()
-        if type_name == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{help_text} (default: {f.default})")
+        text = help_text(f).replace("%", "%%")  # argparse treats help strings as %-format templates
+        kind, meta = type_name(f), f.metadata
+        if meta.get("positional"):
+            parser.add_argument(f.name, metavar=meta.get("metavar") or f.name.upper(), help=text)
             continue
-        parser.add_argument(flag, type=TYPES[type_name], default=None, choices=f.metadata.get("choices"),
-                            metavar=None if f.metadata.get("choices") else type_name.upper(),
-                            help=f"{help_text} (default: {f.default})")
+        flags = ["--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
+        default = default_of(f)
+        shown = "required" if default is dataclasses.MISSING else f"default: {default}"
+        if kind == "bool":
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{text} ({shown})")
+        elif f.name in lists:
+            parser.add_argument(*flags, dest=f.name, default=None, metavar=f"{kind.upper()}[,{kind.upper()}...]",
+                                help=f"{text}{LIST_NOTE} ({shown})")
+        else:
+            parser.add_argument(*flags, dest=f.name, type=TYPES[kind], default=None, choices=meta.get("choices"),
+                                metavar=meta.get("metavar") or (None if meta.get("choices") else kind.upper()),
+                                required=default is dataclasses.MISSING, help=f"{text} ({shown})")
 
 
-def _help_of(field) -> str:
-    """A config field's help text, with % escaped: argparse treats help strings as %-format templates."""
-    return field.metadata.get("help", "").replace("%", "%%")
+def given(args: argparse.Namespace, fields: list[dataclasses.Field], skip=()) -> dict:
+    """The options of ``fields`` given on the command line, by field name."""
+    return {f.name: getattr(args, f.name) for f in fields
+            if f.name not in skip and getattr(args, f.name, None) is not None}
 
 
-def add_list_options(parser: argparse.ArgumentParser, config_class, names, note: str) -> None:
-    """Options that take one value of the field's type or a comma-separated list of them."""
-    for f in dataclasses.fields(config_class):
-        if f.name in names:
-            type_name = str(f.type).replace(" | None", "").strip().upper()
-            parser.add_argument("--" + f.name.replace("_", "-"), default=None, metavar=f"{type_name}[,{type_name}...]",
-                                help=f"{_help_of(f)}{note} (default: {f.default})")
-
-
-def list_values(config_class, args: argparse.Namespace, names) -> dict[str, list]:
-    """Read the options of ``add_list_options``: a single value is put back into ``args`` with its field's
-    type; the options given several values are returned, name -> typed values."""
-    from saelab.multi import parse_list
+def read_lists(args: argparse.Namespace, fields: list[dataclasses.Field], names) -> dict[str, list]:
+    """Read the comma-list options ``names``: a single value is put back into ``args`` with its field's type;
+    the options given several values are returned, name -> typed values."""
+    from saelab.training.run import parse_list
 
     lists = {}
-    for f in dataclasses.fields(config_class):
+    for f in fields:
         if f.name in names and getattr(args, f.name, None) is not None:
-            values = parse_list(getattr(args, f.name), TYPES[str(f.type).replace(" | None", "").strip()])
+            values = parse_list(getattr(args, f.name), TYPES[type_name(f)])
             if len(values) > 1:
                 lists[f.name] = values
             setattr(args, f.name, values[0] if len(values) == 1 else None)
     return lists
 
 
-def config_from_args(config_class, args: argparse.Namespace, base=None, exclude=()):
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
-             if f.name not in exclude and getattr(args, f.name, None) is not None}
-    return dataclasses.replace(base, **given) if base is not None else config_class(**given)
-
-
-def add_sae_and_model_options(parser: argparse.ArgumentParser) -> None:
-    """SAE_FOLDER, --model, --hook, --device: how every command that reads an SAE finds it and its model."""
-    parser.add_argument("sae", metavar="SAE_FOLDER", help="SAE folder (cfg.json + sae_weights.safetensors), "
-                        "or a run folder of `saelab train` (its final/ SAE is used)")
-    parser.add_argument("--model", help="language model: embedded alias (smollm2-135m), local folder, .gguf "
-                        "file or hub id (default: the SAE's cfg.json metadata model_name)")
-    parser.add_argument("--hook", help="hook point, TransformerLens-style name or module path (default: the "
-                        "SAE's metadata hook_name)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+def config_from_args(config_class, args: argparse.Namespace):
+    return config_class(**given(args, option_fields(config_class)))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from saelab.training.run import list_fields
+    from saelab.training.sweep import SweepConfig
+
     parser = argparse.ArgumentParser(prog="saelab", description="Train, evaluate and read sparse autoencoders "
                                      "on language-model activations.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,82 +97,89 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train an SAE on a model's activations, then evaluate it",
                                 description="Train an SAE on one hook point of a language model, evaluate it "
                                 "on held-out text and save it in the SAELens folder format. With no options: "
-                                "a TopK SAE on SmolLM2-135M's residual stream after block 6, in runs/demo. Comma-separated values of "
-                                "--hook, --architecture, --k, --expansion, --d-sae, --lr, --l1-coefficient or --target-l0 "
-                                "train one SAE per combination in one run, all fed by one forward pass per batch (stopped "
-                                "after the deepest hook), each in its own run folder under --out (e.g. "
+                                "a TopK SAE on SmolLM2-135M's residual stream after block 6, in runs/demo. "
+                                "Comma-separated values of " + ", ".join("--" + n.replace("_", "-") for n in list_fields())
+                                + " train one SAE per combination in one run, all fed by one forward pass per batch "
+                                "(stopped after the deepest hook), each in its own run folder under --out (e.g. "
                                 "OUT/blocks.6.hook_resid_post-topk-k32); the other options are shared; --resume OUT "
                                 "resumes them all.")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint "
                        "(other options are taken from the run)")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    from saelab.training.multi import LIST_FIELDS, LIST_HELP
-
-    add_dataclass_options(train, TrainConfig, exclude=LIST_FIELDS)
-    add_list_options(train, TrainConfig, LIST_FIELDS, LIST_HELP)
+    add_options(train, option_fields(TrainConfig), lists=list_fields())
 
     sweep = commands.add_parser(
         "sweep", help="train a grid of SAEs (architectures x sparsity) on the same activations; Pareto plot",
-        description="Train every architecture in --architectures at each of its sparsity settings (TopK family: "
-        "--k; jumprelu: --target-l0s; standard, gated: --l1-coefficients) on one hook point. The training "
+        description="Train every architecture in --architectures at each value of the setting that sets its "
+        "sparsity (" + "; ".join(f"{a.name}: --{a.sparsity.replace('_', '-')}, default {a.sweep_values}"
+                                 for a in _sweepable()) + ") on one hook point. The training "
         "activations are collected from the model once, held in memory and shared by every run (with "
-        "--activations: read from a `saelab cache` folder instead, without the model). Each SAE is "
-        "evaluated on the same held-out text. Writes results.csv, results.md (architecture, sparsity setting, "
-        "L0, explained variance, CE-loss recovered, dead fraction, wall time), pareto.png (explained variance "
-        "against L0, one line per architecture) and one run folder per grid point into --out; running the "
-        "same command again reuses finished runs. The other options apply to every run.")
+        "--activations: read from a `saelab cache` folder instead, without the model); the SAEs train together "
+        "and are evaluated together on the same held-out text. Writes results.csv, results.md (architecture, "
+        "sparsity setting, L0, explained variance, CE-loss recovered, dead fraction, wall time), pareto.png "
+        "(explained variance against L0, one line per architecture) and one run folder per grid point into --out; "
+        "running the same command again reuses finished runs. The other options apply to every run.")
     sweep.add_argument("--overwrite", action="store_true", help="retrain grid points whose run folder already "
                        "holds a finished run with the same config (default: reuse them)")
-    from saelab.sweep import PER_RUN_FIELDS, SweepConfig
+    add_options(sweep, option_fields(SweepConfig))
+    add_options(sweep, option_fields(TrainConfig), lists=_swept_settings(), skip=_replaced_by(SweepConfig))
 
-    add_dataclass_options(sweep, SweepConfig)
-    add_dataclass_options(sweep, TrainConfig, exclude=PER_RUN_FIELDS)
+    from saelab.data.cache import CacheConfig
 
     cache = commands.add_parser(
         "cache", help="write a model's activations at hook points to disk once; train on them without the model",
         description="Run the model over --tokens tokens of text and write the activations of every hook point in "
         "--hooks (one forward pass per batch, stopped after the deepest hook) to sharded, memory-mapped .npy "
-        "files in --out, with the token ids and metadata.json. `saelab train --activations OUT` and `saelab sweep "
-        "--activations OUT` then train on them without loading the model. Running the same command again "
-        "continues an interrupted write; a cache written with another config is refused.")
+        "files in --out, with the token ids and metadata.json. Text is read and packed with the same options as "
+        "`saelab train` (special tokens are not stored), in the same forward batches, so `saelab train "
+        "--activations OUT` and `saelab sweep --activations OUT` train on exactly the rows a run on the model "
+        "would, without loading the model. Running the same command again continues an interrupted write; a "
+        "cache written with another config is refused.")
     cache.add_argument("--overwrite", action="store_true", help="replace a cache already in --out (default: "
                        "continue it when written with the same config, refuse otherwise)")
-    from saelab.data.cache import CacheConfig
-
-    add_dataclass_options(cache, CacheConfig)
+    add_options(cache, option_fields(CacheConfig))
 
     hooks = commands.add_parser("hooks", help="list the hook point names a model supports")
-    hooks.add_argument("--model", default=TrainConfig.model, help="model name, folder, .gguf file or hub id")
+    hooks.add_argument("--model", default=TrainConfig.model, help="model name, folder, .gguf file or hub id "
+                       f"(default: {TrainConfig.model})")
+
+    from saelab.evals import EvalConfig
 
     ev = commands.add_parser(
         "eval", help="evaluate an SAE folder on held-out text and write a report",
         description="Evaluate an SAE (a saelab or SAELens folder) on text: L0, FVU, cosine, CE/KL with the SAE "
         "spliced in vs zero-ablation, dead/dense latents. Prints a table (or JSON with --json) and writes a "
         "report folder: metrics.json, summary.md, density_histogram.png, error_by_position.png.")
-    add_sae_and_model_options(ev)
-    ev.add_argument("--dataset", default="python-docs", help="evaluation text: a builtin corpus (python-docs, "
-                    "python-docstrings), a .txt/.jsonl/.parquet file or folder, a saved HF dataset or a hub id; "
-                    "its first --tokens tokens are used (default: python-docs)")
-    ev.add_argument("--dataset-split", default="train", help="split to read from HF datasets (default: train)")
-    ev.add_argument("--text-column", help="column holding text (default: text/content, or input_ids/tokens)")
-    ev.add_argument("--tokens", type=int, default=16384, help="tokens of text to evaluate on, rounded up to "
-                    "whole contexts; 200_000 is accepted (default: 16384)")
-    ev.add_argument("--context-size", type=int, help="tokens per context (default: the SAE's metadata "
-                    "context_size, else 128)")
-    ev.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
-                    help="start every context with BOS (default: the SAE's metadata prepend_bos, else on)")
-    ev.add_argument("--batch-contexts", type=int, default=8, help="contexts per model forward pass (default: 8)")
-    ev.add_argument("--include-special-tokens", action="store_true", help="also evaluate (and splice at) "
-                    "BOS/EOS/pad positions (default: they are left out, as in training)")
-    ev.add_argument("--no-downstream", dest="downstream", action="store_false", help="reconstruction metrics "
-                    "only: skip CE/KL and run the model only as far as the hook (faster)")
+    add_options(ev, option_fields(EvalConfig))
     ev.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout "
                     "instead of the table")
-    ev.add_argument("--out", metavar="REPORT_DIR", help="report folder (default: <run>/eval-<dataset> for a "
-                    "run's final/ SAE, else <SAE_FOLDER>-eval-<dataset> beside the SAE folder)")
     _add_analysis_commands(commands)
     _add_interop_commands(commands)
     return parser
+
+
+def add_sae_and_model_options(parser: argparse.ArgumentParser) -> None:
+    """SAE_FOLDER, --model, --hook, --device: how every command that reads an SAE finds it and its model."""
+    add_options(parser, option_fields(SAEOptions))
+
+
+def _sweepable():
+    from saelab.sae import all_architectures
+
+    return [arch for arch in all_architectures() if arch.sparsity]
+
+
+def _swept_settings() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(arch.sparsity for arch in _sweepable()))
+
+
+def _replaced_by(config_class) -> set[str]:
+    """TrainConfig fields a sweep offers in its own form: those SweepConfig declares too, or says it replaces."""
+    names = set()
+    for f in dataclasses.fields(config_class):
+        names.add(f.name)
+        names.update(f.metadata.get("replaces", ()))
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,40 +196,36 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    from saelab.multi import expand, is_multi_run, resume_configs, train_many
-    from saelab.pipeline import load_run_config, train
-    from saelab.training.multi import LIST_FIELDS
+    from saelab.training.run import expand, list_fields, resume_configs, train
 
-    lists = list_values(TrainConfig, args, LIST_FIELDS)
+    fields = option_fields(TrainConfig)
+    lists = read_lists(args, fields, list_fields())
     if args.resume and lists:
         raise ValueError(f"--resume takes the SAEs of the run; drop the lists given to {', '.join(lists)}")
-    if args.resume and is_multi_run(args.resume):
-        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if f.name not in LIST_FIELDS and getattr(args, f.name, None) is not None}
-        summaries = train_many(resume_configs(args.resume, **given), resume=True, root=args.resume)
-    elif args.resume:
-        cfg = config_from_args(TrainConfig, args, base=load_run_config(args.resume))
-        cfg = dataclasses.replace(cfg, out=str(Path(args.resume)))
-        summaries = [train(cfg, resume=True)]
-    elif lists:
+    if args.resume:
+        summaries = train(resume_configs(args.resume, **given(args, fields)), resume=True, root=args.resume)
+    else:
         if "hook" not in lists:
             _hook_from_cache(args)
-        base = config_from_args(TrainConfig, args)
-        summaries = train_many(expand(base, lists), overwrite=args.overwrite, root=base.out)
-    else:
-        _hook_from_cache(args)
-        summaries = [train(config_from_args(TrainConfig, args), overwrite=args.overwrite)]
+        base = TrainConfig(**given(args, fields))
+        if lists:
+            summaries = train(expand(base, lists), overwrite=args.overwrite, root=base.out)
+        else:
+            summaries = train([base], overwrite=args.overwrite)
     return 0 if all(summary.completed for summary in summaries) else 130
 
 
 def _sweep(args) -> int:
-    from saelab.sweep import PER_RUN_FIELDS, SweepConfig, base_config, sweep
+    from saelab.training.sweep import SweepConfig, base_config, sweep
 
-    scfg = config_from_args(SweepConfig, args)
+    fields = option_fields(TrainConfig)
+    swept = _swept_settings()
+    read_lists(args, fields, ())  # nothing else takes a list in a sweep
+    values = {name: getattr(args, name) for name in swept if getattr(args, name, None) is not None}
+    scfg = SweepConfig(**given(args, option_fields(SweepConfig)), values=values)
     _hook_from_cache(args)
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if f.name not in PER_RUN_FIELDS and getattr(args, f.name, None) is not None}
-    result = sweep(scfg, base_config(scfg, **given), overwrite=args.overwrite)
+    result = sweep(scfg, base_config(scfg, **given(args, fields, skip={*swept, *_replaced_by(SweepConfig)})),
+                   overwrite=args.overwrite)
     print((result.out / "results.md").read_text(), end="")
     return 0 if result.completed else 130
 
@@ -247,21 +265,14 @@ def _eval(args) -> int:
     from saelab.evals import EvalConfig, format_table, run_eval
     from saelab.evals.report import report_json
 
-    cfg = EvalConfig(sae=args.sae, model=args.model, hook=args.hook, dataset=args.dataset,
-                     dataset_split=args.dataset_split, text_column=args.text_column, tokens=args.tokens,
-                     context_size=args.context_size, prepend_bos=args.prepend_bos,
-                     batch_contexts=args.batch_contexts, include_special_tokens=args.include_special_tokens,
-                     downstream=args.downstream, out=args.out, device=args.device)
-
-    def say(message: str) -> None:
-        print(f"saelab: {message}", file=sys.stderr, flush=True)
+    cfg = config_from_args(EvalConfig, args)
 
     result = run_eval(cfg, progress=sys.stderr.isatty(), say=say)
     if args.json:
         print(json.dumps(report_json(result.metrics, result.info)))
     else:
         print(format_table(result.metrics, title=f"{result.info['model']} {result.info['hook']} on "
-                           f"{args.dataset} ({result.metrics['tokens']:,} tokens):"))
+                           f"{cfg.dataset} ({result.metrics['tokens']:,} tokens):"))
     if result.info.get("neuronpedia") and not args.json:
         print(f"Neuronpedia: {result.info['neuronpedia']}")
     say(f"report written to {result.report_dir}")
@@ -328,14 +339,15 @@ def _add_analysis_commands(commands) -> None:
         "feature.html#F: one feature's page) and print the path of index.html. Open it in a browser: no "
         "server, no network.")
     add_sae_and_model_options(dash)
-    add_dataclass_options(dash, DashboardConfig)
+    add_options(dash, option_fields(DashboardConfig))
 
 
 def _analysis_load(args):
     from saelab.analysis import load_sae_and_model
 
-    return load_sae_and_model(args.sae, model=args.model, hook=args.hook, device=args.device,
-                              say=lambda message: print(f"saelab: {message}", file=sys.stderr, flush=True))
+    where = config_from_args(SAEOptions, args)
+    return load_sae_and_model(where.sae, model=where.model, hook=where.hook, device=where.device,
+                              say=say)
 
 
 def _features(args) -> int:
@@ -399,7 +411,7 @@ def _dashboard(args) -> int:
     cfg = config_from_args(DashboardConfig, args)
     parse_features(cfg.features, SAE.load(find_sae_folder(args.sae)).cfg.d_sae)  # before loading the model
     index = build_dashboard(_analysis_load(args), cfg, progress=sys.stderr.isatty(),
-                            say=lambda message: print(f"saelab: {message}", file=sys.stderr, flush=True))
+                            say=say)
     print(index)
     return 0
 
@@ -431,30 +443,13 @@ def _add_interop_commands(commands) -> None:
         "skipped_indexes.json (features that never fired) and run_settings.json. The Neuronpedia model id, "
         "layer and SAE set come from the SAE's metadata neuronpedia_id, else from its model and hook names.")
     add_sae_and_model_options(export)
-    export.add_argument("--out", required=True, metavar="DIR", help="folder for the batch-N.json files")
-    export.add_argument("--dataset", default="python-docs", help="text to find top examples in (as for saelab eval; "
-                        "default: python-docs)")
-    export.add_argument("--dataset-split", default="train", help="split to read from HF datasets (default: train)")
-    export.add_argument("--text-column", help="column holding text (default: text/content, or input_ids/tokens)")
-    export.add_argument("--tokens", type=int, default=65536, help="tokens of text to read (default: 65536)")
-    export.add_argument("--context-size", type=int, help="tokens per context (default: the SAE's metadata "
-                        "context_size, else 128)")
-    export.add_argument("--batch-contexts", type=int, default=8, help="contexts per forward pass (default: 8)")
-    export.add_argument("--n-top", type=int, default=20, help="top examples per feature (default: 20)")
-    export.add_argument("--window", type=int, default=16, help="tokens shown each side of an example's maximum "
-                        "(default: 16)")
-    export.add_argument("--logit-tokens", type=int, default=10, help="promoted and suppressed tokens per feature "
-                        "(default: 10)")
-    export.add_argument("--features-per-batch", type=int, default=128, help="features per batch-N.json (default: 128)")
-    export.add_argument("--model-id", help="Neuronpedia model id (default: from neuronpedia_id, else the model name)")
-    export.add_argument("--layer", type=int, help="Neuronpedia layer (default: from neuronpedia_id, else the hook's "
-                        "block)")
-    export.add_argument("--sae-set", help="Neuronpedia SAE set, e.g. res-jb (default: from neuronpedia_id, else "
-                        "<hook kind>-saelab)")
+    from saelab.analysis.neuronpedia_export import ExportConfig
+
+    add_options(export, option_fields(ExportConfig))
 
 
 def _pretrained(args) -> int:
-    from saelab.analysis.neuronpedia import neuronpedia_url
+    from saelab.sae.neuronpedia import neuronpedia_url
     from saelab.sae.pretrained import format_release, format_releases, format_sae
 
     if args.action == "list":
@@ -468,23 +463,20 @@ def _pretrained(args) -> int:
 
 def _neuronpedia_export(args) -> int:
     from saelab.analysis import collect_top_examples
-    from saelab.analysis.neuronpedia_export import export_neuronpedia, neuronpedia_source
+    from saelab.analysis.neuronpedia_export import ExportConfig, export_neuronpedia, neuronpedia_source
 
-    for name in ("tokens", "batch_contexts", "n_top", "logit_tokens", "features_per_batch"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    cfg = config_from_args(ExportConfig, args)
     loaded = _analysis_load(args)
-    collector = collect_top_examples(loaded, args.dataset, tokens=args.tokens, n_top=args.n_top, window=args.window,
-                                     context_size=args.context_size, batch_contexts=args.batch_contexts,
-                                     split=args.dataset_split, text_column=args.text_column,
-                                     progress=sys.stderr.isatty())
-    source = neuronpedia_source(loaded.sae.cfg.metadata, model_id=args.model_id, layer=args.layer,
-                                sae_set=args.sae_set)
-    context_size = args.context_size or int(loaded.sae.cfg.metadata.get("context_size") or 128)
-    files = export_neuronpedia(loaded, collector, args.out, source, features_per_batch=args.features_per_batch,
-                               logit_tokens=args.logit_tokens,
-                               settings={"dataset": args.dataset, "context_size": context_size})
-    print(f"saelab: wrote {len(files)} batch file(s) for {source.neuronpedia_id} into {args.out}", file=sys.stderr)
+    collector = collect_top_examples(loaded, cfg.dataset, tokens=cfg.tokens, n_top=cfg.n_top, window=cfg.window,
+                                     context_size=cfg.context_size, batch_contexts=cfg.batch_contexts,
+                                     split=cfg.dataset_split, text_column=cfg.text_column,
+                                     include_special_tokens=cfg.include_special_tokens, progress=sys.stderr.isatty())
+    source = neuronpedia_source(loaded.sae.cfg.metadata, model_id=cfg.model_id, layer=cfg.layer, sae_set=cfg.sae_set)
+    context_size = cfg.context_size or int(loaded.sae.cfg.metadata.get("context_size") or 128)
+    files = export_neuronpedia(loaded, collector, cfg.out, source, features_per_batch=cfg.features_per_batch,
+                               logit_tokens=cfg.logit_tokens,
+                               settings={"dataset": cfg.dataset, "context_size": context_size})
+    say(f"wrote {len(files)} batch file(s) for {source.neuronpedia_id} into {cfg.out}")
     return 0
 
 

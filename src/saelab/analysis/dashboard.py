@@ -24,38 +24,31 @@ from saelab.analysis.dashboard_html import FEATURE_HTML, INDEX_HTML, STYLE_CSS
 from saelab.analysis.distributions import ActivationDistributions
 from saelab.analysis.loading import Loaded, check_feature, token_strings
 from saelab.analysis.logits import logit_effect_rows
-from saelab.analysis.neuronpedia import neuronpedia_url
-from saelab.analysis.top_examples import TopExamplesCollector, corpus_source
+from saelab.analysis.top_examples import TopExamplesCollector
 from saelab.data.text import describe_source
+from saelab.evals.loading import corpus_source
 from saelab.evals.metrics import METRIC_KEYS
+from saelab.evals.options import CorpusOptions
 from saelab.evals.report import METRIC_MEANINGS
 from saelab.models import capture
+from saelab.options import option
 from saelab.sae import SAE
-from saelab.training.config import option
+from saelab.sae.neuronpedia import neuronpedia_url
 
 CHUNK = 100                 # features per data file: feature F's data is in data/features-{F // CHUNK}.js
 DATA_MARKER = "index.js"    # data/index.js marks a folder as a dashboard that may be rebuilt in place
 
 
 @dataclass
-class DashboardConfig:
-    dataset: str = option("python-docs", "Text to read: a builtin corpus (python-docs, python-docstrings), a "
-                          ".txt/.jsonl/.parquet file or folder, a saved HF dataset or a hub id; its first --tokens "
-                          "tokens are used.")
-    dataset_split: str = option("train", "Split to read from HF datasets.")
-    text_column: str | None = option(None, "Column holding text (default: text/content, or input_ids/tokens).")
-    tokens: int = option(100_000, "Tokens of text to read, rounded up to whole contexts; 500_000 is accepted.")
+class DashboardConfig(CorpusOptions):
+    tokens: int = option(100_000, "Tokens of text to read, rounded up to whole contexts; 500_000 is accepted.",
+                         positive=True)
     features: str | None = option(None, "Features to include, e.g. 0-99,1234 (default: all).")
     top_examples: int = option(20, "Top-activating contexts kept per feature.")
     band_examples: int = option(4, "Contexts sampled at random from each activation band (8 bands of equal width "
                                 "below the smallest power of two above the feature's maximum).")
     window: int = option(8, "Tokens shown on each side of an example's token.")
     logit_tokens: int = option(10, "Tokens shown that each feature's decoder direction promotes and suppresses.")
-    context_size: int | None = option(None, "Tokens per context (default: the SAE's metadata context_size, "
-                                      "else 128).")
-    batch_contexts: int = option(8, "Contexts per model forward pass.")
-    include_special_tokens: bool = option(False, "Also read features on BOS/EOS/pad positions (default: left "
-                                          "out, as in training).")
     seed: int = option(0, "Seed of the band examples' sampling.")
     out: str | None = option(None, "Output folder (default: <run>/dashboard for a run's final/ SAE, else "
                              "<SAE_FOLDER>-dashboard beside the SAE folder).")
@@ -134,8 +127,7 @@ def collect_dashboard(loaded: Loaded, features: list[int], cfg: DashboardConfig,
     """One pass of the model over the first ``cfg.tokens`` tokens of ``cfg.dataset``."""
     from tqdm.auto import tqdm
 
-    source = corpus_source(loaded, cfg.dataset, cfg.tokens, cfg.context_size, cfg.batch_contexts, cfg.dataset_split,
-                           cfg.text_column, cfg.include_special_tokens)
+    source = corpus_source(loaded, cfg, cfg.tokens)
     context_size = source.packing.context_size
     collector = DashboardCollector(features, cfg.top_examples, cfg.band_examples, cfg.window, cfg.seed)
     bar = tqdm(total=source.max_contexts * context_size, desc="dashboard", unit="tok", unit_scale=True,

@@ -14,17 +14,38 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 
 import torch
 
-from saelab import __version__
+from saelab.evals.options import CorpusOptions
+from saelab.options import check_fields, option
+from saelab.version import __version__
 from saelab.analysis.loading import Loaded, token_strings
 from saelab.analysis.logits import LogitEffects, logit_effect_rows, top_logit_effects
 from saelab.analysis.top_examples import FeatureSummary, TopExamplesCollector
 
 LOGIT_HISTOGRAM_BINS = 40
+
+
+@dataclass(kw_only=True)
+class ExportConfig(CorpusOptions):
+    out: str = option(MISSING, "Folder for the batch-N.json files.", metavar="DIR")
+    tokens: int = option(65536, "Tokens of text to read.", positive=True)
+    n_top: int = option(20, "Top examples per feature.", positive=True)
+    window: int = option(16, "Tokens shown each side of an example's maximum.")
+    logit_tokens: int = option(10, "Promoted and suppressed tokens per feature.", positive=True)
+    features_per_batch: int = option(128, "Features per batch-N.json.", positive=True)
+    model_id: str | None = option(None, "Neuronpedia model id (default: from neuronpedia_id, else the model name).")
+    layer: int | None = option(None, "Neuronpedia layer (default: from neuronpedia_id, else the hook's block).")
+    sae_set: str | None = option(None, "Neuronpedia SAE set, e.g. res-jb (default: from neuronpedia_id, else "
+                                 "<hook kind>-saelab).")
+
+    def __post_init__(self):
+        problems = check_fields(self)
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from saelab.analysis.loading import Loaded, check_feature, token_strings
-from saelab.data.activations import LMActivationSource
-from saelab.data.tokens import Packing
+from saelab.evals.loading import corpus_source
+from saelab.evals.options import CorpusOptions
 from saelab.models import capture
 from saelab.sae import SAE
 
@@ -188,21 +188,6 @@ def collect_from_batches(sae: SAE, batches: Iterable[tuple[torch.Tensor, torch.T
     return collector
 
 
-def corpus_source(loaded: Loaded, dataset: str, tokens: int, context_size: int | None = None,
-                  batch_contexts: int = 8, split: str = "train", text_column: str | None = None,
-                  include_special_tokens: bool = False) -> LMActivationSource:
-    """The first ``tokens`` tokens of ``dataset`` (rounded up to whole contexts), packed as the SAE was trained:
-    metadata context size (unless given) and BOS convention; special tokens masked unless included."""
-    context_size = int(context_size or loaded.sae.cfg.metadata.get("context_size") or 128)
-    if tokens <= 0 or batch_contexts <= 0 or context_size <= 1:
-        raise ValueError(f"tokens and batch_contexts must be positive and context_size at least 2 (got "
-                         f"tokens={tokens}, batch_contexts={batch_contexts}, context_size={context_size})")
-    return LMActivationSource(loaded.model, loaded.tokenizer, loaded.hook, dataset,
-                              Packing(context_size, loaded.prepend_bos), split=split, text_column=text_column,
-                              batch_contexts=batch_contexts, exclude_special_tokens=not include_special_tokens,
-                              max_contexts=math.ceil(tokens / context_size))
-
-
 @torch.no_grad()
 def collect_top_examples(loaded: Loaded, dataset: str = "python-docs", tokens: int = 65536, n_top: int = 20,
                          window: int = 8, context_size: int | None = None, batch_contexts: int = 8,
@@ -210,8 +195,9 @@ def collect_top_examples(loaded: Loaded, dataset: str = "python-docs", tokens: i
                          include_special_tokens: bool = False, progress: bool = False) -> TopExamplesCollector:
     """One pass of the model over the first ``tokens`` tokens of ``dataset`` (packed as the SAE was trained:
     metadata context size and BOS convention), collecting every feature's statistics and top examples."""
-    source = corpus_source(loaded, dataset, tokens, context_size, batch_contexts, split, text_column,
-                           include_special_tokens)
+    corpus = CorpusOptions(dataset=dataset, dataset_split=split, text_column=text_column, context_size=context_size,
+                           batch_contexts=batch_contexts, include_special_tokens=include_special_tokens)
+    source = corpus_source(loaded, corpus, tokens)
     context_size = source.packing.context_size
     collector = TopExamplesCollector(loaded.sae.cfg.d_sae, n_top, window, sae=loaded.sae)
     batches = source.token_batches()

@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
+from saelab.data.options import TextOptions
 from saelab.data.text import iter_documents
 from saelab.data.tokens import Packing, context_batches, pack_contexts, special_ids
 from saelab.models.hooks import HookPoint, capture
@@ -95,6 +96,16 @@ class LMActivationSource:
             yield (acts[0] if len(acts) == 1 else torch.cat(acts, dim=-1)).float().cpu()
 
 
+def text_activations(model, tokenizer, hooks: HookPoint | Sequence[HookPoint], text: TextOptions,
+                     dataset: str | None = None, **kwargs) -> LMActivationSource:
+    """The activations of ``hooks`` over ``dataset`` (default ``text.dataset``), tokenised and packed as
+    ``text`` says; ``kwargs``: ``skip_contexts``, ``max_contexts``."""
+    return LMActivationSource(model, tokenizer, hooks, dataset or text.dataset,
+                              Packing(text.context_size, text.prepend_bos), split=text.dataset_split,
+                              text_column=text.text_column, batch_contexts=text.lm_batch_size,
+                              exclude_special_tokens=text.exclude_special_tokens, **kwargs)
+
+
 def prefetched(items: Iterable, depth: int) -> Iterator:
     """The items of ``items``, in order, produced by a background thread up to ``depth`` ahead (the
     tokenizer's Rust code releases the GIL, so it overlaps the model). Its exceptions reach the consumer;
@@ -139,10 +150,12 @@ def prefetched(items: Iterable, depth: int) -> Iterator:
 
 
 class TensorSource:
-    """Activations already in memory (tests, synthetic data, a loaded cache)."""
+    """Activations already in memory (tests, synthetic data, rows collected once from a model). ``columns``:
+    which columns belong to which hook, when several sit side by side."""
 
-    def __init__(self, data: torch.Tensor, rows_per_unit: int = 4096):
+    def __init__(self, data: torch.Tensor, rows_per_unit: int = 4096, columns: dict[str, slice] | None = None):
         self.data, self.rows_per_unit, self.d_in = data, rows_per_unit, data.shape[-1]
+        self.columns = columns or {}
 
     def units(self, start: int) -> Iterator[torch.Tensor]:
         for begin in range(start * self.rows_per_unit, len(self.data), self.rows_per_unit):

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from itertools import islice
@@ -35,12 +34,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saelab import __version__
-from saelab.data.activations import LMActivationSource
+from saelab.data.activations import LMActivationSource, text_activations
+from saelab.data.options import TextOptions
 from saelab.data.text import describe_source
-from saelab.data.tokens import Packing, bos_id
+from saelab.data.tokens import bos_id
 from saelab.models.hooks import HookPoint, capture
-from saelab.training.config import TrainConfig, option
+from saelab.models.options import ModelOptions
+from saelab.log import say
+from saelab.options import check_fields, default_of, fields_with, option
+from saelab.version import __version__
 
 FORMAT = "saelab-activation-cache"
 FORMAT_VERSION = 1
@@ -48,53 +50,32 @@ METADATA_FILE = "metadata.json"
 # Storage of each --dtype: the numpy dtype of the .npy file and the torch dtype it holds.
 DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
           "bfloat16": (np.uint16, torch.bfloat16)}
-# CacheConfig fields that do not change what is written: a rerun may change them and still continue.
-NOT_CONTENT = ("out", "device", "progress")
-# TrainConfig fields a cache fixes; training on it takes them from its metadata.
-FIXED_BY_CACHE = ("model", "dataset", "dataset_split", "text_column", "context_size", "prepend_bos",
-                  "exclude_special_tokens", "lm_batch_size")
-
-
-def _as_in_training(name: str, extra_help: str = ""):
-    """A CacheConfig field with the TrainConfig field's default and help: caching and training read text
-    the same way."""
-    f = next(f for f in fields(TrainConfig) if f.name == name)
-    return option(f.default, f.metadata["help"] + extra_help)
 
 
 @dataclass
-class CacheConfig:
-    model: str = _as_in_training("model")
+class CacheConfig(ModelOptions, TextOptions):
+    """The model, text and packing options are those of ``saelab train`` (one declaration, data/options.py),
+    so a cache holds exactly the rows a training run on the model would read."""
+
     hooks: str = option("blocks.6.hook_resid_post", "Hook points to cache, comma-separated (TransformerLens-style "
                         "names or module paths); all are read in one forward pass per batch that stops after "
                         "the deepest.")
-    dataset: str = _as_in_training("dataset")
-    dataset_split: str = _as_in_training("dataset_split")
-    text_column: str | None = _as_in_training("text_column")
     tokens: int = option(1_200_000, "Tokens of text to cache, rounded up to whole contexts (fewer when the text "
-                         "ends first). Disk: tokens x d_in x 4 bytes per hook (2 for float16, bfloat16).")
-    context_size: int = _as_in_training("context_size")
-    prepend_bos: bool = _as_in_training("prepend_bos")
-    exclude_special_tokens: bool = _as_in_training("exclude_special_tokens", " They are not stored.")
-    lm_batch_size: int = _as_in_training("lm_batch_size", " Training from the cache reads it in these same "
-                                         "batches, so it sees the rows a run on the model would.")
+                         "ends first). Disk: tokens x d_in x 4 bytes per hook (2 for float16, bfloat16).",
+                         positive=True)
     dtype: str | None = option(None, "Storage type of the activations: float32, float16 or bfloat16 (default: "
                                "float32 on CPU, bfloat16 on CUDA where the model runs in bf16).",
                                choices=tuple(DTYPES))
     shard_tokens: int = option(65_536, "Tokens per shard file, rounded to whole forward batches: the unit "
-                               "an interrupted write resumes from.")
+                               "an interrupted write resumes from.", positive=True)
     out: str = option("acts", "Cache folder: metadata.json, tokens/, keep/ and hooks/<hook>/ shards. Running "
-                      "the same command again continues an interrupted write.")
-    device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda when available).")
-    progress: bool = option(True, "Show a progress bar (tokens/s, ETA).")
+                      "the same command again continues an interrupted write.", runtime=True)
+    progress: bool = option(True, "Show a progress bar (tokens/s, ETA).", runtime=True)
 
     def __post_init__(self):
-        problems = [f"{name} must be positive (got {getattr(self, name)})"
-                    for name in ("tokens", "context_size", "lm_batch_size", "shard_tokens") if getattr(self, name) <= 0]
+        problems = check_fields(self)
         if not self.hook_names:
             problems.append("hooks lists no hook point")
-        if self.dtype not in (None, *DTYPES):
-            problems.append(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
         if problems:
             raise ValueError("invalid cache config: " + "; ".join(problems))
 
@@ -122,21 +103,18 @@ def write_cache(cfg: CacheConfig, overwrite: bool = False) -> Path:
     cfg = replace(cfg, dtype=cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     metadata = _existing_metadata(out, cfg, overwrite)
     if metadata is not None and metadata["complete"]:
-        _say(f"{out} already holds this cache, complete ({metadata['tokens']:,} tokens); nothing to do")
+        say(f"{out} already holds this cache, complete ({metadata['tokens']:,} tokens); nothing to do")
         return out
     model, tokenizer = load_model(cfg.model, device)
     hooks = [resolve_hook(model, name) for name in cfg.hook_names]
     # The training source's own token stream and keep mask: the cache packs text exactly as training does.
-    reader = LMActivationSource(model, tokenizer, hooks[0], cfg.dataset, Packing(cfg.context_size, cfg.prepend_bos),
-                                split=cfg.dataset_split, text_column=cfg.text_column,
-                                batch_contexts=cfg.lm_batch_size, exclude_special_tokens=cfg.exclude_special_tokens,
-                                max_contexts=cfg.contexts)
+    reader = text_activations(model, tokenizer, hooks[0], cfg, max_contexts=cfg.contexts)
     if metadata is None:
         metadata = _new_metadata(cfg, tokenizer, hooks, _hook_widths(model, tokenizer, hooks))
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / METADATA_FILE, metadata)
     done = len(metadata["shards"])
-    _say(f"caching {', '.join(cfg.hook_names)} of {cfg.model} over {cfg.contexts * cfg.context_size:,} tokens of "
+    say(f"caching {', '.join(cfg.hook_names)} of {cfg.model} over {cfg.contexts * cfg.context_size:,} tokens of "
          f"{cfg.dataset} into {out} ({cfg.dtype})" + (f", continuing at shard {done}" if done else ""))
     _write_shards(out, metadata, cfg, model, hooks, reader)
     if not metadata["shards"]:
@@ -145,7 +123,7 @@ def write_cache(cfg: CacheConfig, overwrite: bool = False) -> Path:
     metadata["complete"] = True
     _write_json(out / METADATA_FILE, metadata)
     size = sum(p.stat().st_size for p in out.rglob("*.npy"))
-    _say(f"cache complete: {metadata['tokens']:,} tokens, {metadata['rows']:,} rows per hook, "
+    say(f"cache complete: {metadata['tokens']:,} tokens, {metadata['rows']:,} rows per hook, "
          f"{len(metadata['shards'])} shards, {size / 2**20:,.1f} MiB in {out}")
     return out
 
@@ -193,7 +171,10 @@ def _existing_metadata(out: Path, cfg: CacheConfig, overwrite: bool) -> dict | N
 
 
 def _content_config(cfg: CacheConfig) -> dict:
-    return {name: value for name, value in asdict(cfg).items() if name not in NOT_CONTENT}
+    """What decides the cache's content: every field but the ``runtime`` ones (a rerun may change those and
+    still continue the cache)."""
+    runtime = fields_with(CacheConfig, "runtime")
+    return {name: value for name, value in asdict(cfg).items() if name not in runtime}
 
 
 def _hook_widths(model, tokenizer, hooks: list[HookPoint]) -> dict[str, int]:
@@ -308,12 +289,14 @@ class ActivationCache:
                              "choose one with --hook")
         return self.hooks[0]
 
-    def configure(self, cfg: TrainConfig) -> TrainConfig:
-        """``cfg`` with what the cache fixes (model, text, packing) taken from it. A field set to something
-        other than its default and the cache's value is a contradiction, and an error."""
-        self.hook_info(cfg.hook)
-        cached = {name: self.metadata["config"][name] for name in FIXED_BY_CACHE}
-        defaults = {f.name: f.default for f in fields(TrainConfig)}
+    def configure(self, cfg, hooks: list[str]):
+        """``cfg`` (a training config) with what the cache fixes (its fields declared ``cached``: model, text,
+        packing) taken from it. A field set to something other than its default and the cache's value is a
+        contradiction, and an error. Every hook in ``hooks`` must be cached."""
+        for hook in hooks:
+            self.hook_info(hook)
+        cached = {name: self.metadata["config"][name] for name in fields_with(type(cfg), "cached")}
+        defaults = {f.name: default_of(f) for f in fields(type(cfg))}
         clashes = [f"{name} {getattr(cfg, name)!r} (the cache's: {value!r})" for name, value in cached.items()
                    if getattr(cfg, name) not in (value, defaults[name])]
         if clashes:
@@ -321,8 +304,8 @@ class ActivationCache:
                              f"{'; '.join(clashes)}. Training on a cache takes them from it: drop those options.")
         return replace(cfg, **cached)
 
-    def source(self, hook: str, stop: int | None = None) -> CachedActivationSource:
-        return CachedActivationSource(self, hook, stop)
+    def source(self, hooks: str | list[str], stop: int | None = None) -> CachedActivationSource:
+        return CachedActivationSource(self, hooks, stop)
 
     def batches(self, hook: str, start: int = 0, stop: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(rows [n, d_in] float32, keep [contexts, context_size])`` over contexts ``[start, stop)``, at most
@@ -379,13 +362,19 @@ class ActivationCache:
 
 
 class CachedActivationSource:
-    """One hook of an activation cache as an ``ActivationSource``, over its first ``stop`` contexts (default:
-    all). Units are the cache's forward batches, read through memory maps, so ``ActivationBuffer`` shuffles
-    it in bounded memory and resumes exactly, as it does the model."""
+    """Hooks of an activation cache as an ``ActivationSource``, over its first ``stop`` contexts (default: all).
+    Units are the cache's forward batches, read through memory maps, so ``ActivationBuffer`` shuffles it in
+    bounded memory and resumes exactly, as it does the model. Several hooks sit side by side in each unit
+    (``columns[hook]``), as ``LMActivationSource`` gives them."""
 
-    def __init__(self, cache: ActivationCache, hook: str, stop: int | None = None):
-        self.cache, self.hook = cache, hook
-        self.d_in = cache.hook_info(hook)["d_in"]
+    def __init__(self, cache: ActivationCache, hooks: str | list[str], stop: int | None = None):
+        self.cache, self.hooks = cache, list(dict.fromkeys([hooks] if isinstance(hooks, str) else hooks))
+        self.columns, offset = {}, 0
+        for hook in self.hooks:
+            width = cache.hook_info(hook)["d_in"]
+            self.columns[hook] = slice(offset, offset + width)
+            offset += width
+        self.d_in = offset
         self.stop = cache.n_contexts if stop is None else stop
         if not 0 < self.stop <= cache.n_contexts:
             raise ValueError(f"activation cache {cache.path} has {cache.n_contexts} contexts; cannot train on the "
@@ -395,8 +384,11 @@ class CachedActivationSource:
         return self.cache.row_count(self.stop)
 
     def units(self, start: int) -> Iterator[torch.Tensor]:
-        for rows, _ in self.cache.batches(self.hook, start * self.cache.metadata["lm_batch_size"], self.stop):
-            yield rows
+        first = start * self.cache.metadata["lm_batch_size"]
+        readers = [self.cache.batches(hook, first, self.stop) for hook in self.hooks]
+        for parts in zip(*readers):
+            rows = [part[0] for part in parts]
+            yield rows[0] if len(rows) == 1 else torch.cat(rows, dim=-1)
 
 
 def shard_path(folder: Path, kind: str, index: int) -> Path:
@@ -407,7 +399,3 @@ def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)  # atomic: a kill leaves the previous metadata intact
-
-
-def _say(message: str) -> None:
-    print(f"saelab: {message}", file=sys.stderr, flush=True)

@@ -11,9 +11,16 @@ from pathlib import Path
 
 import torch
 
+import math
+
+from saelab.data.activations import LMActivationSource, text_activations
+from saelab.data.options import TextOptions
 from saelab.data.tokens import bos_id, special_ids
+from saelab.evals.options import CorpusOptions
 from saelab.models import HookPoint, ModelLoadError, capture, load_model, resolve_hook
 from saelab.sae import SAE
+
+DEFAULT_CONTEXT_SIZE = 128
 
 
 def find_sae_folder(path) -> Path:
@@ -105,3 +112,19 @@ def check_width(loaded: Loaded) -> None:
                          f"{loaded.sae.cfg.d_in}: the SAE reads another hook point (its cfg.json says "
                          f"{loaded.sae.cfg.metadata.get('hook_name')!r}) or another model; pass --hook / --model "
                          f"with a point of width {loaded.sae.cfg.d_in} (`saelab hooks --model ...` lists them)")
+
+
+def corpus_source(loaded: Loaded, corpus: CorpusOptions, tokens: int, prepend_bos: bool | None = None
+                  ) -> LMActivationSource:
+    """The first ``tokens`` tokens of ``corpus.dataset`` (rounded up to whole contexts) through the SAE's model
+    and hook, packed as the SAE was trained (its metadata context size and BOS convention) unless ``corpus``
+    or ``prepend_bos`` say otherwise; special tokens masked unless included."""
+    context_size = int(corpus.context_size or loaded.sae.cfg.metadata.get("context_size") or DEFAULT_CONTEXT_SIZE)
+    if tokens <= 0 or corpus.batch_contexts <= 0 or context_size <= 1:
+        raise ValueError(f"--tokens and --batch-contexts must be positive and --context-size at least 2 (got "
+                         f"tokens={tokens}, batch_contexts={corpus.batch_contexts}, context_size={context_size})")
+    text = TextOptions(dataset=corpus.dataset, dataset_split=corpus.dataset_split, text_column=corpus.text_column,
+                       context_size=context_size, prepend_bos=loaded.prepend_bos if prepend_bos is None else prepend_bos,
+                       exclude_special_tokens=not corpus.include_special_tokens, lm_batch_size=corpus.batch_contexts)
+    return text_activations(loaded.model, loaded.tokenizer, loaded.hook, text,
+                            max_contexts=math.ceil(tokens / context_size))

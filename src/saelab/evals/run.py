@@ -7,33 +7,25 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from saelab.analysis.neuronpedia import neuronpedia_url
-from saelab.data.activations import LMActivationSource
 from saelab.data.text import BUILTIN_CORPORA, describe_source
-from saelab.data.tokens import Packing
+from saelab.evals.loading import corpus_source, load_sae_and_model
 from saelab.evals.metrics import evaluate
+from saelab.evals.options import CorpusOptions, SAEOptions
 from saelab.evals.report import write_report
-from saelab.evals.loading import find_sae_folder, load_sae_and_model
-
-DEFAULT_CONTEXT_SIZE = 128
+from saelab.options import option
+from saelab.sae.neuronpedia import neuronpedia_url
 
 
 @dataclass
-class EvalConfig:
-    sae: str                            # SAE folder (or a run folder holding final/)
-    model: str | None = None            # default: the SAE's metadata model_name
-    hook: str | None = None             # default: the SAE's metadata hook_name
-    dataset: str = "python-docs"
-    dataset_split: str = "train"
-    text_column: str | None = None
-    tokens: int = 16384
-    context_size: int | None = None     # default: metadata context_size, else 128
-    prepend_bos: bool | None = None     # default: metadata prepend_bos, else True
-    batch_contexts: int = 8
-    include_special_tokens: bool = False
-    downstream: bool = True
-    out: str | None = None              # default: default_report_dir(sae folder, dataset)
-    device: str | None = None
+class EvalConfig(SAEOptions, CorpusOptions):
+    tokens: int = option(16384, "Tokens of text to evaluate on, rounded up to whole contexts; 200_000 is accepted.",
+                         positive=True)
+    prepend_bos: bool | None = option(None, "Start every context with BOS (default: the SAE's metadata prepend_bos, "
+                                      "else on).")
+    downstream: bool = option(True, "Also measure CE/KL with the SAE spliced in (--no-downstream: reconstruction "
+                              "metrics only, the model run only as far as the hook; faster).")
+    out: str | None = option(None, "Report folder (default: <run>/eval-<dataset> for a run's final/ SAE, else "
+                             "<SAE_FOLDER>-eval-<dataset> beside the SAE folder).", metavar="REPORT_DIR")
 
 
 @dataclass
@@ -67,19 +59,12 @@ def default_report_dir(sae_folder, dataset: str) -> Path:
 def run_eval(cfg: EvalConfig, progress: bool = False, say=None) -> EvalResult:
     """Evaluate the SAE folder ``cfg.sae`` and write the report; raises ValueError & co on bad input."""
     say = say or (lambda message: None)
-    if cfg.tokens <= 0 or cfg.batch_contexts <= 0 or (cfg.context_size is not None and cfg.context_size <= 1):
-        raise ValueError(f"--tokens and --batch-contexts must be positive and --context-size at least 2 (got "
-                         f"tokens={cfg.tokens}, batch_contexts={cfg.batch_contexts}, context_size={cfg.context_size})")
     loaded = load_sae_and_model(cfg.sae, cfg.model, cfg.hook, cfg.device)
-    sae, model, tokenizer, hook, folder = loaded.sae, loaded.model, loaded.tokenizer, loaded.hook, loaded.folder
-    model_name, hook_name = loaded.model_name, hook.name
-    context_size = int(cfg.context_size or sae.cfg.metadata.get("context_size") or DEFAULT_CONTEXT_SIZE)
+    sae, model, folder = loaded.sae, loaded.model, loaded.folder
+    model_name, hook_name = loaded.model_name, loaded.hook.name
     prepend_bos = cfg.prepend_bos if cfg.prepend_bos is not None else loaded.prepend_bos
-    packing = Packing(context_size, prepend_bos)
-    contexts = math.ceil(cfg.tokens / context_size)
-    source = LMActivationSource(model, tokenizer, hook, cfg.dataset, packing, split=cfg.dataset_split,
-                                text_column=cfg.text_column, batch_contexts=cfg.batch_contexts,
-                                exclude_special_tokens=not cfg.include_special_tokens, max_contexts=contexts)
+    source = corpus_source(loaded, cfg, cfg.tokens, prepend_bos=prepend_bos)
+    context_size, contexts = source.packing.context_size, source.max_contexts
 
     model_device = next(model.parameters()).device
     say(f"evaluating {folder} ({sae.cfg.architecture}, {sae.cfg.d_in} -> {sae.cfg.d_sae}) on {model_name} "
@@ -97,7 +82,7 @@ def run_eval(cfg: EvalConfig, progress: bool = False, say=None) -> EvalResult:
 
         token_batches = tqdm(token_batches, total=math.ceil(contexts / cfg.batch_contexts), desc="evaluating",
                              unit="batch", leave=False)
-    metrics = evaluate(model, sae, hook, token_batches, source.keep_mask, downstream=cfg.downstream)
+    metrics = evaluate(model, sae, loaded.hook, token_batches, source.keep_mask, downstream=cfg.downstream)
     if seen["contexts"] == 0:
         raise ValueError(f"dataset {cfg.dataset!r} gave no complete context of {context_size} tokens; use more "
                          "text, a smaller --context-size, or check --dataset-split / --text-column")

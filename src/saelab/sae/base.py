@@ -13,34 +13,20 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-
-@dataclass
-class SAEConfig:
-    d_in: int
-    d_sae: int
-    architecture: str
-    k: int | None = None                    # topk: latents kept per token; batchtopk, matryoshka: on average
-    apply_b_dec_to_input: bool = True
-    metadata: dict = field(default_factory=dict)  # model, hook, context and dataset it was trained on
-    # Training-only settings (not written to cfg.json):
-    matryoshka_widths: list[int] | str | None = None  # matryoshka: prefix widths ("1/4,1/2,1" or latent counts)
-    init_threshold: float = 0.5             # jumprelu: threshold every latent starts training with
+from saelab.sae.config import SAEConfig
+from saelab.sae.format import load_sae, save_sae
+from saelab.sae.pretrained import from_pretrained
+from saelab.sae.registry import Settings
 
 
 @dataclass
-class TrainStepInfo:
-    """What the trainer tells the SAE about the current step."""
+class TrainStep:
+    """What the trainer tells the SAE about the current step (the SAE's own settings it holds itself)."""
 
-    sparsity_coefficient: float = 0.0       # standard: L1 weight after warm-up
-    dead_mask: torch.Tensor | None = None   # [d_sae] latents silent for the dead window (AuxK)
+    penalty_scale: float = 1.0              # the sparsity penalty's warm-up factor, 0 -> 1
+    remedy: str = "none"                    # dead-latent remedy in effect; the SAE carries out its own (auxk, ...)
+    dead_mask: torch.Tensor | None = None   # [d_sae] latents silent for the dead window
     dead_latents: torch.Tensor | None = None  # or their indices (the trainer's: no host sync per step)
-    aux_k: int = 0
-    aux_coefficient: float = 0.0
-    l0_coefficient: float = 0.0             # jumprelu: L0 weight after warm-up (before target-L0 adaptation)
-    target_l0: float | None = None          # jumprelu: adapt the L0 weight until the batch L0 is this
-    bandwidth: float = 0.05                 # jumprelu: width of the straight-through estimators' rectangle
-    threshold_ema_rate: float = 0.01        # batchtopk, matryoshka: weight of each batch in the threshold EMA
-    ghost_grads: bool = False               # standard: add the ghost-grads loss for the latents in dead_mask
     # Data-parallel training (saelab.training.distributed.DataParallel): x is this rank's share of the batch,
     # and batch-wide statistics (normalized_error, BatchTopK's selection) are reduced over the ranks.
     data_parallel: object | None = None
@@ -65,12 +51,16 @@ class TrainOutput:
 
 
 class SAE(nn.Module):
+    """``cfg``: the shapes and what the folder records; ``settings``: the architecture's training settings
+    (a training module reads them, an inference module has none)."""
+
     architecture: ClassVar[str]
     decoder_init_norm: ClassVar[float] = 1.0
 
-    def __init__(self, cfg: SAEConfig):
+    def __init__(self, cfg: SAEConfig, settings: Settings | None = None):
         super().__init__()
         self.cfg = cfg
+        self.settings = settings
         self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae))
         self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
@@ -97,7 +87,7 @@ class SAE(nn.Module):
         return self.decode(self.encode(x))
 
     # --- training --------------------------------------------------------------------------------
-    def training_forward(self, x: torch.Tensor, info: TrainStepInfo) -> TrainOutput:
+    def training_forward(self, x: torch.Tensor, step: TrainStep) -> TrainOutput:
         raise NotImplementedError
 
     @torch.no_grad()
@@ -125,7 +115,7 @@ class SAE(nn.Module):
         """Called after the optimiser step."""
 
     @torch.no_grad()
-    def after_step(self, out: TrainOutput, info: TrainStepInfo) -> None:
+    def after_step(self, out: TrainOutput, step: TrainStep) -> None:
         """Called after ``constrain_weights`` with the step's output: update training-only state kept in
         buffers (which the trainer's checkpoint holds, so a resumed run continues it exactly)."""
 
@@ -152,10 +142,9 @@ class SAE(nn.Module):
         return 0.0
 
     def export(self) -> SAE:
-        """The inference SAE this one saves as, a copy on the CPU (BatchTopK becomes a JumpReLU SAE)."""
-        from saelab.sae.format import create_sae
-
-        sae = create_sae(self.cfg)
+        """The inference SAE this one saves as, a copy on the CPU (a training module overrides it: BatchTopK
+        becomes a JumpReLU SAE)."""
+        sae = type(self)(self.cfg, self.settings)
         sae.load_state_dict({name: t.detach().cpu().clone() for name, t in self.state_dict().items()})
         return sae.eval()
 
@@ -168,23 +157,17 @@ class SAE(nn.Module):
 
     # --- files -----------------------------------------------------------------------------------
     def save(self, folder, sparsity: torch.Tensor | None = None, runner_cfg: dict | None = None) -> None:
-        from saelab.sae.format import save_sae
-
-        save_sae(self, folder, sparsity=sparsity, runner_cfg=runner_cfg)
+        save_sae(self.export(), folder, sparsity=sparsity, runner_cfg=runner_cfg)
 
     @staticmethod
     def load(folder, device: str | torch.device = "cpu") -> SAE:
         """Load a folder written by saelab or SAELens (``cfg.json`` + ``sae_weights.safetensors``)."""
-        from saelab.sae.format import load_sae
-
         return load_sae(folder, device=device)
 
     @staticmethod
     def from_pretrained(release: str, sae_id: str, device: str | torch.device = "cpu"):
         """``(sae, cfg_dict, log10 sparsity or None)`` of a pretrained SAE, downloaded through the Hugging Face
         cache: ``release`` is a registry name (``saelab pretrained list``) or a hub repo of SAELens folders."""
-        from saelab.sae.pretrained import from_pretrained
-
         return from_pretrained(release, sae_id, device=device)
 
     from_pretrained_with_cfg_and_sparsity = from_pretrained  # SAELens 6's name for the same tuple
@@ -198,31 +181,6 @@ def normalized_error(error: torch.Tensor, target: torch.Tensor, data_parallel=No
     total = data_parallel.sum
     mean = total(target.sum(0)) / total(target.new_tensor(float(len(target))))
     return total(error.pow(2).sum()) / total((target - mean).pow(2).sum()).clamp_min(1e-12)
-
-
-def ghost_grads_loss(sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
-                     residual: torch.Tensor, dead: torch.Tensor, squared_error: torch.Tensor) -> torch.Tensor:
-    """Ghost grads (Anthropic, Jan 2024 update; SAELens ``use_ghost_grads``): the dead latents, with
-    ``exp(pre-activation)`` in place of ReLU, reconstruct the residual ``x - x_hat``. Their output is
-    rescaled to half the residual's norm, and each token's loss to that token's main ``squared_error``
-    (both factors held constant), so the loss is as large as the reconstruction loss and its gradient
-    reaches only the dead latents' encoder columns, encoder biases and decoder rows (not b_dec, not
-    live latents).
-
-    ``sae_in``: ``[batch, d_in]`` encoder input; ``residual``: ``x - x_hat``; ``dead``: the dead latents'
-    indices; ``squared_error``: per token.
-    """
-    residual = residual.detach()
-    dead_pre = torch.addmm(b_enc[dead], sae_in.detach(), W_enc[:, dead])
-    # The rescaling makes the output independent of a per-token factor, so shifting by each token's
-    # largest pre-activation changes nothing but keeps exp() finite.
-    dead_acts = (dead_pre - dead_pre.detach().max(dim=-1, keepdim=True).values).exp()
-    ghost_out = dead_acts @ W_dec[dead]
-    scale = residual.norm(dim=-1) / (2 * ghost_out.norm(dim=-1) + 1e-6)
-    ghost_out = ghost_out * scale.detach()[:, None]
-    ghost_error = (ghost_out - residual).pow(2).sum(-1)
-    weight = (squared_error / (ghost_error + 1e-6)).detach()
-    return (weight * ghost_error).mean()
 
 
 @torch.no_grad()

@@ -12,14 +12,30 @@ value, firing only 0.67 k latents. The default rate (``threshold_ema_rate`` 0.1)
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from saelab.sae.base import TrainOutput, TrainStepInfo, normalized_error
+from saelab.options import option
+from saelab.sae.base import TrainOutput, TrainStep, normalized_error
 from saelab.sae.jumprelu import JumpReLUSAE
+from saelab.sae.registry import Architecture
 from saelab.sae.sparse import TopKEncode, count_fired, sparse_decode
-from saelab.sae.topk import TopKSAE
+from saelab.sae.topk import TopKSAE, TopKSettings
+
+
+@dataclass
+class BatchTopKSettings(TopKSettings):
+    threshold_ema_rate: float = option(0.1, "Per-step rate of the moving average of the smallest selected "
+                                       "activation, the saved JumpReLU threshold. It must follow the encoder to the "
+                                       "end of training: a slow average (0.01) lags behind and fires fewer than k "
+                                       "latents.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.threshold_ema_rate <= 1:
+            raise ValueError(f"invalid training config: threshold_ema_rate must be in (0, 1] (got "
+                             f"{self.threshold_ema_rate})")
 
 
 class BatchTopKEncode(TopKEncode):
@@ -65,8 +81,8 @@ class BatchTopKSAE(TopKSAE):
 
     architecture = "batchtopk"
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, settings=None):
+        super().__init__(cfg, settings)
         self.register_buffer("threshold_ema", torch.zeros((), dtype=torch.float64))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,19 +98,12 @@ class BatchTopKSAE(TopKSAE):
         return batch_topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, self.cfg.apply_b_dec_to_input,
                                  data_parallel)
 
-    def training_forward(self, x: torch.Tensor, info: TrainStepInfo) -> TrainOutput:
-        values, indices = self._encode_sparse(x, info.data_parallel)
+    def training_forward(self, x: torch.Tensor, step: TrainStep) -> TrainOutput:
+        values, indices = self._encode_sparse(x, step.data_parallel)
         x_hat = sparse_decode(indices, values, self.W_dec) + self.b_dec
-        parts = {"mse": normalized_error(x_hat - x, x, info.data_parallel)}
-        loss = parts["mse"] + self._auxk_term(x, x_hat, info, parts)
+        parts = {"mse": normalized_error(x_hat - x, x, step.data_parallel)}
+        loss = parts["mse"] + self._auxk_term(x, x_hat, step, parts)
         return self._output(loss, x_hat, values, indices, parts)
-
-    def _auxk_term(self, x, x_hat, info: TrainStepInfo, parts: dict) -> torch.Tensor | float:
-        dead = info.dead() if info.aux_coefficient > 0 else None
-        if dead is not None:
-            parts["auxk"] = self._auxk_loss(x, (x - x_hat).detach(), dead, info.aux_k, info.data_parallel)
-            return info.aux_coefficient * parts["auxk"]
-        return 0.0
 
     def _output(self, loss, x_hat, values, indices, parts) -> TrainOutput:
         # The smallest selected value (inf when nothing was selected), found without a host sync.
@@ -104,19 +113,27 @@ class BatchTopKSAE(TopKSAE):
                            stats={"min_selected": smallest})
 
     @torch.no_grad()
-    def after_step(self, out: TrainOutput, info: TrainStepInfo) -> None:
+    def after_step(self, out: TrainOutput, step: TrainStep) -> None:
         # Tensor-valued branches, so the step never waits for the device: no update when nothing was
         # selected; on the first update, start at the observed value rather than biased toward 0.
         smallest = out.stats["min_selected"].to(self.threshold_ema.dtype)
-        if info.data_parallel is not None:  # the smallest selected over the whole batch
-            smallest = info.data_parallel.min(smallest)
-        moved = torch.where(self.threshold_ema > 0, self.threshold_ema.lerp(smallest, info.threshold_ema_rate),
+        if step.data_parallel is not None:  # the smallest selected over the whole batch
+            smallest = step.data_parallel.min(smallest)
+        rate = self.settings.threshold_ema_rate
+        moved = torch.where(self.threshold_ema > 0, self.threshold_ema.lerp(smallest, rate),
                             smallest)
         self.threshold_ema.copy_(torch.where(torch.isfinite(smallest) & (smallest > 0), moved, self.threshold_ema))
 
     def export(self) -> JumpReLUSAE:
-        sae = JumpReLUSAE(replace(self.cfg, architecture="jumprelu", k=None, matryoshka_widths=None))
+        sae = JumpReLUSAE(replace(self.cfg, architecture="jumprelu", k=None))
         state = {name: t.detach().cpu().clone() for name, t in self.state_dict().items() if name != "threshold_ema"}
         threshold = torch.full((self.cfg.d_sae,), float(self.threshold_ema), dtype=state["b_enc"].dtype)
         sae.load_state_dict({**state, "threshold": threshold})
         return sae.eval()
+
+
+BATCHTOPK = Architecture(
+    name="batchtopk", module=BatchTopKSAE, settings=BatchTopKSettings, sparsity="k", sweep_values="16,32,64",
+    label="k", remedies=("auxk",), default_remedy="auxk", loads_as="jumprelu",
+    summary="the k * batch largest across the batch; saved as jumprelu with the learnt threshold "
+            "(Bussmann et al. 2024)")

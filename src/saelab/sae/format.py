@@ -11,24 +11,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors.torch import load_file, save_file
 
-from saelab.sae.base import SAE, SAEConfig
-from saelab.sae.batchtopk import BatchTopKSAE
-from saelab.sae.gated import GatedSAE
-from saelab.sae.jumprelu import JumpReLUSAE, JumpReLUTrainingSAE
-from saelab.sae.matryoshka import MatryoshkaBatchTopKSAE
-from saelab.sae.standard import StandardSAE
-from saelab.sae.topk import TopKSAE
+from saelab.sae.config import SAEConfig
+from saelab.sae.registry import architecture, create_sae
 
-# batchtopk and matryoshka_batchtopk train here but save (export()) as jumprelu with a threshold; a folder
-# that says batchtopk or matryoshka_batchtopk loads as jumprelu.
-ARCHITECTURES: dict[str, type[SAE]] = {"standard": StandardSAE, "topk": TopKSAE, "jumprelu": JumpReLUSAE,
-                                       "gated": GatedSAE, "batchtopk": BatchTopKSAE,
-                                       "matryoshka_batchtopk": MatryoshkaBatchTopKSAE}
-# Architectures trained by another module than the one a folder loads into (its export() converts).
-TRAINING_MODULES: dict[str, type[SAE]] = {"jumprelu": JumpReLUTrainingSAE}
-SAVED_AS_JUMPRELU = ("batchtopk", "matryoshka_batchtopk")
+
 WEIGHTS_FILE, CONFIG_FILE, SPARSITY_FILE, RUNNER_FILE = (
     "sae_weights.safetensors", "cfg.json", "sparsity.safetensors", "runner_cfg.json")
 # Keys that pre-6.0 SAELens configs keep at the top level and 6.x keeps under "metadata".
@@ -45,16 +34,6 @@ LAYOUT_VERSION = "6.0.0"
 
 class SAEFormatError(ValueError):
     pass
-
-
-def create_sae(cfg: SAEConfig, training: bool = False) -> SAE:
-    """The module for ``cfg.architecture``; ``training=True`` gives the one the trainer optimises."""
-    if cfg.architecture not in ARCHITECTURES:
-        raise SAEFormatError(f"unknown SAE architecture {cfg.architecture!r}; "
-                             f"saelab knows {', '.join(sorted(ARCHITECTURES))}")
-    if training and cfg.architecture in TRAINING_MODULES:
-        return TRAINING_MODULES[cfg.architecture](cfg)
-    return ARCHITECTURES[cfg.architecture](cfg)
 
 
 def config_to_json(cfg: SAEConfig) -> dict:
@@ -106,11 +85,10 @@ def config_from_json(raw: dict, where: str) -> SAEConfig:
                      apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)), metadata=metadata)
 
 
-def save_sae(sae: SAE, folder, sparsity: torch.Tensor | None = None, runner_cfg: dict | None = None) -> None:
-    """Write the folder atomically: a reader sees the old folder or the whole new one, never a mix."""
+def save_sae(sae: nn.Module, folder, sparsity: torch.Tensor | None = None, runner_cfg: dict | None = None) -> None:
+    """Write the folder atomically: a reader sees the old folder or the whole new one, never a mix. ``sae``
+    is an inference module (``SAE.save`` exports a training module first)."""
     folder = Path(folder)
-    if type(sae).export is not SAE.export:  # a training module: save the inference SAE it stands for
-        sae = sae.export()
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
@@ -140,7 +118,7 @@ def _replace_folder(new: Path, target: Path) -> None:
         os.replace(new, target)
 
 
-def load_sae(folder, device: str | torch.device = "cpu") -> SAE:
+def load_sae(folder, device: str | torch.device = "cpu") -> nn.Module:
     folder = Path(folder)
     if not (folder / CONFIG_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
         raise SAEFormatError(f"{folder} is not an SAE folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "
@@ -149,8 +127,12 @@ def load_sae(folder, device: str | torch.device = "cpu") -> SAE:
     cfg = config_from_json(raw, str(folder))
     tensors = load_file(folder / WEIGHTS_FILE)
     saved_as = cfg.architecture
-    if cfg.architecture in SAVED_AS_JUMPRELU:
-        cfg.architecture, cfg.k = "jumprelu", None  # saved with a learned threshold, used as JumpReLU
+    try:
+        loads_as = architecture(saved_as).loads_as
+    except ValueError as err:
+        raise SAEFormatError(f"{folder}/{CONFIG_FILE}: {err}") from None
+    if loads_as == "jumprelu":  # saved with a learned threshold, used as JumpReLU
+        cfg.architecture, cfg.k = loads_as, None
         if "threshold" not in tensors and "topk_threshold" in tensors:  # a SAELens training checkpoint
             tensors["threshold"] = torch.full((cfg.d_sae,), float(tensors["topk_threshold"]))
     if cfg.architecture == "jumprelu" and "threshold" not in tensors and "log_threshold" in tensors:
@@ -169,7 +151,7 @@ def load_sae(folder, device: str | torch.device = "cpu") -> SAE:
         if tuple(scale.shape) != (cfg.d_sae,):
             raise SAEFormatError(f"{folder}: scaling_factor has shape {tuple(scale.shape)}, not ({cfg.d_sae},)")
         state["W_dec"] = state["W_dec"] * scale[:, None]
-    if (cfg.architecture == "topk" or saved_as in SAVED_AS_JUMPRELU) and raw.get("rescale_acts_by_decoder_norm"):
+    if (cfg.architecture == "topk" or loads_as == "jumprelu") and raw.get("rescale_acts_by_decoder_norm"):
         # SAELens ranks pre * ||W_dec row|| and decodes with unit rows: fold the norms into the weights.
         norms = state["W_dec"].norm(dim=1).clamp_min(1e-8)
         state["W_enc"] = state["W_enc"] * norms

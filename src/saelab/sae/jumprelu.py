@@ -15,12 +15,14 @@ steps; hence the threshold nudge (``TARGET_L0_NUDGE``).
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from saelab.sae.base import SAE, TrainOutput, TrainStepInfo, normalized_error
+from saelab.options import option
+from saelab.sae.base import SAE, TrainOutput, TrainStep, normalized_error
+from saelab.sae.registry import Architecture, Settings
 from saelab.sae.topk import TopKSAE
 
 # Adam moves a parameter by about lr per step whatever the size of its gradient. The parameter is
@@ -42,18 +44,42 @@ TARGET_L0_INTEGRATE_WITHIN = 0.5
 L0_SCALE_BOUNDS = (1e-4, 1e4)
 
 
+@dataclass
+class JumpReLUSettings(Settings):
+    l0_coefficient: float = option(1.0, "Weight of the L0 penalty (the loss's squared error is summed over "
+                                   "dimensions of inputs normalised to mean norm sqrt(d_in)); with --target-l0, "
+                                   "the weight it starts from.")
+    target_l0: float | None = option(None, "Steer the training L0 to this: each step moves every threshold by up "
+                                     "to 5% toward it, and near it the L0 weight adapts until the thresholds stay "
+                                     "there on their own (default: fixed weight).", positive=True, per_sae=True,
+                                     aliases=("--target-l0s",))
+    jumprelu_bandwidth: float = option(0.05, "Width of the straight-through estimators' rectangle kernel, in "
+                                       "pre-activation units of inputs normalised to mean norm sqrt(d_in) (there a "
+                                       "unit direction's projection is ~N(0,1); 0.001 at unit mean squared norm, as "
+                                       "in Gemma Scope, is ~0.05 here for d_in ~2300).", positive=True)
+    jumprelu_init_threshold: float = option(0.5, "Initial threshold of every latent, in the same units. The "
+                                            "log-thresholds are learned 10x faster than the other weights (up to "
+                                            "~10 * lr per step), so they can travel an order of magnitude in a few "
+                                            "hundred steps.", positive=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.l0_coefficient < 0:
+            raise ValueError(f"invalid training config: l0_coefficient must not be negative (got {self.l0_coefficient})")
+
+
 class JumpReLUSAE(SAE):
     architecture = "jumprelu"
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, settings=None):
+        super().__init__(cfg, settings)
         self.threshold = nn.Parameter(torch.zeros(cfg.d_sae))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.encode_pre(x)
         return pre.relu() * (pre > self.threshold)
 
-    def training_forward(self, x: torch.Tensor, info: TrainStepInfo) -> TrainOutput:
+    def training_forward(self, x: torch.Tensor, step: TrainStep) -> TrainOutput:
         raise TypeError("a loaded JumpReLU SAE is for inference; train one with architecture='jumprelu' "
                         "through saelab.training (it uses JumpReLUTrainingSAE, which learns log-thresholds)")
 
@@ -107,10 +133,8 @@ class JumpReLUTrainingSAE(SAE):
 
     architecture = "jumprelu"
 
-    def __init__(self, cfg):
-        if not cfg.init_threshold > 0:
-            raise ValueError(f"jumprelu needs a positive initial threshold, got {cfg.init_threshold}")
-        super().__init__(cfg)
+    def __init__(self, cfg, settings: JumpReLUSettings | None = None):
+        super().__init__(cfg, settings or JumpReLUSettings())
         start = self._initial_latent_value("log_threshold_scaled")
         self.log_threshold_scaled = nn.Parameter(torch.full((cfg.d_sae,), start))
         self.register_buffer("l0_scale", torch.ones(()))
@@ -123,14 +147,14 @@ class JumpReLUTrainingSAE(SAE):
         pre = self.encode_pre(x)
         return pre.relu() * (pre > self.threshold)
 
-    def training_forward(self, x: torch.Tensor, info: TrainStepInfo) -> TrainOutput:
+    def training_forward(self, x: torch.Tensor, step: TrainStep) -> TrainOutput:
         pre = self.encode_pre(x)
-        threshold = self.threshold
-        f = _JumpReLU.apply(pre, threshold, info.bandwidth)  # threshold > 0, so this is relu(pre) * gate
+        threshold, bandwidth = self.threshold, self.settings.jumprelu_bandwidth
+        f = _JumpReLU.apply(pre, threshold, bandwidth)  # threshold > 0, so this is relu(pre) * gate
         x_hat = self.decode(f)
         squared_error = (x_hat - x).pow(2).sum(-1).mean()
-        l0 = _Step.apply(pre, threshold, info.bandwidth).sum(-1).mean()
-        coefficient = info.l0_coefficient * self.l0_scale
+        l0 = _Step.apply(pre, threshold, bandwidth).sum(-1).mean()
+        coefficient = self.settings.l0_coefficient * step.penalty_scale * self.l0_scale
         loss = squared_error + coefficient * l0
         return TrainOutput(loss=loss, x_hat=x_hat, fired=(f > 0).sum(0),
                            parts={"mse": normalized_error(x_hat - x, x), "l0_penalty": l0.detach(),
@@ -138,18 +162,19 @@ class JumpReLUTrainingSAE(SAE):
                                   "threshold_median": threshold.detach().median()})
 
     @torch.no_grad()
-    def after_step(self, out: TrainOutput, info: TrainStepInfo) -> None:
-        if info.target_l0:
+    def after_step(self, out: TrainOutput, step: TrainStep) -> None:
+        target = self.settings.target_l0
+        if target:
             # The trainer has summed out.fired over the data-parallel ranks; x_hat is this rank's share.
-            tokens = len(out.x_hat) * (info.data_parallel.world_size if info.data_parallel is not None else 1)
+            tokens = len(out.x_hat) * (step.data_parallel.world_size if step.data_parallel is not None else 1)
             l0 = out.fired.sum() / tokens
-            error = (l0.clamp_min(1e-3) / info.target_l0).log().clamp(-1.0, 1.0)
+            error = (l0.clamp_min(1e-3) / target).log().clamp(-1.0, 1.0)
             self.log_threshold_scaled.add_(error * (TARGET_L0_NUDGE / LOG_THRESHOLD_LR_SCALE))
             near = error.abs() < TARGET_L0_INTEGRATE_WITHIN
             self.l0_scale.mul_(torch.exp(TARGET_L0_ADAPT_RATE * error * near)).clamp_(*L0_SCALE_BOUNDS)
 
     def _initial_latent_value(self, name: str) -> float:
-        return math.log(self.cfg.init_threshold) / LOG_THRESHOLD_LR_SCALE if name == "log_threshold_scaled" else 0.0
+        return math.log(self.settings.jumprelu_init_threshold) / LOG_THRESHOLD_LR_SCALE if name == "log_threshold_scaled" else 0.0
 
     # Unit-norm decoder rows, as for TopK: the L0 penalty cannot be dodged by rescaling, and the
     # threshold keeps one meaning per latent.
@@ -162,3 +187,9 @@ class JumpReLUTrainingSAE(SAE):
                  if name not in ("log_threshold_scaled", "l0_scale")}
         sae.load_state_dict({**state, "threshold": self.threshold.detach().cpu().clone()})
         return sae.eval()
+
+
+JUMPRELU = Architecture(
+    name="jumprelu", module=JumpReLUSAE, training_module=JumpReLUTrainingSAE, settings=JumpReLUSettings,
+    sparsity="target_l0", sweep_values="16,32,64", label="target_l0_",
+    summary="learnt per-latent thresholds, straight-through estimators, L0 penalty (Rajamanoharan et al. 2024)")

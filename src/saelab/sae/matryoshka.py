@@ -7,13 +7,15 @@ refine them instead of absorbing them. Exports as a JumpReLU SAE, like BatchTopK
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 
-from saelab.sae.base import TrainOutput, TrainStepInfo, normalized_error
-from saelab.sae.batchtopk import BatchTopKSAE
+from saelab.options import option
+from saelab.sae.base import TrainOutput, TrainStep, normalized_error
+from saelab.sae.batchtopk import BatchTopKSAE, BatchTopKSettings
+from saelab.sae.registry import Architecture
 from saelab.sae.sparse import sparse_decode
 
 DEFAULT_WIDTHS = "1/16,1/8,1/4,1/2,1"
@@ -55,21 +57,44 @@ def resolve_widths(spec: str | Sequence | None, d_sae: int) -> list[int]:
     return widths
 
 
+@dataclass
+class MatryoshkaSettings(BatchTopKSettings):
+    matryoshka_widths: str | None = option(None, "Nested prefix widths, strictly increasing: latent counts "
+                                           "(128,512,4608) or fractions of d_sae (1/16,0.25,1); d_sae is added as "
+                                           "the last (default 1/16,1/8,1/4,1/2,1).", fixed_on_resume=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.matryoshka_widths is not None:
+            try:
+                parse_widths(self.matryoshka_widths)
+            except ValueError as err:
+                raise ValueError(f"invalid training config: {err}") from None
+
+
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     architecture = "matryoshka_batchtopk"
 
-    def __init__(self, cfg):
-        widths = resolve_widths(cfg.matryoshka_widths, cfg.d_sae)
-        super().__init__(replace(cfg, matryoshka_widths=widths))
+    def __init__(self, cfg, settings: MatryoshkaSettings | None = None):
+        super().__init__(cfg, settings or MatryoshkaSettings())
+        self.widths = resolve_widths(self.settings.matryoshka_widths, cfg.d_sae)
 
-    def training_forward(self, x: torch.Tensor, info: TrainStepInfo) -> TrainOutput:
-        values, indices = self._encode_sparse(x, info.data_parallel)
+    def training_forward(self, x: torch.Tensor, step: TrainStep) -> TrainOutput:
+        values, indices = self._encode_sparse(x, step.data_parallel)
         parts, loss = {}, 0.0
-        for width in self.cfg.matryoshka_widths:
+        for width in self.widths:
             kept = values if width == self.cfg.d_sae else values * (indices < width)
             x_hat = sparse_decode(indices, kept, self.W_dec) + self.b_dec
-            parts[f"mse_{width}"] = normalized_error(x_hat - x, x, info.data_parallel)
+            parts[f"mse_{width}"] = normalized_error(x_hat - x, x, step.data_parallel)
             loss = loss + parts[f"mse_{width}"]
         parts["mse"] = parts[f"mse_{self.cfg.d_sae}"]  # x_hat is now the whole dictionary's reconstruction
-        loss = loss + self._auxk_term(x, x_hat, info, parts)
+        loss = loss + self._auxk_term(x, x_hat, step, parts)
         return self._output(loss, x_hat, values, indices, parts)
+
+
+MATRYOSHKA = Architecture(
+    name="matryoshka_batchtopk", module=MatryoshkaBatchTopKSAE, settings=MatryoshkaSettings, aliases=("matryoshka",),
+    sparsity="k", sweep_values="16,32,64", label="k", remedies=("auxk",), default_remedy="auxk", loads_as="jumprelu",
+    in_default_sweep=False,  # a sweep trains it when --architectures names it
+    summary="nested BatchTopK prefixes (--matryoshka-widths) each trained to reconstruct; saved as jumprelu "
+            "(Bussmann et al. 2025)")

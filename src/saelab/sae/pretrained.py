@@ -16,12 +16,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
 import torch
+from torch import nn
 
-from saelab.sae.base import SAE, SAEConfig
-from saelab.sae.format import (CONFIG_FILE, WEIGHTS_FILE, SAEFormatError, config_to_json, create_sae, load_sae,
-                               load_sparsity)
+from saelab.sae.config import SAEConfig
+from saelab.sae.format import CONFIG_FILE, WEIGHTS_FILE, SAEFormatError, config_to_json, load_sae, load_sparsity
+from saelab.sae.registry import create_sae
+
 
 REGISTRY_FILE = Path(__file__).with_name("pretrained.json")
 GEMMA_SCOPE_FILE = "params.npz"
@@ -110,10 +111,9 @@ def _hook_of(entry: dict, sae_id: str, path: str) -> str | None:
 
 
 def _hook_named_by(sae_id: str) -> str | None:
-    """``sae_id`` itself when it is a hook name (SAELens-style releases name each SAE by its hook)."""
-    from saelab.models.hooks import is_transformer_lens_name  # here: loading saelab.sae needs no LM stack
-
-    return sae_id if is_transformer_lens_name(sae_id) else None
+    """``sae_id`` itself when it has the shape of a TransformerLens hook name, ``blocks.L.hook_...`` (SAELens-style
+    releases name each SAE by its hook). The shape only: which hook kinds a model has is saelab.models' business."""
+    return sae_id if re.fullmatch(r"blocks\.\d+\.(\w+\.)?hook_\w+", sae_id) else None
 
 
 def _width_of(path: str) -> int | None:
@@ -179,7 +179,7 @@ def _not_cached_message(ref: PretrainedRef, offline: bool) -> str:
 
 # --- loading --------------------------------------------------------------------------------------------
 def from_pretrained(release: str, sae_id: str, device: str | torch.device = "cpu"
-                    ) -> tuple[SAE, dict, torch.Tensor | None]:
+                    ) -> tuple[nn.Module, dict, torch.Tensor | None]:
     """``(sae, cfg_dict, log10 sparsity or None)`` for an SAE of a release, as SAELens's ``from_pretrained``.
 
     ``release``: a registry name (``saelab pretrained list``), a hub repo id of SAELens folders, or a local
@@ -203,7 +203,7 @@ def from_pretrained(release: str, sae_id: str, device: str | torch.device = "cpu
     return sae, flat_config(sae.cfg), sparsity
 
 
-def load_gemma_scope(folder: Path, ref: PretrainedRef) -> SAE:
+def load_gemma_scope(folder: Path, ref: PretrainedRef) -> nn.Module:
     """A Gemma Scope ``params.npz`` (W_enc, W_dec, b_enc, b_dec, threshold) as a JumpReLU SAE.
 
     Gemma Scope encodes ``x @ W_enc + b_enc`` without subtracting ``b_dec`` first.

@@ -1,126 +1,98 @@
-"""The training configuration. Each field's help text is also its ``saelab train --help`` entry."""
+"""The training configuration. Each field's help text is its ``saelab train --help`` entry, and its roles
+(``saelab.options``) say how runs, caches and resumes treat it.
+
+The settings of one architecture (``k``, ``l1_coefficient``, ``target_l0``, ...) are declared by that
+architecture (``saelab.sae``, its settings dataclass). A TrainConfig takes them by name like its own fields,
+``TrainConfig(architecture="jumprelu", target_l0=32)``, keeps those given in ``sae_settings`` and hands the
+architecture's typed settings out as ``cfg.settings``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import dataclasses
+from dataclasses import dataclass, fields
 
-TOPK_FAMILY = ("topk", "batchtopk", "matryoshka_batchtopk")  # architectures with k (and AuxK)
+from saelab.data.options import DataOptions
+from saelab.options import check_fields, option
+from saelab.sae import (DEFAULT_ARCHITECTURE, Architecture, Settings, architecture, architecture_names,
+                        settings_fields)
 
 
-def option(default, help: str, **extra):
-    """A config field with its command-line help attached."""
-    return field(default=default, metadata={"help": help, **extra})
+def _architecture_help() -> str:
+    return "SAE architecture: " + "; ".join(
+        f"{arch.name}{' (alias ' + ', '.join(arch.aliases) + ')' if arch.aliases else ''}: {arch.summary}"
+        for arch in _registered()) + "."
 
 
-@dataclass
-class TrainConfig:
+def _registered() -> list[Architecture]:
+    return [architecture(name) for name in architecture_names()]
+
+
+@dataclass(init=False)
+class TrainConfig(DataOptions):
     # --- what to read -----------------------------------------------------------------------------
-    model: str = option("smollm2-135m", "Language model: an embedded alias (smollm2-135m), a local "
-                        "transformers folder, a .gguf file, or a Hugging Face hub id.")
     hook: str = option("blocks.6.hook_resid_post", "Hook point: a TransformerLens-style name "
                        "(blocks.L.hook_resid_pre|resid_mid|resid_post|attn_out|mlp_out) or a module path "
-                       "(model.layers.6.mlp = that module's output).")
-    dataset: str = option("python-docs", "Training text: a builtin corpus (python-docs = python-reference + "
-                          "python-docstrings, ~300k tokens shipped with Python), "
-                          "a .txt/.jsonl/.parquet file, a folder of them or a saved HF dataset, or a hub "
-                          "dataset id (streamed). Rows with input_ids/tokens are used as pretokenized.")
-    dataset_split: str = option("train", "Split to read from HF datasets.")
-    text_column: str | None = option(None, "Column holding text (default: text/content, or input_ids/tokens).")
-    context_size: int = option(128, "Tokens per context; documents are concatenated with BOS between them.")
-    prepend_bos: bool = option(True, "Start every context with the BOS token.")
-    exclude_special_tokens: bool = option(True, "Leave BOS/EOS/pad positions out of training and "
-                                          "reconstruction metrics (their activations are huge outliers).")
-    lm_batch_size: int = option(16, "Contexts per language-model forward pass.")
-    activations: str | None = option(None, "Train on an activation cache written by `saelab cache` (its folder) "
-                                     "instead of running the model: --hook picks one of its hooks (default: its "
-                                     "only one); model, text and packing come from the cache. The final "
-                                     "evaluation holds out its last --eval-tokens tokens (reconstruction "
-                                     "metrics); only --eval-dataset loads the model, for CE/KL too.")
+                       "(model.layers.6.mlp = that module's output).", per_sae=True)
     # --- the SAE ----------------------------------------------------------------------------------
-    architecture: str = option("topk", "SAE architecture: topk, batchtopk (k on average over the batch; "
-                               "saved as jumprelu), matryoshka_batchtopk (alias matryoshka; nested BatchTopK "
-                               "prefixes, saved as jumprelu), jumprelu (learned thresholds, L0 penalty), gated, "
-                               "standard (ReLU + L1).",
-                               choices=("topk", "batchtopk", "matryoshka_batchtopk", "matryoshka", "jumprelu",
-                                        "gated", "standard"))
-    expansion: int = option(8, "Latents per input dimension (d_sae = expansion * d_in).")
-    d_sae: int | None = option(None, "Number of latents; overrides --expansion.")
-    k: int = option(32, "topk: latents active per token; batchtopk, matryoshka_batchtopk: latents active "
-                    "per token on average over each batch.")
-    l1_coefficient: float = option(5.0, "standard, gated: weight of the L1 penalty on |f|*||W_dec|| (gated: "
-                                   "on the gate's ReLU) (inputs are normalised to mean norm sqrt(d_in)).")
-    l1_warmup_fraction: float = option(0.05, "standard, gated, jumprelu: fraction of training over which the "
-                                       "sparsity penalty's weight (L1, or jumprelu's L0) ramps up from 0.")
-    l0_coefficient: float = option(1.0, "jumprelu: weight of the L0 penalty (the loss's squared error is "
-                                   "summed over dimensions of inputs normalised to mean norm sqrt(d_in)); "
-                                   "with --target-l0, the weight it starts from.")
-    target_l0: float | None = option(None, "jumprelu: steer the training L0 to this: each step moves every "
-                                     "threshold by up to 5% toward it, and near it the L0 weight adapts "
-                                     "until the thresholds stay there on their own (default: fixed weight).")
-    jumprelu_bandwidth: float = option(0.05, "jumprelu: width of the straight-through estimators' "
-                                       "rectangle kernel, in pre-activation units of inputs normalised to mean "
-                                       "norm sqrt(d_in) (there a unit direction's projection is ~N(0,1); 0.001 "
-                                       "at unit mean squared norm, as in Gemma Scope, is ~0.05 here for d_in "
-                                       "~2300).")
-    jumprelu_init_threshold: float = option(0.5, "jumprelu: initial threshold of every latent, in the same "
-                                            "units. The log-thresholds are learned 10x faster than the other "
-                                            "weights (up to ~10 * lr per step), so they can travel an order of "
-                                            "magnitude in a few hundred steps.")
-    threshold_ema_rate: float = option(0.1, "batchtopk, matryoshka_batchtopk: per-step rate of the moving "
-                                       "average of the smallest selected activation, the saved JumpReLU "
-                                       "threshold. It must follow the encoder to the end of training: a slow "
-                                       "average (0.01) lags behind and fires fewer than k latents.")
-    matryoshka_widths: str | None = option(None, "matryoshka_batchtopk: nested prefix widths, strictly "
-                                           "increasing: latent counts (128,512,4608) or fractions of d_sae "
-                                           "(1/16,0.25,1); d_sae is added as the last (default "
-                                           "1/16,1/8,1/4,1/2,1).")
-    aux_k: int | None = option(None, "topk, batchtopk, matryoshka_batchtopk: dead latents used by the AuxK "
-                               "loss (default d_in / 2).")
-    aux_coefficient: float = option(1 / 32, "topk, batchtopk, matryoshka_batchtopk: weight of the AuxK loss "
-                                    "(0 turns it off); used when --dead-latent-remedy is auxk (auto for these).")
-    dead_window_tokens: int = option(200_000, "A latent silent for this many training tokens counts as dead.")
-    dead_latent_remedy: str = option("auto", "What revives dead latents: auxk (topk, batchtopk, "
-                                     "matryoshka_batchtopk: the AuxK loss, weight --aux-coefficient), ghost_grads "
-                                     "(standard: dead latents' exp(pre-activation) reconstruct the residual, an "
-                                     "extra loss as large as the reconstruction loss, Anthropic Jan 2024), "
-                                     "resample (any architecture: every --resample-every-tokens, dead latents "
-                                     "are re-initialised toward badly reconstructed inputs, Towards "
-                                     "Monosemanticity), none; auto = auxk for the TopK family, none otherwise.",
-                                     choices=("auto", "auxk", "ghost_grads", "resample", "none"))
+    architecture: str = option(DEFAULT_ARCHITECTURE, _architecture_help, per_sae=True, fixed_on_resume=True)
+    expansion: int = option(8, "Latents per input dimension (d_sae = expansion * d_in).", positive=True,
+                            per_sae=True, fixed_on_resume=True, label="x{}")
+    d_sae: int | None = option(None, "Number of latents; overrides --expansion.", positive=True, per_sae=True,
+                               fixed_on_resume=True, label="d{}")
+    sae_settings: dict = option(dict, "The architecture's own settings given by name (k, l1_coefficient, "
+                                "target_l0, ...: every architecture declares its own; see cfg.settings).")
+    l1_warmup_fraction: float = option(0.05, "Fraction of training over which the sparsity penalty's weight "
+                                       "(L1 of standard and gated, L0 of jumprelu) ramps up from 0.")
+    dead_window_tokens: int = option(200_000, "A latent silent for this many training tokens counts as dead.",
+                                     positive=True)
+    dead_latent_remedy: str = option("auto", "What revives dead latents: auxk (the TopK family: the AuxK loss, "
+                                     "weight --aux-coefficient), ghost_grads (standard: dead latents' "
+                                     "exp(pre-activation) reconstruct the residual, an extra loss as large as the "
+                                     "reconstruction loss, Anthropic Jan 2024), resample (any architecture: every "
+                                     "--resample-every-tokens, dead latents are re-initialised toward badly "
+                                     "reconstructed inputs, Towards Monosemanticity), none; auto = each "
+                                     "architecture's own default (auxk for the TopK family, none otherwise).",
+                                     choices=("auto", "auxk", "ghost_grads", "resample", "none"),
+                                     fixed_on_resume=True)
     resample_every_tokens: int = option(250_000, "resample: re-initialise the latents dead at each multiple "
-                                        "of this many training tokens (until the learning-rate decay starts).")
+                                        "of this many training tokens (until the learning-rate decay starts).",
+                                        positive=True, shared=True)
     resample_sample_tokens: int = option(65_536, "resample: training inputs scored for reconstruction loss at "
                                          "each resampling (drawn from the stream); each dead latent takes one, "
-                                         "picked with probability proportional to its squared loss.")
+                                         "picked with probability proportional to its squared loss.",
+                                         positive=True, shared=True)
     b_dec_init: str = option("median", "Initial decoder bias: geometric median or mean of a sample, or zeros.",
                              choices=("median", "mean", "zeros"))
     normalize_activations: bool = option(True, "Scale inputs to mean norm sqrt(d_in) while training; the "
                                          "scale is folded into the saved weights.")
     # --- optimisation -----------------------------------------------------------------------------
-    tokens: int = option(1_200_000, "Training tokens (samples); a small corpus is repeated in epochs.")
-    batch_size: int = option(1024, "Activation vectors per optimiser step.")
-    lr: float = option(1e-3, "Adam learning rate after warm-up.")
+    tokens: int = option(1_200_000, "Training tokens (samples); a small corpus is repeated in epochs.",
+                         positive=True, shared=True, fixed_on_resume=True)
+    batch_size: int = option(1024, "Activation vectors per optimiser step.", positive=True, shared=True,
+                             fixed_on_resume=True)
+    lr: float = option(1e-3, "Adam learning rate after warm-up.", positive=True, per_sae=True,
+                      label="lr{:g}")
     lr_warmup_fraction: float = option(0.02, "Fraction of steps with a linear learning-rate warm-up.")
-    lr_decay_fraction: float = option(0.2, "Final fraction of steps over which the rate decays linearly to 0.")
+    lr_decay_fraction: float = option(0.2, "Final fraction of steps over which the rate decays linearly to 0.",
+                                      shared=True)
     grad_clip: float = option(1.0, "Clip the gradient norm to this (0: no clipping).")
     buffer_tokens: int = option(524_288, "Activations held and shuffled at once; memory = buffer_tokens * "
-                                "d_in * 4 bytes. A corpus that fits is computed once and reused each epoch.")
-    seed: int = option(0, "Random seed: the same seed and config give the same SAE.")
-    device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda when available; under torchrun "
-                                "each process takes GPU LOCAL_RANK).")
+                                "d_in * 4 bytes. A corpus that fits is computed once and reused each epoch.",
+                                positive=True, shared=True, fixed_on_resume=True)
+    seed: int = option(0, "Random seed: the same seed and config give the same SAE.", shared=True,
+                       fixed_on_resume=True)
     distribute: str = option("batch", "Under torchrun (`torchrun --nproc_per_node N -m saelab train ...`): "
                              "batch = every process trains every SAE on its 1/N share of each batch (data "
                              "parallel, the same SAEs as one process); saes = with several SAEs (a --hook list), "
                              "each process trains its share of them (round-robin) on whole batches, running the "
-                             "model only to its own deepest hook.", choices=("batch", "saes"))
+                             "model only to its own deepest hook.", choices=("batch", "saes"), shared=True)
     # --- output -----------------------------------------------------------------------------------
     out: str = option("runs/demo", "Run folder: checkpoint, metrics.jsonl, training_curves.png, final/ SAE.")
-    checkpoint_every_tokens: int = option(300_000, "Write a resumable checkpoint this often (and on Ctrl-C).")
-    log_every: int = option(25, "Steps between metrics.jsonl lines.")
-    eval_dataset: str | None = option(None, "Held-out text for the final evaluation (default: the first "
-                                      "eval_tokens of --dataset, which training then skips).")
-    eval_tokens: int = option(8192, "Tokens of held-out text for the final evaluation (0: skip it).")
-    progress: bool = option(True, "Show progress bars.")
+    checkpoint_every_tokens: int = option(300_000, "Write a resumable checkpoint this often (and on Ctrl-C).",
+                                          positive=True)
+    log_every: int = option(25, "Steps between metrics.jsonl lines.", positive=True)
+    progress: bool = option(True, "Show progress bars.", shared=True)
     # --- experiment tracking ----------------------------------------------------------------------
     wandb: bool = option(False, "Log to Weights & Biases as well: every metrics.jsonl record, a histogram of "
                          "log10 firing frequencies each dead window, the final evaluation and the final SAE "
@@ -130,48 +102,69 @@ class TrainConfig:
     wandb_entity: str | None = option(None, "W&B entity (user or team) to log to (default: your default entity).")
     wandb_run_name: str | None = option(None, "W&B run name (default: the name of the --out folder).")
 
-    def __post_init__(self):
-        if self.architecture == "matryoshka":
-            self.architecture = "matryoshka_batchtopk"
-        problems = []
-        for name in ("context_size", "lm_batch_size", "expansion", "k", "tokens", "batch_size", "buffer_tokens",
-                     "checkpoint_every_tokens", "log_every", "dead_window_tokens", "resample_every_tokens",
-                     "resample_sample_tokens"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive (got {getattr(self, name)})")
-        for f in fields(self):
-            allowed = f.metadata.get("choices")
-            if allowed and getattr(self, f.name) not in allowed:
-                problems.append(f"{f.name} must be one of {', '.join(allowed)} (got {getattr(self, f.name)!r})")
-        if self.lr <= 0:
-            problems.append(f"lr must be positive (got {self.lr})")
-        for name in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
-            if not getattr(self, name) > 0:
-                problems.append(f"{name} must be positive (got {getattr(self, name)})")
-        if self.l0_coefficient < 0:
-            problems.append(f"l0_coefficient must not be negative (got {self.l0_coefficient})")
-        if self.target_l0 is not None and not self.target_l0 > 0:
-            problems.append(f"target_l0 must be positive (got {self.target_l0})")
-        if not 0 < self.threshold_ema_rate <= 1:
-            problems.append(f"threshold_ema_rate must be in (0, 1] (got {self.threshold_ema_rate})")
-        if self.matryoshka_widths is not None:
-            from saelab.sae.matryoshka import parse_widths
+    def __init__(self, **values):
+        """Fields by name; any registered architecture's settings by name too (they go to ``sae_settings``)."""
+        own = {f.name for f in fields(TrainConfig)}
+        known_settings = settings_fields()
+        unknown = sorted(set(values) - own - set(known_settings))
+        if unknown:
+            raise TypeError(f"TrainConfig got unknown field(s) {', '.join(unknown)}")
+        settings = dict(values.pop("sae_settings", None) or {})
+        settings.update({name: values.pop(name) for name in list(values) if name in known_settings})
+        for f in fields(TrainConfig):
+            if f.name == "sae_settings":
+                setattr(self, f.name, settings)
+            elif f.name in values:
+                setattr(self, f.name, values[f.name])
+            else:
+                setattr(self, f.name, f.default_factory() if f.default is dataclasses.MISSING else f.default)
+        self.__post_init__()
 
-            try:
-                parse_widths(self.matryoshka_widths)
-            except ValueError as err:
-                problems.append(str(err))
-        remedy = self.dead_latent_remedy
-        if remedy == "auxk" and self.architecture not in TOPK_FAMILY:
-            problems.append(f"dead_latent_remedy auxk needs a TopK-family architecture ({', '.join(TOPK_FAMILY)}), "
-                            f"not {self.architecture}")
-        if remedy == "ghost_grads" and self.architecture != "standard":
-            problems.append(f"dead_latent_remedy ghost_grads is for the standard architecture, not "
-                            f"{self.architecture}")
+    def __post_init__(self):
+        problems = check_fields(self)
+        try:
+            self.architecture = architecture(self.architecture).name  # aliases -> the name
+        except ValueError as err:
+            problems.append(str(err))
+        else:
+            arch = architecture(self.architecture)
+            if not arch.accepts_remedy(self.dead_latent_remedy):
+                takes = [a.name for a in _registered() if self.dead_latent_remedy in a.remedies]
+                problems.append(f"dead_latent_remedy {self.dead_latent_remedy} is for the {', '.join(takes)} "
+                                f"architecture{'s' if len(takes) > 1 else ''}, not {self.architecture}")
+        problems += _settings_problems(self.sae_settings)
         if self.buffer_tokens < self.batch_size:
             problems.append(f"buffer_tokens ({self.buffer_tokens}) must be at least batch_size ({self.batch_size})")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
+
+    def __getattr__(self, name: str):
+        # cfg.k, cfg.target_l0, ...: a setting of this architecture (or one given for another architecture).
+        if name != "sae_settings" and name in settings_fields():
+            given = self.__dict__.get("sae_settings", {})
+            if name in given:
+                return given[name]
+            own = {f.name: f for f in dataclasses.fields(architecture(self.architecture).settings)}
+            if name in own:
+                return getattr(self.settings, name)
+            return settings_fields()[name][0].default
+        raise AttributeError(f"'TrainConfig' object has no attribute {name!r}")
+
+    def as_dict(self) -> dict:
+        """Every field, with this architecture's settings resolved (defaults included): what a run records in
+        its checkpoint, runner_cfg.json and W&B config. ``TrainConfig(**cfg.as_dict())`` is the same run."""
+        values = dataclasses.asdict(self)
+        values["sae_settings"] = {**dataclasses.asdict(self.settings), **self.sae_settings}
+        return values
+
+    @property
+    def arch(self) -> Architecture:
+        return architecture(self.architecture)
+
+    @property
+    def settings(self) -> Settings:
+        """This architecture's training settings: the values given for it, its defaults for the rest."""
+        return self.arch.settings_from(self.sae_settings)
 
     @property
     def block_tokens(self) -> int:
@@ -181,7 +174,29 @@ class TrainConfig:
 
     @property
     def remedy(self) -> str:
-        """The dead-latent remedy in effect: ``dead_latent_remedy`` with auto resolved."""
-        if self.dead_latent_remedy == "auto":
-            return "auxk" if self.architecture in TOPK_FAMILY else "none"
-        return self.dead_latent_remedy
+        """The dead-latent remedy in effect: ``dead_latent_remedy`` with auto resolved by the architecture."""
+        return self.arch.resolve_remedy(self.dead_latent_remedy)
+
+    @property
+    def sparsity_value(self):
+        """The value of the setting that sets this architecture's sparsity (None when it has none)."""
+        return getattr(self.settings, self.arch.sparsity) if self.arch.sparsity else None
+
+
+def _settings_problems(given: dict) -> list[str]:
+    """Each given setting checked by every architecture that declares it (a value need not suit the
+    architecture chosen now: a sweep or a comma list may apply it to another)."""
+    problems = []
+    for arch in _registered():
+        own = {f.name for f in dataclasses.fields(arch.settings)}
+        values = {name: value for name, value in given.items() if name in own}
+        if not values:
+            continue
+        try:
+            arch.settings(**values)
+        except ValueError as err:
+            message = str(err).removeprefix("invalid training config: ")
+            if message not in problems:
+                problems.append(message)
+    return problems
+

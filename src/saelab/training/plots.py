@@ -1,8 +1,10 @@
-"""Training curves as a PNG, read back from the run's metrics.jsonl."""
+"""The pictures training makes: a run's training curves (read back from its metrics.jsonl) and a sweep's
+Pareto plot (from its results rows)."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 PANELS = (("loss", "loss"), ("fvu", "FVU (training batches)"), ("l0", "L0 (active latents per token)"),
@@ -32,3 +34,47 @@ def plot_training_curves(metrics_path, out_path) -> Path | None:
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return Path(out_path)
+
+
+def plot_pareto(rows: list[dict], path, title: str = "") -> Path:
+    """Explained variance against L0 (log scale), one line per architecture; CE-loss recovered beside it
+    when measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    panels = [("explained_variance", "explained variance")]
+    if any(row.get("ce_loss_score") is not None for row in rows):
+        panels.append(("ce_loss_score", "CE-loss recovered"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    architectures = list(dict.fromkeys(row["architecture"] for row in rows))
+    for ax, (key, label) in zip(axes[0], panels):
+        for arch in architectures:
+            points = sorted((row["l0"], row[key], row["sparsity_setting"]) for row in rows
+                            if row["architecture"] == arch and finite(row.get("l0")) and row["l0"] > 0
+                            and finite(row.get(key)))
+            if not points:
+                continue
+            line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=arch)
+            for x, y, setting in points:
+                ax.annotate(setting.split("=")[-1], (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                            color=line.get_color())
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("L0 (active latents per token, held-out)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.suptitle(f"{title}\npoints labelled with each architecture's sparsity setting".strip())
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

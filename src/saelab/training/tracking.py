@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -98,7 +97,7 @@ def start_tracking(cfg, run_dir, resume: bool = False, main_process: bool = True
     run_id = _stored_run_id(run_dir) if resume else None  # None: W&B makes a new one
     name = cfg.wandb_run_name or run_dir.resolve().name
     run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=name, id=run_id, resume="allow",
-                     config=asdict(cfg), job_type="train", group=group, reinit="create_new",
+                     config=cfg.as_dict(), job_type="train", group=group, reinit="create_new",
                      dir=None if os.environ.get("WANDB_DIR") else str(run_dir))
     (run_dir / WANDB_RUN_FILE).write_text(json.dumps({"id": run.id, "project": cfg.wandb_project,
                                                       "entity": cfg.wandb_entity}) + "\n")

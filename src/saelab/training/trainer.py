@@ -20,16 +20,16 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab.data.activations import ActivationBuffer, ActivationSource
-from saelab.sae import SAE, SAEConfig, TrainStepInfo, create_sae
+from saelab.options import fields_with
+from saelab.sae import SAE, SAEConfig, TrainStep, create_sae
 from saelab.sae.base import normalized_error
-from saelab.training.config import TOPK_FAMILY, TrainConfig
+from saelab.training.config import TrainConfig
 from saelab.training.distributed import DataParallel
 from saelab.training.tracking import NullTracker
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 INIT_SAMPLE_ROWS = 8192
-TAKES_K = TOPK_FAMILY  # architectures whose SAEConfig carries k
 RESAMPLE_ENCODER_SCALE = 0.2  # resampled encoder rows: this times the mean norm of the live ones
 
 
@@ -41,19 +41,21 @@ class TrainResult:
     tokens: int
     seconds: float
     firing_frequency: torch.Tensor   # [d_sae], over the last dead window of training
+    dead_fraction: float             # latents silent for the last dead window at the end
 
 
 @dataclass
 class _Session:
-    """What an open run keeps between steps: its batch stream, log file and progress bar, and the sums
-    of the loss terms since the last log line (tensors: summing them needs no host sync)."""
+    """What an open run keeps between steps: its batch stream, log file and progress bar, the sums of the
+    loss terms since the last log line (tensors: summing them needs no host sync) and the seconds its own
+    steps took since then (with several trainers in lockstep, each counts only its own)."""
     batches: Iterator[torch.Tensor]
     metrics_file: TextIO
     bar: tqdm
     next_checkpoint: int
     totals: dict = field(default_factory=dict)
     steps_in_log: int = 0
-    t_log: float = field(default_factory=time.perf_counter)
+    seconds_in_log: float = 0.0
 
 
 class Trainer:
@@ -74,12 +76,10 @@ class Trainer:
         self.buffer = buffer or ActivationBuffer(source, cfg.block_tokens, cfg.batch_size, cfg.seed,
                                                  progress=cfg.progress and self.dp.is_main, device=self.device)
         d_sae = cfg.d_sae or cfg.expansion * source.d_in
-        sae_cfg = SAEConfig(d_in=source.d_in, d_sae=d_sae, architecture=cfg.architecture,
-                            k=cfg.k if cfg.architecture in TAKES_K else None, metadata=self.metadata,
-                            matryoshka_widths=(cfg.matryoshka_widths if cfg.architecture == "matryoshka_batchtopk"
-                                               else None),
-                            init_threshold=cfg.jumprelu_init_threshold)
-        self.sae = create_sae(sae_cfg, training=True).to(self.device)
+        settings = cfg.settings
+        sae_cfg = SAEConfig(d_in=source.d_in, d_sae=d_sae, architecture=cfg.architecture, metadata=self.metadata,
+                            **settings.sae_config())
+        self.sae = create_sae(sae_cfg, training=True, settings=settings).to(self.device)
         self.optimizer = _adam(self.sae.parameters(), cfg.lr)
         self.total_steps = cfg.tokens // cfg.batch_size
         self.step = 0
@@ -134,6 +134,7 @@ class Trainer:
     def advance(self) -> None:
         """One optimiser step on the next batch; then the log line and checkpoint when they fall due."""
         cfg, s = self.cfg, self._session
+        t_start = time.perf_counter()
         if self.step % cfg.log_every == 0:
             self._refresh_dead_latents()
         x = self.dp.shard(next(s.batches)).to(self.device, non_blocking=True) * self.scale
@@ -146,29 +147,31 @@ class Trainer:
         s.steps_in_log += 1
         s.bar.update(cfg.batch_size)
         if self.step % cfg.log_every == 0 or self.done:
-            now = time.perf_counter()
-            self.elapsed += now - s.t_log
-            record = self._log_record(self.dp.mean_over_ranks(s.totals), s.steps_in_log, now - s.t_log)
+            s.seconds_in_log += time.perf_counter() - t_start
+            self.elapsed += s.seconds_in_log
+            record = self._log_record(self.dp.mean_over_ranks(s.totals), s.steps_in_log, s.seconds_in_log)
             s.metrics_file.write(json.dumps(record) + "\n")
             s.metrics_file.flush()
             self.tracker.log_metrics(record)
             s.bar.set_postfix(loss=f"{record['loss']:.4f}", L0=f"{record['l0']:.1f}",
                               FVU=f"{record['fvu']:.3f}", dead=f"{record['dead_fraction']:.2f}")
-            s.totals, s.steps_in_log, s.t_log = {}, 0, now
+            s.totals, s.steps_in_log, s.seconds_in_log = {}, 0, 0.0
+            t_start = time.perf_counter()
         if self.step * cfg.batch_size >= s.next_checkpoint:
             self._save_checkpoint()
             s.next_checkpoint += cfg.checkpoint_every_tokens
+        s.seconds_in_log += time.perf_counter() - t_start
 
     def close(self, completed: bool = True) -> TrainResult:
         """End the session: write the checkpoint (resumable when not ``completed``) and return the result."""
         s, self._session = self._session, None
-        self.elapsed += time.perf_counter() - s.t_log if s.steps_in_log else 0.0
+        self.elapsed += s.seconds_in_log
         s.metrics_file.close()
         s.bar.close()
         self._save_checkpoint()
         return TrainResult(sae=self.export_sae(), completed=completed, steps=self.step,
                            tokens=self.step * self.cfg.batch_size, seconds=self.elapsed,
-                           firing_frequency=self._window_frequency())
+                           firing_frequency=self._window_frequency(), dead_fraction=self._dead_fraction())
 
     def export_sae(self) -> SAE:
         """A copy of the inference SAE (on the CPU) that takes raw activations."""
@@ -200,18 +203,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         warmup = min(1.0, self.step / max(1.0, cfg.l1_warmup_fraction * self.total_steps))
-        info = TrainStepInfo(
-            sparsity_coefficient=cfg.l1_coefficient * warmup,
-            dead_latents=self._dead_latents,
-            aux_k=cfg.aux_k or self.source.d_in // 2,
-            aux_coefficient=cfg.aux_coefficient if cfg.remedy == "auxk" else 0.0,
-            l0_coefficient=cfg.l0_coefficient * warmup,
-            target_l0=cfg.target_l0,
-            bandwidth=cfg.jumprelu_bandwidth,
-            threshold_ema_rate=cfg.threshold_ema_rate,
-            ghost_grads=cfg.remedy == "ghost_grads",
-            data_parallel=self.dp if self.dp.active else None,
-        )
+        info = TrainStep(penalty_scale=warmup, remedy=cfg.remedy, dead_latents=self._dead_latents,
+                         data_parallel=self.dp if self.dp.active else None)
         out = self.sae.training_forward(x, info)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -304,6 +297,9 @@ class Trainer:
             self.tracker.log_density(self._window_frequency(), self.step + 1)
             self.window_fired.zero_()
 
+    def _dead_fraction(self) -> float:
+        return float((self.tokens_since_fired >= self.cfg.dead_window_tokens).float().mean())
+
     def _window_frequency(self) -> torch.Tensor:
         counts, tokens = self._last_window or (self.window_fired, max(1, self.step * self.cfg.batch_size))
         return (counts.float() / tokens).cpu()
@@ -321,7 +317,7 @@ class Trainer:
     def _log_record(self, totals: dict, steps: int, seconds: float) -> dict:
         record = {"step": self.step, "tokens": self.step * self.cfg.batch_size}
         record.update({name: float(value) / steps for name, value in totals.items()})
-        record["dead_fraction"] = float((self.tokens_since_fired >= self.cfg.dead_window_tokens).float().mean())
+        record["dead_fraction"] = self._dead_fraction()
         if self.cfg.remedy == "resample":
             record["resampled_latents"] = self.resampled
         record["lr"] = self._lr_at(self.step - 1)
@@ -334,7 +330,7 @@ class Trainer:
         if not self.dp.is_main:  # every rank holds the same state; one copy is written
             return
         state = {
-            "config": asdict(self.cfg), "sae_config": asdict(self.sae.cfg), "sae": self.sae.state_dict(),
+            "config": self.cfg.as_dict(), "sae_config": asdict(self.sae.cfg), "sae": self.sae.state_dict(),
             "optimizer": self.optimizer.state_dict(), "step": self.step, "scale": self.scale,
             "buffer": self.buffer.state_dict(), "tokens_since_fired": self.tokens_since_fired,
             "window_fired": self.window_fired, "last_window": self._last_window, "dead_latents": self._dead_latents,
@@ -351,8 +347,8 @@ class Trainer:
             raise FileNotFoundError(f"no checkpoint in {self.run_dir}; start the run without --resume")
         state = torch.load(path, map_location=self.device, weights_only=False)
         saved = TrainConfig(**state["config"])
-        for name in ("architecture", "expansion", "d_sae", "k", "batch_size", "tokens", "seed", "buffer_tokens",
-                     "matryoshka_widths", "dead_latent_remedy"):
+        for name in (*fields_with(TrainConfig, "fixed_on_resume"), *fields_with(type(self.cfg.settings),
+                                                                                  "fixed_on_resume")):
             if getattr(saved, name) != getattr(self.cfg, name):
                 raise ValueError(f"cannot resume: {name} was {getattr(saved, name)!r} in the checkpoint, now "
                                  f"{getattr(self.cfg, name)!r}; resume with the run's own config")

@@ -1,41 +1,21 @@
 """SAELens-style training: ``LanguageModelSAERunnerConfig`` and ``SAETrainingRunner``, a thin adapter onto
-saelab's own ``TrainConfig`` and ``pipeline.train``.
+saelab's own ``TrainConfig`` and ``saelab.training.train``.
 
 Code written for SAELens's flat runner config runs with only the import changed::
 
     cfg = LanguageModelSAERunnerConfig(model_name="gpt2-small", hook_name="blocks.8.hook_resid_pre", d_in=768,
                                        architecture="topk", activation_fn_kwargs={"k": 50}, d_sae=768 * 8, ...)
-    sae = SAETrainingRunner(cfg).run()
+    trainer = SAETrainingRunner(cfg)
+    sae = trainer.run()
+    trainer.metrics["l0"], trainer.metrics["ce_loss_score"]    # the held-out evaluation
 
-How each SAELens name maps onto ``TrainConfig`` (an option left out, or None, keeps saelab's default):
-
-    model_name              model: a TransformerLens name with a Hugging Face twin (gpt2-small -> gpt2, see
-                            TL_TO_HF) becomes that hub id; with model_class_name="HookedTransformer" it is
-                            loaded through TransformerLens (tl:<name>); folders and hub ids as they are
-    hook_name               hook                    d_in            checked against the hook's width
-    architecture            architecture (standard, topk, jumprelu, gated, batchtopk, matryoshka_batchtopk)
-    activation_fn_kwargs    {"k": K} -> k           activation_fn   "topk" -> architecture topk
-    d_sae                   d_sae                   expansion_factor  expansion
-    lr                      lr                      l1_coefficient  l1_coefficient (saelab's units: inputs
-                                                                    scaled to mean norm sqrt(d_in); retune)
-    l1_warm_up_steps        l1_warmup_fraction = steps / total steps
-    lr_warm_up_steps        lr_warmup_fraction      lr_decay_steps  lr_decay_fraction (same conversion)
-    train_batch_size_tokens batch_size              training_tokens tokens
-    context_size            context_size            dataset_path    dataset
-    prepend_bos             prepend_bos             exclude_special_tokens  exclude_special_tokens
-    store_batch_size_prompts lm_batch_size          n_batches_in_buffer  buffer_tokens = n * prompts * context
-    n_eval_batches, eval_batch_size_prompts         eval_tokens = batches * prompts * context (SAELens
-                            defaults: 10 batches of store_batch_size_prompts) for the held-out evaluation
-    checkpoint_path         out = <checkpoint_path>/<run_name or a timestamp>
-    n_checkpoints           checkpoint_every_tokens = training_tokens / n_checkpoints
-    use_ghost_grads         dead_latent_remedy ghost_grads (standard only; ignored with a warning otherwise,
-                            the TopK family revives dead latents with AuxK)
-    dead_feature_window     dead_window_tokens = steps * batch size
-    log_to_wandb            wandb                   wandb_project, wandb_entity   the same names
-    run_name                wandb_run_name          seed, device    the same names
-    normalize_activations   "none" -> False, "expected_average_only_in" -> True
-    b_dec_init_method       "geometric_median" -> median, "mean", "zeros"
-    output_path             the final SAE folder is also copied there
+How each SAELens name maps onto ``TrainConfig`` is written once, in the tables below: ``SAME`` (names with
+the same meaning; an option left out, or None, keeps saelab's default), ``CONVERTED`` (names
+``to_train_config`` converts: model names via ``TL_TO_HF`` and ``model_class_name``, step and batch counts to
+fractions and token counts, ``use_ghost_grads`` to the ghost-grads remedy where the architecture takes it,
+``checkpoint_path``/``run_name`` to the run folder, ``output_path`` a copy of the final SAE), ``ONLY_DEFAULT``
+(settings saelab supports only at SAELens's default) and ``IGNORED``. ``l1_coefficient`` is in saelab's
+units (inputs scaled to mean norm sqrt(d_in)): retune it.
 
 SAELens names saelab has no use for (compilation, dtype, logging cadence, ...) are accepted; set to anything
 but SAELens's default they give one warning that lists them. Settings saelab cannot honour (another
@@ -45,15 +25,17 @@ Unknown names raise a TypeError that lists them, with the nearest known names.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import shutil
 import time
 import warnings
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
 
-from saelab.training.config import TrainConfig
+from saelab.sae import architecture as saelab_architecture
+from saelab.training import TrainConfig, train
 
 # TransformerLens names whose weights are a Hugging Face hub model: saelab loads that by default.
 TL_TO_HF = {"gpt2-small": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl",
@@ -62,7 +44,9 @@ TL_TO_HF = {"gpt2-small": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "g
                for suffix in ("", "-deduped")},
             "gemma-2b": "google/gemma-2b", "gemma-2b-it": "google/gemma-2b-it", "gemma-2-2b": "google/gemma-2-2b",
             "gemma-2-2b-it": "google/gemma-2-2b-it", "gemma-2-9b": "google/gemma-2-9b"}
-ARCHITECTURES = ("standard", "topk", "jumprelu", "gated", "batchtopk", "matryoshka_batchtopk")
+# SAELens's architecture names -> saelab's (the one place outside saelab.sae that names architectures).
+ARCHITECTURES = {"standard": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
+                 "batchtopk": "batchtopk", "matryoshka_batchtopk": "matryoshka_batchtopk"}
 NORMALIZATION = {"none": False, "expected_average_only_in": True}
 B_DEC_INIT = {"geometric_median": "median", "mean": "mean", "zeros": "zeros"}
 # SAELens names that do not change what saelab trains, with SAELens's defaults: another value warns.
@@ -82,73 +66,39 @@ IGNORED = {"model_kwargs": {}, "model_from_pretrained_kwargs": None, "dataset_tr
            "log_optimizer_state_to_wandb": False, "finetuning_tokens": 0, "finetuning_method": None}
 
 
-@dataclass(init=False)
-class LanguageModelSAERunnerConfig:
-    """SAELens's flat training-runner config (its names; see the module docstring for the mapping)."""
+# SAELens names with the same meaning as a TrainConfig field (SAELens name -> saelab name).
+SAME = {"hook_name": "hook", "d_sae": "d_sae", "expansion_factor": "expansion", "lr": "lr",
+        "l1_coefficient": "l1_coefficient", "l0_coefficient": "l0_coefficient",
+        "jumprelu_bandwidth": "jumprelu_bandwidth", "jumprelu_init_threshold": "jumprelu_init_threshold",
+        "train_batch_size_tokens": "batch_size", "training_tokens": "tokens", "context_size": "context_size",
+        "dataset_path": "dataset", "prepend_bos": "prepend_bos", "exclude_special_tokens": "exclude_special_tokens",
+        "store_batch_size_prompts": "lm_batch_size", "seed": "seed", "device": "device", "log_to_wandb": "wandb",
+        "wandb_project": "wandb_project", "wandb_entity": "wandb_entity", "run_name": "wandb_run_name"}
+# SAELens names to_train_config converts, with their SAELens defaults.
+CONVERTED = {"model_name": None, "model_class_name": None, "hook_layer": None, "d_in": None, "architecture": None,
+             "activation_fn": None, "activation_fn_kwargs": {}, "lr_scheduler_name": None, "lr_warm_up_steps": None,
+             "lr_decay_steps": None, "l1_warm_up_steps": None, "n_batches_in_buffer": None, "n_eval_batches": None,
+             "eval_batch_size_prompts": None, "checkpoint_path": "checkpoints", "n_checkpoints": 0,
+             "output_path": None, "use_ghost_grads": False, "dead_feature_window": None,
+             "normalize_activations": None, "b_dec_init_method": None}
+# SAELens settings saelab can only take at their SAELens default.
+ONLY_DEFAULT = {"hook_head_index": None, "apply_b_dec_to_input": True, "use_cached_activations": False,
+                "cached_activations_path": None, "seqpos_slice": (None,), "disable_concat_sequences": False,
+                "sequence_separator_token": "bos", "from_pretrained_path": None, "resume_from_checkpoint": None}
 
-    model_name: str | None = None
-    model_class_name: str | None = None
-    hook_name: str | None = None
-    hook_layer: int | None = None
-    d_in: int | None = None
-    architecture: str | None = None
-    activation_fn: str | None = None
-    activation_fn_kwargs: dict = field(default_factory=dict)
-    d_sae: int | None = None
-    expansion_factor: int | None = None
-    lr: float | None = None
-    lr_scheduler_name: str | None = None
-    lr_warm_up_steps: int | None = None
-    lr_decay_steps: int | None = None
-    l1_coefficient: float | None = None
-    l1_warm_up_steps: int | None = None
-    l0_coefficient: float | None = None
-    jumprelu_bandwidth: float | None = None
-    jumprelu_init_threshold: float | None = None
-    train_batch_size_tokens: int | None = None
-    training_tokens: int | None = None
-    context_size: int | None = None
-    dataset_path: str | None = None
-    prepend_bos: bool | None = None
-    exclude_special_tokens: bool | None = None
-    store_batch_size_prompts: int | None = None
-    n_batches_in_buffer: int | None = None
-    n_eval_batches: int | None = None
-    eval_batch_size_prompts: int | None = None
-    seed: int | None = None
-    device: str | None = None
-    checkpoint_path: str = "checkpoints"
-    n_checkpoints: int = 0
-    output_path: str | None = None
-    use_ghost_grads: bool = False
-    dead_feature_window: int | None = None
-    log_to_wandb: bool = False
-    wandb_project: str | None = None
-    wandb_entity: str | None = None
-    run_name: str | None = None
-    normalize_activations: str | None = None
-    b_dec_init_method: str | None = None
-    # SAELens settings saelab can only take at their SAELens default:
-    hook_head_index: int | None = None
-    apply_b_dec_to_input: bool = True
-    use_cached_activations: bool = False
-    cached_activations_path: str | None = None
-    seqpos_slice: tuple = (None,)
-    disable_concat_sequences: bool = False
-    sequence_separator_token: str | None = "bos"
-    from_pretrained_path: str | None = None
-    resume_from_checkpoint: str | None = None
-    ignored: dict = field(default_factory=dict)  # the accepted SAELens names saelab has no use for
+
+class LanguageModelSAERunnerConfig:
+    """SAELens's flat training-runner config: every name of SAME, CONVERTED and ONLY_DEFAULT is an attribute
+    (SAELens's default when not given); ``ignored`` holds the given names of IGNORED."""
 
     def __init__(self, **kwargs):
-        known = {f.name for f in fields(self)} - {"ignored"}
-        unknown = sorted(set(kwargs) - known - set(IGNORED))
+        known = {**dict.fromkeys(SAME), **CONVERTED, **ONLY_DEFAULT}
+        unknown = sorted(set(kwargs) - set(known) - set(IGNORED))
         if unknown:
             hints = ", ".join(_with_suggestion(name, [*known, *IGNORED]) for name in unknown)
             raise TypeError(f"LanguageModelSAERunnerConfig got unknown option(s): {hints}")
-        for f in fields(self):
-            default = f.default_factory() if f.default is MISSING else f.default
-            setattr(self, f.name, kwargs.get(f.name, default))
+        for name, default in known.items():
+            setattr(self, name, kwargs.get(name, copy.copy(default)))
         self.ignored = {name: kwargs[name] for name in IGNORED if name in kwargs}
         changed = sorted(name for name, value in self.ignored.items() if value != IGNORED[name])
         if changed:
@@ -157,33 +107,23 @@ class LanguageModelSAERunnerConfig:
 
     @property
     def resolved_architecture(self) -> str:
-        if self.architecture is None and self.activation_fn == "topk":
-            return "topk"
-        if self.architecture == "standard" and self.activation_fn == "topk":  # pre-6.0 SAELens's TopK
-            return "topk"
-        return self.architecture or TrainConfig.architecture
+        """saelab's name for the architecture this config asks for."""
+        if self.activation_fn == "topk" and self.architecture in (None, "standard"):  # pre-6.0 SAELens's TopK
+            return ARCHITECTURES["topk"]
+        return ARCHITECTURES.get(self.architecture, self.architecture) if self.architecture else TrainConfig.architecture
 
     def to_train_config(self) -> TrainConfig:
         """The ``TrainConfig`` this stands for; raises ValueError listing every setting saelab cannot honour."""
         self._check_supported()
         architecture = self.resolved_architecture
-        given: dict = {"model": self.resolved_model(), "hook": self.hook_name, "architecture": architecture,
-                       "d_sae": self.d_sae, "expansion": self.expansion_factor, "k": self.activation_fn_kwargs.get("k"),
-                       "lr": self.lr, "l1_coefficient": self.l1_coefficient, "l0_coefficient": self.l0_coefficient,
-                       "jumprelu_bandwidth": self.jumprelu_bandwidth,
-                       "jumprelu_init_threshold": self.jumprelu_init_threshold,
-                       "batch_size": self.train_batch_size_tokens, "tokens": self.training_tokens,
-                       "context_size": self.context_size, "dataset": self.dataset_path,
-                       "prepend_bos": self.prepend_bos, "exclude_special_tokens": self.exclude_special_tokens,
-                       "lm_batch_size": self.store_batch_size_prompts, "seed": self.seed, "device": self.device,
-                       "wandb": self.log_to_wandb, "wandb_project": self.wandb_project,
-                       "wandb_entity": self.wandb_entity, "wandb_run_name": self.run_name}
+        given: dict = {ours: getattr(self, theirs) for theirs, ours in SAME.items()}
+        given.update(model=self.resolved_model(), architecture=architecture, k=self.activation_fn_kwargs.get("k"))
         if self.normalize_activations is not None:
             given["normalize_activations"] = NORMALIZATION[self.normalize_activations]
         if self.b_dec_init_method is not None:
             given["b_dec_init"] = B_DEC_INIT[self.b_dec_init_method]
         if self.use_ghost_grads:
-            if architecture == "standard":
+            if saelab_architecture(architecture).accepts_remedy("ghost_grads"):
                 given["dead_latent_remedy"] = "ghost_grads"
             else:
                 warnings.warn(f"use_ghost_grads is for the standard architecture; the {architecture} SAE keeps "
@@ -240,17 +180,11 @@ class LanguageModelSAERunnerConfig:
             problems.append(f"normalize_activations {self.normalize_activations!r} ({', '.join(NORMALIZATION)})")
         if self.b_dec_init_method not in (None, *B_DEC_INIT):
             problems.append(f"b_dec_init_method {self.b_dec_init_method!r} ({', '.join(B_DEC_INIT)})")
-        for name, default in (("hook_head_index", None), ("apply_b_dec_to_input", True),
-                              ("use_cached_activations", False), ("cached_activations_path", None),
-                              ("disable_concat_sequences", False), ("from_pretrained_path", None),
-                              ("resume_from_checkpoint", None)):
-            if getattr(self, name) != default:
+        for name, default in ONLY_DEFAULT.items():
+            value = getattr(self, name)
+            value = tuple(value) if isinstance(value, list) else value  # a config read from JSON has lists
+            if value != default and not (name == "sequence_separator_token" and value is None):  # None: also BOS
                 problems.append(f"{name}={getattr(self, name)!r} (saelab supports only {default!r})")
-        if tuple(self.seqpos_slice) != (None,):
-            problems.append(f"seqpos_slice={self.seqpos_slice!r} (saelab trains on every position)")
-        if self.sequence_separator_token not in ("bos", None):
-            problems.append(f"sequence_separator_token={self.sequence_separator_token!r} (saelab separates "
-                            "documents with BOS)")
         if self.hook_layer is not None and self.hook_name and not re.match(rf"^blocks\.{self.hook_layer}\.",
                                                                           self.hook_name):
             problems.append(f"hook_layer={self.hook_layer} does not match hook_name {self.hook_name!r}")
@@ -261,7 +195,9 @@ class LanguageModelSAERunnerConfig:
 
 
 class SAETrainingRunner:
-    """``SAETrainingRunner(cfg).run()`` trains the SAE (``saelab.pipeline.train``) and returns it.
+    """``SAETrainingRunner(cfg).run()`` trains the SAE (``saelab.training.train``) and returns it; then
+    ``metrics`` holds its held-out evaluation (SAELens's key names: l0, explained_variance, ce_loss_score, ...)
+    and ``run_dir`` its run folder.
 
     ``override_model``: an already loaded model to train on instead of loading ``cfg.model_name``: a
     TransformerLens HookedTransformer (its tokenizer is used) or a ``(model, tokenizer)`` pair.
@@ -281,6 +217,7 @@ class SAETrainingRunner:
             self.train_config = replace(self.train_config, dataset=str(override_dataset))
         self.model_and_tokenizer = _model_and_tokenizer(override_model)
         self.run_dir: Path | None = None  # set by run()
+        self.metrics: dict = {}           # set by run(): the held-out evaluation
 
     def run(self):
         """Train, evaluate and save the SAE (``<run_dir>/final``, SAELens format); returns the SAE."""
@@ -288,7 +225,6 @@ class SAETrainingRunner:
 
         from saelab.data.tokens import bos_id
         from saelab.models import capture, load_model, resolve_hook
-        from saelab.pipeline import train
 
         self.run_dir = _fresh_run_dir(Path(self.cfg.checkpoint_path), self.cfg.run_name)
         cfg = replace(self.train_config, out=str(self.run_dir))
@@ -300,7 +236,8 @@ class SAETrainingRunner:
             if width != self.cfg.d_in:
                 raise ValueError(f"d_in={self.cfg.d_in} but hook {cfg.hook!r} of {cfg.model} has width {width}; "
                                  "fix d_in or hook_name")
-        summary = train(cfg, model_and_tokenizer=(model, tokenizer))
+        summary = train([cfg], model_and_tokenizer=(model, tokenizer))[0]
+        self.metrics = {name: value for name, value in summary.metrics.items() if not torch.is_tensor(value)}
         if self.cfg.output_path is not None and summary.completed:
             shutil.copytree(self.run_dir / "final", self.cfg.output_path, dirs_exist_ok=True)
         return summary.sae

@@ -1,5 +1,5 @@
-"""Several SAEs trained at once on one stream of activations, each by its own Trainer (own run folder,
-checkpoint, metrics and exact resume), stepped in lockstep.
+"""Dictionaries trained at once on one stream of activations, each by its own Trainer (own run folder,
+checkpoint, metrics and exact resume), stepped in lockstep. Every run is this, with one trainer or many.
 
 The trainers read one ``SharedBuffer``: a single ActivationBuffer whose rows hold every hook's columns
 side by side (``LMActivationSource`` with several hooks: one forward pass per unit). Each trainer's view
@@ -19,17 +19,6 @@ from tqdm.auto import tqdm
 
 from saelab.data.activations import ActivationBuffer
 from saelab.training.trainer import Trainer, TrainResult, _sigint_requests_stop
-
-
-# TrainConfig fields that take a comma-separated list on the command line: one SAE per combination.
-LIST_FIELDS = ("hook", "architecture", "k", "expansion", "d_sae", "lr", "l1_coefficient", "target_l0")
-# Fields every SAE of one run must share: they fix the data stream (so one forward pass feeds all) and the
-# step schedule (so the SAEs step together and read the same batches).
-SHARED_FIELDS = ("model", "dataset", "dataset_split", "text_column", "context_size", "prepend_bos",
-                 "exclude_special_tokens", "lm_batch_size", "activations", "tokens", "batch_size", "buffer_tokens",
-                 "seed", "device", "dead_latent_remedy", "resample_every_tokens", "resample_sample_tokens",
-                 "lr_decay_fraction", "eval_dataset", "eval_tokens", "progress")
-LIST_HELP = " Comma-separated values: one SAE per combination (see above)."
 
 
 class SharedBuffer:
@@ -122,9 +111,10 @@ class MultiTrainer:
         for trainer in self.trainers:
             trainer.open(resume, progress=False)
         tokens_per_round = sum(t.cfg.batch_size for t in self.trainers)
+        n = len(self.trainers)
         bar = tqdm(total=sum(t.total_steps * t.cfg.batch_size for t in self.trainers), unit="tok", unit_scale=True,
                    initial=sum(t.step * t.cfg.batch_size for t in self.trainers), disable=not self.progress,
-                   desc=f"training {len(self.trainers)} SAEs", dynamic_ncols=True)
+                   desc="training" if n == 1 else f"training {n} SAEs", dynamic_ncols=True)
         completed = True
         try:
             with _sigint_requests_stop(self):

@@ -1,0 +1,26 @@
+"""Evaluating the dictionaries of a training run (or a sweep) on its held-out data, all together: the
+model's clean and zero-ablated passes run once per batch for all of them, only the spliced pass per SAE."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from saelab.data.sources import HeldOut
+from saelab.evals.metrics import evaluate_activations, evaluate_many
+from saelab.sae import SAE
+
+
+def evaluate_held_out(held_out: HeldOut, saes: Sequence[tuple[SAE, str]], downstream: bool = True,
+                      progress: bool = False) -> list[dict]:
+    """The metrics of each ``(sae, hook name)`` on ``held_out``, in order, each with ``eval_dataset``. On the
+    held-out contexts of a cache (no model) only reconstruction metrics exist."""
+    if held_out.cache is not None:
+        return [{**evaluate_activations(sae, held_out.cache.activations(hook, held_out.cache_start)),
+                 "eval_dataset": held_out.description} for sae, hook in saes]
+    batches = tqdm(held_out.token_batches, unit="batch", leave=False, disable=not progress,
+                   desc=f"evaluating {len(saes)} SAE{'s' if len(saes) > 1 else ''}")
+    results = evaluate_many(held_out.model, [(sae, held_out.hooks[hook]) for sae, hook in saes], batches,
+                            held_out.keep_mask, downstream=downstream)
+    return [{**metrics, "eval_dataset": held_out.description} for metrics in results]

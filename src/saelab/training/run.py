@@ -1,0 +1,273 @@
+"""The one way to train: ``train(configs)`` trains a list of dictionaries that share one data source (one
+dictionary is a list of one), evaluates them together on held-out data and saves each in its run folder.
+
+``saelab train`` (one SAE or comma lists), ``saelab sweep``, ``saelab.train(...)``, the SAELens-style runner
+and torchrun all come here. The dictionaries read one shuffled stream of activations (one forward pass of
+the model per batch, stopped after the deepest hook, or one read of a cache), step in lockstep, and each
+gets an ordinary run folder: checkpoint, metrics.jsonl, training curves, eval.json and ``final/`` in the
+SAELens format. With several dictionaries, ``multi.json`` in the common folder lists their runs, so
+``saelab train --resume`` resumes them all.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields, replace
+from itertools import product
+from pathlib import Path
+
+import torch
+
+from saelab.data.activations import ActivationBuffer
+from saelab.data.sources import TrainingData
+from saelab.evals.held_out import evaluate_held_out
+from saelab.evals.report import format_table
+from saelab.log import say
+from saelab.options import fields_with
+from saelab.sae import SAE, settings_fields
+from saelab.training.config import TrainConfig
+from saelab.training.distributed import DataParallel, data_parallel_from_env, round_robin
+from saelab.training.lockstep import MultiTrainer, SharedBuffer
+from saelab.training.plots import plot_training_curves
+from saelab.training.tracking import NullTracker, start_tracking
+from saelab.training.trainer import CHECKPOINT_FILE, METRICS_FILE, Trainer, TrainResult
+
+MULTI_FILE = "multi.json"
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    sae: SAE
+    completed: bool
+    metrics: dict           # held-out evaluation (empty when skipped, deferred or stopped early)
+    training: dict          # train_tokens, train_seconds, dead_fraction
+
+
+def train(configs: TrainConfig | list[TrainConfig], resume: bool = False, overwrite: bool = False, root=None,
+          model_and_tokenizer=None, data: TrainingData | None = None, evaluate: bool = True,
+          data_parallel: DataParallel | None = None) -> list[RunSummary]:
+    """Train every config's dictionary at once and save each in its run folder (``cfg.out``).
+
+    ``root``: also write ``multi.json`` there, so ``saelab train --resume root`` finds the runs.
+    ``model_and_tokenizer``: an already loaded ``(model, tokenizer)`` (e.g. a TransformerLens HookedTransformer)
+    instead of loading ``cfg.model``, which then only names it. ``data``: the training data, when the caller
+    built it (a sweep holds activations in memory). ``evaluate=False``: save the dictionaries without the
+    held-out evaluation (a sweep evaluates all its grid points together). Under torchrun every process trains
+    every dictionary on its share of each batch, or (``distribute`` saes) its own share of the dictionaries.
+    """
+    configs = [configs] if isinstance(configs, TrainConfig) else list(configs)
+    check_shared(configs)
+    dp = data_parallel or data_parallel_from_env(configs[0].device)
+    configs = [replace(cfg, device=dp.device) for cfg in configs] if dp.active else configs
+    if not resume and not overwrite:
+        for cfg in configs:
+            if (Path(cfg.out) / CHECKPOINT_FILE).exists():
+                raise FileExistsError(f"{cfg.out} already holds a run. Continue it with `saelab train --resume "
+                                      f"{root or cfg.out}`, start afresh with --overwrite, or choose another --out.")
+    if root is not None and dp.is_main:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        runs = [str(Path(cfg.out).resolve().relative_to(Path(root).resolve())) for cfg in configs]
+        (Path(root) / MULTI_FILE).write_text(json.dumps({"runs": runs}, indent=2))
+    if dp.active and configs[0].distribute == "saes":
+        return _train_share_of_saes(configs, dp, resume, overwrite, evaluate)
+    base = configs[0]
+    torch.manual_seed(base.seed)
+    group = Path(root).resolve().name if root is not None else None
+    trackers = [start_tracking(cfg, cfg.out, resume, main_process=dp.is_main, group=group) for cfg in configs]
+    data = data or TrainingData(base, [cfg.hook for cfg in configs], model_and_tokenizer)
+    taken = {name: getattr(data.cfg, name) for name in fields_with(TrainConfig, "cached")}
+    configs = [replace(cfg, **taken) for cfg in configs]  # what a cache fixes, from the cache
+    device = torch.device(base.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    shared = SharedBuffer(ActivationBuffer(data.source, base.block_tokens, base.batch_size, base.seed,
+                                           progress=base.progress and dp.is_main, device=device))
+    trainers = []
+    for cfg, tracker in zip(configs, trackers):
+        view = shared.view(data.columns.get(cfg.hook, slice(0, data.source.d_in)))
+        trainers.append(Trainer(cfg, view, cfg.out, metadata=data.metadata(cfg.hook), buffer=view,
+                                data_parallel=dp, tracker=tracker))
+    say(_what_trains(configs, trainers, data))
+    results = MultiTrainer(trainers, progress=base.progress and dp.is_main).run(resume=resume)
+
+    dp.barrier()
+    if not dp.is_main:  # the others leave once the checkpoints are written; rank 0 evaluates and saves
+        return [RunSummary(Path(cfg.out), r.sae, r.completed, {}, _training(r)) for cfg, r in zip(configs, results)]
+    finished = [i for i, r in enumerate(results) if r.completed]
+    held_out = data.held_out() if evaluate and finished else None
+    evaluated = {}
+    if held_out is not None:
+        say(f"evaluating {len(finished)} SAE{'s' if len(finished) > 1 else ''} on {held_out.tokens:,} held-out "
+             f"tokens of {held_out.description}")
+        metrics = evaluate_held_out(held_out, [(results[i].sae, configs[i].hook) for i in finished],
+                                    progress=base.progress)
+        evaluated = dict(zip(finished, metrics))
+    return [_finish(cfg, result, evaluated.get(i), tracker, evaluate)
+            for i, (cfg, result, tracker) in enumerate(zip(configs, results, trackers))]
+
+
+def _what_trains(configs: list[TrainConfig], trainers: list[Trainer], data: TrainingData) -> str:
+    base = configs[0]
+    if len(configs) == 1:
+        sae = trainers[0].sae.cfg
+        return (f"training a {base.architecture} SAE ({sae.d_in} -> {sae.d_sae}) on {base.hook}, "
+                f"{base.tokens:,} tokens of {data.described}, into {base.out}")
+    hooks = ", ".join(dict.fromkeys(cfg.hook for cfg in configs))
+    return (f"training {len(configs)} SAEs on {hooks} (one pass over the data per batch), {base.tokens:,} tokens "
+            f"of {data.described} each, into " + ", ".join(cfg.out for cfg in configs))
+
+
+def _training(result: TrainResult) -> dict:
+    return {"train_tokens": result.tokens, "train_seconds": round(result.seconds, 1),
+            "dead_fraction": result.dead_fraction}
+
+
+def _finish(cfg: TrainConfig, result: TrainResult, metrics: dict | None, tracker: NullTracker,
+            evaluate: bool) -> RunSummary:
+    """The end of one run: training curves, then the SAE saved with its evaluation (when there is one)."""
+    run_dir = Path(cfg.out)
+    plot_training_curves(run_dir / METRICS_FILE, run_dir / "training_curves.png")
+    training = _training(result)
+    if not result.completed:
+        say(f"stopped at step {result.steps}; checkpoint written. Resume: saelab train --resume {run_dir}")
+        tracker.finish(completed=False)
+        return RunSummary(run_dir, result.sae, False, {}, training)
+    if not evaluate:
+        result.sae.save(run_dir / "final", sparsity=torch.log10(result.firing_frequency + 1e-10),
+                        runner_cfg=cfg.as_dict())
+        tracker.finish()
+        return RunSummary(run_dir, result.sae, True, {}, training)
+    metrics = metrics or {}
+    summary = save_evaluated(cfg, result.sae, metrics, training, result.firing_frequency)
+    tracker.log_eval({**summary, "firing_frequency": metrics.get("firing_frequency", result.firing_frequency)})
+    tracker.log_sae(run_dir / "final", metadata={**result.sae.cfg.metadata, **summary})
+    tracker.finish()
+    say(format_table(metrics, "held-out evaluation:") if metrics else "evaluation skipped (--eval-tokens 0)")
+    say(f"SAE saved to {run_dir / 'final'} (SAELens format); curves in {run_dir / 'training_curves.png'}")
+    return RunSummary(run_dir, result.sae, True, metrics, training)
+
+
+def save_evaluated(cfg: TrainConfig, sae: SAE, metrics: dict, training: dict,
+                   training_frequency: torch.Tensor | None = None) -> dict:
+    """Write a run's ``final/`` SAE (its sparsity from the held-out firing frequencies, else from training's)
+    and ``eval.json`` (the scalar metrics and the training figures); returns what eval.json holds."""
+    run_dir = Path(cfg.out)
+    metrics = dict(metrics)
+    frequency = metrics.pop("firing_frequency", training_frequency)
+    if frequency is not None:
+        sae.save(run_dir / "final", sparsity=torch.log10(frequency + 1e-10), runner_cfg=cfg.as_dict())
+    summary = {**metrics, "train_tokens": training["train_tokens"], "train_seconds": training["train_seconds"]}
+    (run_dir / "eval.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _train_share_of_saes(configs: list[TrainConfig], dp: DataParallel, resume: bool, overwrite: bool,
+                         evaluate: bool) -> list[RunSummary]:
+    """``distribute`` saes under torchrun: rank r trains every world_size-th SAE from the r-th on, on whole
+    batches, exactly as one process training just those would (its own model forward, to its own deepest
+    hook; each SAE's run folder written by the rank that trains it)."""
+    mine = round_robin(configs, dp.rank, dp.world_size)
+    say(f"rank {dp.rank} of {dp.world_size}: training " + (", ".join(cfg.out for cfg in mine) or "no SAE "
+         f"({len(configs)} SAEs for {dp.world_size} processes)"))
+    summaries = train(mine, resume, overwrite, evaluate=evaluate, data_parallel=DataParallel(device=dp.device)) \
+        if mine else []
+    dp.barrier()  # every SAE finished before any process leaves
+    return summaries
+
+
+# --- the configs of a run ----------------------------------------------------------------------------------
+def check_shared(configs: list[TrainConfig]) -> None:
+    """Dictionaries trained together must agree on the data and the step schedule (the fields declared
+    ``shared``); name the first difference."""
+    if not configs:
+        raise ValueError("no SAE to train")
+    first = configs[0]
+    for cfg in configs[1:]:
+        for name in fields_with(TrainConfig, "shared"):
+            if getattr(cfg, name) != getattr(first, name):
+                raise ValueError(f"SAEs trained together must share {name} (got {getattr(first, name)!r} and "
+                                 f"{getattr(cfg, name)!r}); they read one stream of batches. Train them in "
+                                 "separate runs instead.")
+    folders = [str(Path(cfg.out).resolve()) for cfg in configs]
+    if len(set(folders)) < len(folders):
+        raise ValueError("SAEs trained together need a run folder (out) each")
+
+
+def list_fields() -> tuple[str, ...]:
+    """The fields (TrainConfig's and the architectures' settings) that may take several values in one run."""
+    return (*fields_with(TrainConfig, "per_sae"),
+            *(name for name, (f, _) in settings_fields().items() if f.metadata.get("per_sae")))
+
+
+def expand(base: TrainConfig, lists: dict[str, list]) -> list[TrainConfig]:
+    """One config per combination of the listed values, each with its run folder under ``base.out``, named
+    ``<hook>-<architecture>-<sparsity>`` (plus any other field that varies), e.g.
+    ``blocks.6.hook_resid_post-topk-k32``."""
+    unknown = set(lists) - set(list_fields())
+    if unknown:
+        raise ValueError(f"{', '.join(sorted(unknown))} cannot take several values (those that can: "
+                         f"{', '.join(list_fields())})")
+    names = list(lists)
+    configs = []
+    for values in product(*(lists[name] for name in names)):
+        cfg = replace(base, **dict(zip(names, values)))
+        varied = [name for name in fields_with(TrainConfig, "label") if len(lists.get(name, ())) > 1]
+        configs.append(replace(cfg, out=str(Path(base.out) / run_name(cfg, varied))))
+    folders = [cfg.out for cfg in configs]
+    if len(set(folders)) < len(folders):
+        raise ValueError("the listed values repeat a combination: " + ", ".join(sorted(
+            {Path(f).name for f in folders if folders.count(f) > 1})))
+    return configs
+
+
+def sparsity_label(cfg: TrainConfig) -> str:
+    """``topk-k32``, ``jumprelu-target_l0_32``, ``standard-l1_5``: the architecture and its sparsity setting."""
+    value = cfg.sparsity_value
+    return cfg.architecture if value is None else f"{cfg.architecture}-{cfg.arch.label}{format_value(value)}"
+
+
+def run_name(cfg: TrainConfig, varied=()) -> str:
+    """``<hook>-<architecture>-<sparsity>``, then each field in ``varied`` by its declared label."""
+    labels = {f.name: f.metadata["label"] for f in fields(TrainConfig)}
+    return "-".join([cfg.hook.replace("/", "_"), sparsity_label(cfg),
+                     *(labels[name].format(getattr(cfg, name)) for name in varied)])
+
+
+def format_value(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def parse_list(text: str, kind=str) -> list:
+    """``"16,32"`` -> ``[16, 32]`` (``kind`` converts each item; underscores allowed in numbers)."""
+    items = [item.strip() for item in str(text).split(",") if item.strip()]
+    if not items:
+        raise ValueError(f"no value in {text!r}")
+    try:
+        return [item if kind is str else kind(item.replace("_", "")) for item in items]
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as comma-separated {kind.__name__} values") from None
+
+
+def load_run_config(run_dir) -> TrainConfig:
+    """The config a run was started with, read from its checkpoint."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: nothing to resume in {run_dir}")
+    return TrainConfig(**torch.load(path, map_location="cpu", weights_only=False)["config"])
+
+
+def is_multi_run(folder) -> bool:
+    """Whether ``folder`` holds several SAEs trained together (its multi.json lists their run folders)."""
+    return (Path(folder) / MULTI_FILE).exists()
+
+
+def resume_configs(root, **overrides) -> list[TrainConfig]:
+    """The configs of a run's dictionaries, from their checkpoints (``overrides`` applied to each): the runs
+    ``multi.json`` lists, or the run in ``root`` itself."""
+    if not is_multi_run(root):
+        return [replace(load_run_config(root), out=str(Path(root)), **overrides)]
+    runs = json.loads((Path(root) / MULTI_FILE).read_text())["runs"]
+    allowed = {f.name for f in fields(TrainConfig)} - set(list_fields()) - {"out"}
+    bad = set(overrides) - allowed
+    if bad:
+        raise ValueError(f"cannot change {', '.join(sorted(bad))} when resuming several SAEs")
+    return [replace(load_run_config(Path(root) / run), out=str(Path(root) / run), **overrides) for run in runs]
