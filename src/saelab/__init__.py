@@ -5,14 +5,14 @@ from saelab.compat import LanguageModelSAERunnerConfig, SAETrainingRunner
 from saelab.evals import evaluate, splice
 from saelab.models import load_model, resolve_hook
 from saelab.sae import SAE, Architecture, SAEConfig, Settings, register_architecture
+from saelab import training
 from saelab.training import RunSummary, TrainConfig, Trainer
-from saelab.training import train as train_many
 
 
 def train(cfg: TrainConfig | None = None, resume: bool = False, overwrite: bool = False, **overrides) -> RunSummary:
     """Train one SAE end to end (what ``saelab train`` does); returns its RunSummary. Several SAEs on one data
     source: ``saelab.training.train([cfg1, cfg2, ...])``."""
-    return train_many([cfg or TrainConfig(**overrides)], resume=resume, overwrite=overwrite)[0]
+    return training.train([cfg or TrainConfig(**overrides)], resume=resume, overwrite=overwrite)[0]
 
 
 def __getattr__(name: str):

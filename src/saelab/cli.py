@@ -38,11 +38,15 @@ def _settings_field(f: dataclasses.Field, architectures: list[str]) -> dataclass
 def add_options(parser: argparse.ArgumentParser, fields: list[dataclasses.Field], lists=(), skip=()) -> None:
     """An option per field (a positional argument where the field says so); ``lists``: the fields that take
     comma-separated values."""
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for f in fields:
         if f.name in skip:
             continue
         text = help_text(f).replace("%", "%%")  # argparse treats help strings as %-format templates
         kind, meta = type_name(f), f.metadata
+        if meta.get("exclusive") and meta["exclusive"] not in groups:
+            groups[meta["exclusive"]] = parser.add_mutually_exclusive_group()
+        place = groups[meta["exclusive"]] if meta.get("exclusive") else parser
         if meta.get("positional"):
             parser.add_argument(f.name, metavar=meta.get("metavar") or f.name.upper(), help=text)
             continue
@@ -50,15 +54,16 @@ def add_options(parser: argparse.ArgumentParser, fields: list[dataclasses.Field]
         default = default_of(f)
         shown = "required" if default is dataclasses.MISSING else f"default: {default}"
         if kind == "bool":
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{text} ({shown})")
+            place.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{text} ({shown})")
         elif f.name in lists:
-            parser.add_argument(*flags, dest=f.name, default=None, metavar=f"{kind.upper()}[,{kind.upper()}...]",
-                                help=f"{text}{LIST_NOTE} ({shown})")
+            place.add_argument(*flags, dest=f.name, default=None, metavar=f"{kind.upper()}[,{kind.upper()}...]",
+                               help=f"{text}{LIST_NOTE} ({shown})")
         else:
-            parser.add_argument(*flags, dest=f.name, type=TYPES[kind], default=None, choices=meta.get("choices"),
-                                metavar=meta.get("metavar") or (None if meta.get("choices") else kind.upper()),
-                                required=default is dataclasses.MISSING, help=f"{text} ({shown})")
+            place.add_argument(*flags, dest=f.name, type=TYPES[kind], default=None, choices=meta.get("choices"),
+                               nargs=meta.get("nargs"),
+                               metavar=meta.get("metavar") or (None if meta.get("choices") else kind.upper()),
+                               required=default is dataclasses.MISSING, help=f"{text} ({shown})")
 
 
 def given(args: argparse.Namespace, fields: list[dataclasses.Field], skip=()) -> dict:
@@ -139,9 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "continue it when written with the same config, refuse otherwise)")
     add_options(cache, option_fields(CacheConfig))
 
+    from saelab.models.options import ModelOptions
+
     hooks = commands.add_parser("hooks", help="list the hook point names a model supports")
-    hooks.add_argument("--model", default=TrainConfig.model, help="model name, folder, .gguf file or hub id "
-                       f"(default: {TrainConfig.model})")
+    add_options(hooks, option_fields(ModelOptions))
 
     from saelab.evals import EvalConfig
 
@@ -252,8 +258,10 @@ def _cache(args) -> int:
 
 def _hooks(args) -> int:
     from saelab.models import hook_names, load_model
+    from saelab.models.options import ModelOptions
 
-    model, _ = load_model(args.model, device="cpu")
+    cfg = config_from_args(ModelOptions, args)
+    model, _ = load_model(cfg.model, device=cfg.device or "cpu")
     for name in hook_names(model):
         print(name)
     return 0
@@ -281,6 +289,10 @@ def _eval(args) -> int:
 
 # --- reading features (saelab.analysis) ------------------------------------------------------------------
 def _add_analysis_commands(commands) -> None:
+    from saelab.analysis.attribution import AttributeConfig
+    from saelab.analysis.steering import SteerConfig
+    from saelab.analysis.token_features import FeaturesConfig
+
     feats = commands.add_parser(
         "features", help="the top features on each token of a text, or the tokens a feature promotes",
         description="With --text: run the model on the text (BOS first when the SAE was trained so) and print, "
@@ -288,14 +300,7 @@ def _add_analysis_commands(commands) -> None:
         "whose logits feature F's decoder direction raises most and lowers most, through the model's final norm "
         "(its weight as a diagonal scale: the norm linearised) and the unembedding.")
     add_sae_and_model_options(feats)
-    feats.add_argument("--text", help="text to read the features of, e.g. \"The capital of France is Paris\"")
-    feats.add_argument("--top", type=int, default=5, help="features shown per token (default: 5)")
-    feats.add_argument("--logits", type=int, nargs="+", metavar="F", help="feature index(es) whose promoted and "
-                       "suppressed tokens to print (decoder direction -> final norm weight -> unembedding)")
-    feats.add_argument("--logit-tokens", type=int, default=10, help="tokens shown on each side with --logits "
-                       "(default: 10)")
-    feats.add_argument("--include-special-tokens", action="store_true", help="also show features on BOS/EOS/pad "
-                       "positions (default: hidden; the SAE is not trained on them)")
+    add_options(feats, option_fields(FeaturesConfig))
 
     steer = commands.add_parser(
         "steer", help="greedy generation with and without a feature's direction added (or clamped)",
@@ -304,15 +309,7 @@ def _add_analysis_commands(commands) -> None:
         "with the feature's activation set to VALUE at every position (the SAE spliced in with its error term, so "
         "nothing else changes).")
     add_sae_and_model_options(steer)
-    steer.add_argument("--feature", type=int, required=True, help="feature (latent) index to steer with")
-    steer.add_argument("--prompt", required=True, help="text to continue, e.g. \"I think that\"")
-    how = steer.add_mutually_exclusive_group()
-    how.add_argument("--strength", type=float, default=None, help="multiple of the feature's decoder direction "
-                     "added at every position (default: 8)")
-    how.add_argument("--clamp", type=float, metavar="VALUE", help="instead of adding: set the feature's "
-                     "activation to VALUE at every position (SAE spliced in with error term)")
-    steer.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default: 40; "
-                       "generation stops early at EOS)")
+    add_options(steer, option_fields(SteerConfig))
 
     attr = commands.add_parser(
         "attribute", help="which features push a target token's logit at the end of a prompt",
@@ -322,11 +319,7 @@ def _add_analysis_commands(commands) -> None:
         "(activation x decoder direction . target direction), the SAE's b_dec and its reconstruction error. The "
         "parts sum to that total; prints the total, the parts and the top positive and negative features.")
     add_sae_and_model_options(attr)
-    attr.add_argument("--prompt", required=True, help="text whose next token is predicted, e.g. "
-                      "\"The capital of France is\"")
-    attr.add_argument("--target", required=True, help="the next token to explain, with its leading space, e.g. "
-                      "\" Paris\" (a text of several tokens: its first token)")
-    attr.add_argument("--top", type=int, default=10, help="features shown in each direction (default: 10)")
+    add_options(attr, option_fields(AttributeConfig))
 
     from saelab.analysis.dashboard import DashboardConfig
 
@@ -351,65 +344,58 @@ def _analysis_load(args):
 
 
 def _features(args) -> int:
-    from saelab.analysis import (check_feature, format_logit_effects, format_token_features, logit_effects,
-                                 token_features)
+    from saelab.analysis import check_feature, format_logit_effects, format_token_features, logit_effects, token_features
+    from saelab.analysis.token_features import FeaturesConfig
 
-    if args.text is None and not args.logits:
-        raise ValueError("give --text (features per token) and/or --logits F (a feature's promoted tokens)")
-    if args.top <= 0 or args.logit_tokens <= 0:
-        raise ValueError("--top and --logit-tokens must be positive")
-    if args.logits:  # check indices before loading the model
-        from saelab.evals.loading import find_sae_folder
-        from saelab.sae import SAE
-
-        sae = SAE.load(find_sae_folder(args.sae))
-        for feature in args.logits:
-            check_feature(sae, feature)
+    cfg = config_from_args(FeaturesConfig, args)
+    for feature in cfg.logits or []:  # check indices before loading the model
+        check_feature(_sae_alone(args), feature)
     loaded = _analysis_load(args)
     blocks = []
-    if args.text is not None:
-        rows = token_features(loaded, args.text, top=args.top)
-        blocks.append(format_token_features(rows, include_special=args.include_special_tokens))
-    for feature in args.logits or []:
+    if cfg.text is not None:
+        rows = token_features(loaded, cfg.text, top=cfg.top)
+        blocks.append(format_token_features(rows, include_special=cfg.include_special_tokens))
+    for feature in cfg.logits or []:
         blocks.append(format_logit_effects(logit_effects(loaded.model, loaded.tokenizer, loaded.sae, feature,
-                                                         n=args.logit_tokens)))
+                                                         n=cfg.logit_tokens)))
     print("\n\n".join(blocks))
     return 0
 
 
 def _steer(args) -> int:
     from saelab.analysis import check_feature, format_steering, steer
-    from saelab.evals.loading import find_sae_folder
-    from saelab.sae import SAE
+    from saelab.analysis.steering import SteerConfig
 
-    if args.max_new_tokens <= 0:
-        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    check_feature(SAE.load(find_sae_folder(args.sae)), args.feature)  # before loading the model
-    strength = None if args.clamp is not None else (8.0 if args.strength is None else args.strength)
-    loaded = _analysis_load(args)
-    result = steer(loaded, args.prompt, args.feature, strength=strength, clamp=args.clamp,
-                   max_new_tokens=args.max_new_tokens)
+    cfg = config_from_args(SteerConfig, args)
+    check_feature(_sae_alone(args), cfg.feature)  # before loading the model
+    result = steer(_analysis_load(args), cfg.prompt, cfg.feature, strength=None if cfg.clamp is not None else cfg.strength,
+                   clamp=cfg.clamp, max_new_tokens=cfg.max_new_tokens)
     print(format_steering(result))
     return 0
 
 
 def _attribute(args) -> int:
     from saelab.analysis import attribute, format_attribution
+    from saelab.analysis.attribution import AttributeConfig
 
-    if args.top <= 0:
-        raise ValueError(f"--top must be positive, got {args.top}")
-    loaded = _analysis_load(args)
-    print(format_attribution(attribute(loaded, args.prompt, args.target), n=args.top))
+    cfg = config_from_args(AttributeConfig, args)
+    print(format_attribution(attribute(_analysis_load(args), cfg.prompt, cfg.target), n=cfg.top))
     return 0
+
+
+def _sae_alone(args):
+    """The SAE of SAE_FOLDER without its model (to check what it takes before the model loads)."""
+    from saelab.evals.loading import find_sae_folder
+    from saelab.sae import SAE
+
+    return SAE.load(find_sae_folder(args.sae))
 
 
 def _dashboard(args) -> int:
     from saelab.analysis import DashboardConfig, build_dashboard, parse_features
-    from saelab.evals.loading import find_sae_folder
-    from saelab.sae import SAE
 
     cfg = config_from_args(DashboardConfig, args)
-    parse_features(cfg.features, SAE.load(find_sae_folder(args.sae)).cfg.d_sae)  # before loading the model
+    parse_features(cfg.features, _sae_alone(args).cfg.d_sae)  # before loading the model
     index = build_dashboard(_analysis_load(args), cfg, progress=sys.stderr.isatty(),
                             say=say)
     print(index)

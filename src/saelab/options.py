@@ -12,6 +12,8 @@ field names of its own:
 - ``label``: how the value shows in a run folder's name when a run lists several (``x{}`` -> ``x16``);
 - ``positive``: must be > 0 (checked by ``check_fields``); ``choices``: the allowed values;
 - ``positional``: a positional command-line argument (``metavar`` names it); ``aliases``: extra flags;
+  ``nargs``: several values after one flag (a ``list[...]`` field); ``exclusive``: options of one group name
+  exclude each other;
   ``replaces``: a command that combines two configs (sweep: SweepConfig + TrainConfig) offers this field
   instead of the other config's fields of those names.
 """
@@ -27,14 +29,14 @@ ROLES = ("per_sae", "shared", "cached", "fixed_on_resume")
 def option(default, help, *, choices=None, positive: bool = False, per_sae: bool = False,
            shared: bool = False, cached: bool = False, fixed_on_resume: bool = False, positional: bool = False,
            metavar: str | None = None, aliases: tuple[str, ...] = (), replaces: tuple[str, ...] = (),
-           label: str | None = None, runtime: bool = False):
+           label: str | None = None, runtime: bool = False, nargs: str | None = None, exclusive: str | None = None):
     """A config field with its help text and roles (see the module docstring). ``help`` is a string, or a
     function giving it when asked (for text read from a registry that grows). ``default`` may be MISSING (a
     required field), or ``dict`` / ``list`` for a fresh empty one each time."""
     metadata = {"help": help, "choices": tuple(choices) if choices else None, "positive": positive,
                 "per_sae": per_sae, "shared": shared, "cached": cached, "fixed_on_resume": fixed_on_resume,
                 "positional": positional, "metavar": metavar, "aliases": tuple(aliases), "replaces": tuple(replaces),
-                "label": label, "runtime": runtime}
+                "label": label, "runtime": runtime, "nargs": nargs, "exclusive": exclusive}
     if default in (dict, list):
         return field(default_factory=default, metadata=metadata)
     if default is MISSING:
@@ -53,8 +55,9 @@ def help_text(f: dataclasses.Field) -> str:
 
 
 def type_name(f: dataclasses.Field) -> str:
-    """``int``, ``float``, ``str`` or ``bool``: the field's type without ``| None``."""
-    return str(f.type).replace(" | None", "").replace("None | ", "").strip()
+    """``int``, ``float``, ``str`` or ``bool``: the field's type without ``| None`` (of a ``list[...]``, its items')."""
+    name = str(f.type).replace(" | None", "").replace("None | ", "").strip()
+    return name[5:-1] if name.startswith("list[") else name
 
 
 def default_of(f: dataclasses.Field):

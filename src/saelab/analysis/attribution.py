@@ -16,14 +16,29 @@ block's ``hook_resid_post``), ``total`` is the target's logit itself, less any l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 
 import torch
 
 from saelab.analysis.loading import Loaded, token_strings
+from saelab.options import option
 from saelab.analysis.logits import final_norm, logit_directions
 from saelab.models import hooked, lm_logits
 
+
+
+@dataclass
+class AttributeConfig:
+    """``saelab attribute``: which features push a target token's logit at the end of a prompt."""
+
+    prompt: str = option(MISSING, "Text whose next token is predicted, e.g. \"The capital of France is\".")
+    target: str = option(MISSING, "The next token to explain, with its leading space, e.g. \" Paris\" (a text of "
+                         "several tokens: its first token).")
+    top: int = option(10, "Features shown in each direction.")
+
+    def __post_init__(self):
+        if self.top <= 0:
+            raise ValueError(f"--top must be positive, got {self.top}")
 
 @dataclass
 class Attribution:

@@ -13,13 +13,35 @@ import inspect
 import shutil
 import textwrap
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 
 import torch
 
 from saelab.analysis.loading import Loaded, check_feature
 from saelab.evals.metrics import splice
 from saelab.models import hooked, is_transformer_lens, lm_logits
+from saelab.options import option
+
+
+@dataclass
+class SteerConfig:
+    """``saelab steer``: greedy generation with and without one feature's direction added (or clamped)."""
+
+    feature: int = option(MISSING, "Feature (latent) index to steer with.")
+    prompt: str = option(MISSING, "Text to continue, e.g. \"I think that\".")
+    strength: float | None = option(None, "Multiple of the feature's decoder direction added at every position "
+                                    "(8 unless --clamp is given).", exclusive="how")
+    clamp: float | None = option(None, "Instead of adding: set the feature's activation to VALUE at every "
+                                 "position (SAE spliced in with error term).", metavar="VALUE", exclusive="how")
+    max_new_tokens: int = option(40, "Tokens to generate (generation stops early at EOS).")
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+        if self.strength is not None and self.clamp is not None:
+            raise ValueError("give --strength or --clamp, not both")
+        if self.clamp is None and self.strength is None:
+            self.strength = 8.0
 
 
 @torch.no_grad()

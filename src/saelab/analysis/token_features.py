@@ -8,6 +8,7 @@ import torch
 
 from saelab.analysis.loading import Loaded, show_token, token_strings
 from saelab.models import capture
+from saelab.options import option
 
 
 @dataclass
@@ -17,6 +18,26 @@ class TokenFeatures:
     token: str
     special: bool                         # BOS/EOS/pad: the SAE was not trained on these positions
     features: list[tuple[int, float]]     # (feature index, activation), strongest first, active ones only
+
+
+@dataclass
+class FeaturesConfig:
+    """``saelab features``: the features of a text, and/or the tokens some features promote."""
+
+    text: str | None = option(None, "Text to read the features of, e.g. \"The capital of France is Paris\".")
+    top: int = option(5, "Features shown per token.")
+    logits: list[int] | None = option(None, "Feature index(es) whose promoted and suppressed tokens to print "
+                                      "(decoder direction -> final norm weight -> unembedding).", nargs="+",
+                                      metavar="F")
+    logit_tokens: int = option(10, "Tokens shown on each side with --logits.")
+    include_special_tokens: bool = option(False, "Also show features on BOS/EOS/pad positions (default: hidden; "
+                                          "the SAE is not trained on them).")
+
+    def __post_init__(self):
+        if self.text is None and not self.logits:
+            raise ValueError("give --text (features per token) and/or --logits F (a feature's promoted tokens)")
+        if self.top <= 0 or self.logit_tokens <= 0:
+            raise ValueError("--top and --logit-tokens must be positive")
 
 
 @torch.no_grad()
