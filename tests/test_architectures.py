@@ -392,7 +392,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, architec
 
 def test_cli_accepts_the_new_options():
     from saelab.cli import build_parser, config_from_args, option_fields, read_lists
-    from saelab.training.run import list_fields
+    from saelab.training.config import list_fields
 
     args = build_parser().parse_args(["train", "--architecture", "matryoshka", "--matryoshka-widths", "1/8,1/2",
                                       "--target-l0", "20", "--jumprelu-bandwidth", "0.01", "--threshold-ema-rate",

@@ -36,6 +36,9 @@ def cached(tiny_model_dir, text_file, tmp_path_factory):
 
 @pytest.fixture
 def count_forwards(monkeypatch):
+    """Model forwards run while caching: the cache's own, and the width probe (saelab.models.hook_widths)."""
+    import saelab.models.hooks
+
     counts = {"forwards": 0}
     original = cache_module.capture
 
@@ -44,6 +47,7 @@ def count_forwards(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(cache_module, "capture", counting)
+    monkeypatch.setattr(saelab.models.hooks, "capture", counting)
     return counts
 
 

@@ -12,7 +12,8 @@ from saelab import SAE
 from saelab.cli import main
 from saelab.data import activations
 from saelab.data.activations import ActivationBuffer, TensorSource, prefetched
-from saelab.training.run import check_shared, expand, parse_list
+from saelab.options import parse_list
+from saelab.training.config import check_shared, expand
 from saelab.training.run import train as train_many
 from saelab.training import TrainConfig, Trainer
 from saelab.training.lockstep import MultiTrainer, SharedBuffer

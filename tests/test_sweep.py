@@ -8,7 +8,7 @@ import pytest
 
 from saelab.cli import main
 from saelab.data import activations
-from saelab.training.run import parse_list
+from saelab.options import parse_list
 from saelab.training.sweep import COLUMNS, SweepConfig, base_config, grid
 
 TOKENS = 4096

@@ -75,7 +75,7 @@ def given(args: argparse.Namespace, fields: list[dataclasses.Field], skip=()) ->
 def read_lists(args: argparse.Namespace, fields: list[dataclasses.Field], names) -> dict[str, list]:
     """Read the comma-list options ``names``: a single value is put back into ``args`` with its field's type;
     the options given several values are returned, name -> typed values."""
-    from saelab.training.run import parse_list
+    from saelab.options import parse_list
 
     lists = {}
     for f in fields:
@@ -92,7 +92,7 @@ def config_from_args(config_class, args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from saelab.training.run import list_fields
+    from saelab.training.config import list_fields
     from saelab.training.sweep import SweepConfig
 
     parser = argparse.ArgumentParser(prog="saelab", description="Train, evaluate and read sparse autoencoders "
@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    from saelab.training.run import expand, list_fields, resume_configs, train
+    from saelab.training.config import expand, list_fields
+    from saelab.training.run import resume_configs, train
 
     fields = option_fields(TrainConfig)
     lists = read_lists(args, fields, list_fields())

@@ -79,3 +79,14 @@ def check_fields(cfg) -> list[str]:
         if allowed and value is not None and value not in allowed:
             problems.append(f"{f.name} must be one of {', '.join(map(str, allowed))} (got {value!r})")
     return problems
+
+
+def parse_list(text: str, kind=str) -> list:
+    """``"16,32"`` -> ``[16, 32]`` (``kind`` converts each item; underscores allowed in numbers)."""
+    items = [item.strip() for item in str(text).split(",") if item.strip()]
+    if not items:
+        raise ValueError(f"no value in {text!r}")
+    try:
+        return [item if kind is str else kind(item.replace("_", "")) for item in items]
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as comma-separated {kind.__name__} values") from None

@@ -224,15 +224,14 @@ class SAETrainingRunner:
         import torch
 
         from saelab.data.tokens import bos_id
-        from saelab.models import capture, load_model, resolve_hook
+        from saelab.models import hook_widths, load_model, resolve_hook
 
         self.run_dir = _fresh_run_dir(Path(self.cfg.checkpoint_path), self.cfg.run_name)
         cfg = replace(self.train_config, out=str(self.run_dir))
         model, tokenizer = self.model_and_tokenizer or load_model(cfg.model, cfg.device)
         if self.cfg.d_in is not None:
             hook = resolve_hook(model, cfg.hook)
-            probe = torch.tensor([[bos_id(tokenizer)] * 2], device=next(model.parameters()).device)
-            width = capture(model, probe, [hook])[hook.name].shape[-1]
+            width = hook_widths(model, [hook], bos_id(tokenizer))[hook.name]
             if width != self.cfg.d_in:
                 raise ValueError(f"d_in={self.cfg.d_in} but hook {cfg.hook!r} of {cfg.model} has width {width}; "
                                  "fix d_in or hook_name")

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from saelab.data.options import TextOptions
 from saelab.data.text import iter_documents
 from saelab.data.tokens import Packing, context_batches, pack_contexts, special_ids
-from saelab.models.hooks import HookPoint, capture
+from saelab.models.hooks import HookPoint, capture, hook_widths
 
 PREFETCH_BATCHES = 4  # token batches the tokenizer thread may run ahead of the model
 
@@ -54,14 +54,12 @@ class LMActivationSource:
         self.skip_contexts, self.max_contexts = skip_contexts, max_contexts
         self._special = special_ids(tokenizer)
         self.device = next(model.parameters()).device
-        probe = torch.tensor([[self._special[0].item()] * 4])
-        captured = capture(model, probe.to(self.device), self.hooks)
+        widths = hook_widths(model, self.hooks, self._special[0].item())
         self.columns: dict[str, slice] = {}
         offset = 0
         for h in self.hooks:
-            width = captured[h.name].shape[-1]
-            self.columns[h.name] = slice(offset, offset + width)
-            offset += width
+            self.columns[h.name] = slice(offset, offset + widths[h.name])
+            offset += widths[h.name]
         self.d_in = offset
 
     def token_batches(self, start: int = 0) -> Iterator[torch.Tensor]:

@@ -37,10 +37,9 @@ from tqdm.auto import tqdm
 from saelab.data.activations import LMActivationSource, text_activations
 from saelab.data.options import TextOptions
 from saelab.data.text import describe_source
-from saelab.data.tokens import bos_id
+from saelab.log import say
 from saelab.models.hooks import HookPoint, capture
 from saelab.models.options import ModelOptions
-from saelab.log import say
 from saelab.options import check_fields, default_of, fields_with, option
 from saelab.version import __version__
 
@@ -107,10 +106,12 @@ def write_cache(cfg: CacheConfig, overwrite: bool = False) -> Path:
         return out
     model, tokenizer = load_model(cfg.model, device)
     hooks = [resolve_hook(model, name) for name in cfg.hook_names]
-    # The training source's own token stream and keep mask: the cache packs text exactly as training does.
-    reader = text_activations(model, tokenizer, hooks[0], cfg, max_contexts=cfg.contexts)
+    # The training source's own token stream, keep mask and hook widths: the cache packs text exactly as
+    # training does.
+    reader = text_activations(model, tokenizer, hooks, cfg, max_contexts=cfg.contexts)
     if metadata is None:
-        metadata = _new_metadata(cfg, tokenizer, hooks, _hook_widths(model, tokenizer, hooks))
+        widths = {name: columns.stop - columns.start for name, columns in reader.columns.items()}
+        metadata = _new_metadata(cfg, tokenizer, hooks, widths)
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / METADATA_FILE, metadata)
     done = len(metadata["shards"])
@@ -175,11 +176,6 @@ def _content_config(cfg: CacheConfig) -> dict:
     still continue the cache)."""
     runtime = fields_with(CacheConfig, "runtime")
     return {name: value for name, value in asdict(cfg).items() if name not in runtime}
-
-
-def _hook_widths(model, tokenizer, hooks: list[HookPoint]) -> dict[str, int]:
-    probe = torch.full((1, 4), bos_id(tokenizer), device=next(model.parameters()).device)
-    return {name: act.shape[-1] for name, act in capture(model, probe, hooks).items()}
 
 
 def _new_metadata(cfg: CacheConfig, tokenizer, hooks: list[HookPoint], widths: dict[str, int]) -> dict:

@@ -17,7 +17,7 @@ from saelab.data.activations import LMActivationSource, text_activations
 from saelab.data.options import TextOptions
 from saelab.data.tokens import bos_id, special_ids
 from saelab.evals.options import CorpusOptions
-from saelab.models import HookPoint, ModelLoadError, capture, load_model, resolve_hook
+from saelab.models import HookPoint, ModelLoadError, hook_widths, load_model, resolve_hook
 from saelab.sae import SAE
 
 DEFAULT_CONTEXT_SIZE = 128
@@ -105,8 +105,7 @@ def load_sae_and_model(sae_path, model: str | None = None, hook: str | None = No
 
 def check_width(loaded: Loaded) -> None:
     """The hook's activation width must be the SAE's ``d_in``."""
-    probe = torch.tensor([[bos_id(loaded.tokenizer)] * 2], device=loaded.device)
-    width = capture(loaded.model, probe, [loaded.hook])[loaded.hook.name].shape[-1]
+    width = hook_widths(loaded.model, [loaded.hook], bos_id(loaded.tokenizer))[loaded.hook.name]
     if width != loaded.sae.cfg.d_in:
         raise ValueError(f"hook {loaded.hook.name!r} of {loaded.model_name} has width {width}, but the SAE's d_in is "
                          f"{loaded.sae.cfg.d_in}: the SAE reads another hook point (its cfg.json says "

@@ -223,6 +223,12 @@ def hooked(model: nn.Module, hook: HookPoint, fn: Callable[[torch.Tensor], torch
 
 
 @torch.no_grad()
+def hook_widths(model: nn.Module, hooks: list[HookPoint], token_id: int) -> dict[str, int]:
+    """Each hook's activation width, from a forward pass over a few copies of ``token_id`` (e.g. BOS)."""
+    probe = torch.full((1, 4), int(token_id), device=next(model.parameters()).device)
+    return {name: act.shape[-1] for name, act in capture(model, probe, hooks).items()}
+
+
 def capture(model: nn.Module, input_ids: torch.Tensor, hooks: list[HookPoint],
             attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Run the model only as far as it must go to compute every hook; return ``{name: [batch, seq, d]}``."""

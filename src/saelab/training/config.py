@@ -10,26 +10,27 @@ architecture's typed settings out as ``cfg.settings``.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from itertools import product
+from pathlib import Path
 
 from saelab.data.options import DataOptions
-from saelab.options import check_fields, option
-from saelab.sae import (DEFAULT_ARCHITECTURE, Architecture, Settings, architecture, architecture_names,
-                        settings_fields)
+from saelab.options import check_fields, fields_with, option
+from saelab.sae import DEFAULT_ARCHITECTURE, Architecture, Settings, all_architectures, architecture, settings_fields
 
 
 def _architecture_help() -> str:
     return "SAE architecture: " + "; ".join(
         f"{arch.name}{' (alias ' + ', '.join(arch.aliases) + ')' if arch.aliases else ''}: {arch.summary}"
-        for arch in _registered()) + "."
-
-
-def _registered() -> list[Architecture]:
-    return [architecture(name) for name in architecture_names()]
+        for arch in all_architectures()) + "."
 
 
 @dataclass(init=False)
 class TrainConfig(DataOptions):
+    """What one training run does. The model, text and data-source fields come from ``DataOptions``; the
+    architecture's own settings are given by name too (see the module docstring) and read as ``cfg.k`` or,
+    typed, ``cfg.settings.k``."""
+
     # --- what to read -----------------------------------------------------------------------------
     hook: str = option("blocks.6.hook_resid_post", "Hook point: a TransformerLens-style name "
                        "(blocks.L.hook_resid_pre|resid_mid|resid_post|attn_out|mlp_out) or a module path "
@@ -129,7 +130,7 @@ class TrainConfig(DataOptions):
         else:
             arch = architecture(self.architecture)
             if not arch.accepts_remedy(self.dead_latent_remedy):
-                takes = [a.name for a in _registered() if self.dead_latent_remedy in a.remedies]
+                takes = [a.name for a in all_architectures() if self.dead_latent_remedy in a.remedies]
                 problems.append(f"dead_latent_remedy {self.dead_latent_remedy} is for the {', '.join(takes)} "
                                 f"architecture{'s' if len(takes) > 1 else ''}, not {self.architecture}")
         problems += _settings_problems(self.sae_settings)
@@ -139,16 +140,12 @@ class TrainConfig(DataOptions):
             raise ValueError("invalid training config: " + "; ".join(problems))
 
     def __getattr__(self, name: str):
-        # cfg.k, cfg.target_l0, ...: a setting of this architecture (or one given for another architecture).
-        if name != "sae_settings" and name in settings_fields():
-            given = self.__dict__.get("sae_settings", {})
-            if name in given:
-                return given[name]
-            own = {f.name: f for f in dataclasses.fields(architecture(self.architecture).settings)}
-            if name in own:
-                return getattr(self.settings, name)
-            return settings_fields()[name][0].default
-        raise AttributeError(f"'TrainConfig' object has no attribute {name!r}")
+        # cfg.k, cfg.target_l0, ...: a setting as given, else this architecture's default (else the default of
+        # the architecture that declares it).
+        if name == "sae_settings" or name not in settings_fields():
+            raise AttributeError(f"'TrainConfig' object has no attribute {name!r}")
+        given = self.__dict__.get("sae_settings", {})
+        return given[name] if name in given else getattr(self.settings, name, settings_fields()[name][0].default)
 
     def as_dict(self) -> dict:
         """Every field, with this architecture's settings resolved (defaults included): what a run records in
@@ -187,7 +184,7 @@ def _settings_problems(given: dict) -> list[str]:
     """Each given setting checked by every architecture that declares it (a value need not suit the
     architecture chosen now: a sweep or a comma list may apply it to another)."""
     problems = []
-    for arch in _registered():
+    for arch in all_architectures():
         own = {f.name for f in dataclasses.fields(arch.settings)}
         values = {name: value for name, value in given.items() if name in own}
         if not values:
@@ -200,3 +197,64 @@ def _settings_problems(given: dict) -> list[str]:
                 problems.append(message)
     return problems
 
+
+# --- the configs of a run: several dictionaries trained together ----------------------------------------
+def check_shared(configs: list[TrainConfig]) -> None:
+    """Dictionaries trained together must agree on the data and the step schedule (the fields declared
+    ``shared``); name the first difference."""
+    if not configs:
+        raise ValueError("no SAE to train")
+    first = configs[0]
+    for cfg in configs[1:]:
+        for name in fields_with(TrainConfig, "shared"):
+            if getattr(cfg, name) != getattr(first, name):
+                raise ValueError(f"SAEs trained together must share {name} (got {getattr(first, name)!r} and "
+                                 f"{getattr(cfg, name)!r}); they read one stream of batches. Train them in "
+                                 "separate runs instead.")
+    folders = [str(Path(cfg.out).resolve()) for cfg in configs]
+    if len(set(folders)) < len(folders):
+        raise ValueError("SAEs trained together need a run folder (out) each")
+
+
+def list_fields() -> tuple[str, ...]:
+    """The fields (TrainConfig's and the architectures' settings) that may take several values in one run."""
+    return (*fields_with(TrainConfig, "per_sae"),
+            *(name for name, (f, _) in settings_fields().items() if f.metadata.get("per_sae")))
+
+
+def expand(base: TrainConfig, lists: dict[str, list]) -> list[TrainConfig]:
+    """One config per combination of the listed values, each with its run folder under ``base.out``, named
+    ``<hook>-<architecture>-<sparsity>`` (plus any other field that varies), e.g.
+    ``blocks.6.hook_resid_post-topk-k32``."""
+    unknown = set(lists) - set(list_fields())
+    if unknown:
+        raise ValueError(f"{', '.join(sorted(unknown))} cannot take several values (those that can: "
+                         f"{', '.join(list_fields())})")
+    names = list(lists)
+    configs = []
+    for values in product(*(lists[name] for name in names)):
+        cfg = replace(base, **dict(zip(names, values)))
+        varied = [name for name in fields_with(TrainConfig, "label") if len(lists.get(name, ())) > 1]
+        configs.append(replace(cfg, out=str(Path(base.out) / run_name(cfg, varied))))
+    folders = [cfg.out for cfg in configs]
+    if len(set(folders)) < len(folders):
+        raise ValueError("the listed values repeat a combination: " + ", ".join(sorted(
+            {Path(f).name for f in folders if folders.count(f) > 1})))
+    return configs
+
+
+def sparsity_label(cfg: TrainConfig) -> str:
+    """``topk-k32``, ``jumprelu-target_l0_32``, ``standard-l1_5``: the architecture and its sparsity setting."""
+    value = cfg.sparsity_value
+    return cfg.architecture if value is None else f"{cfg.architecture}-{cfg.arch.label}{format_value(value)}"
+
+
+def run_name(cfg: TrainConfig, varied=()) -> str:
+    """``<hook>-<architecture>-<sparsity>``, then each field in ``varied`` by its declared label."""
+    labels = {f.name: f.metadata["label"] for f in fields(TrainConfig)}
+    return "-".join([cfg.hook.replace("/", "_"), sparsity_label(cfg),
+                     *(labels[name].format(getattr(cfg, name)) for name in varied)])
+
+
+def format_value(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)

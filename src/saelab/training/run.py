@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, fields, replace
-from itertools import product
 from pathlib import Path
 
 import torch
@@ -24,8 +23,8 @@ from saelab.evals.held_out import evaluate_held_out
 from saelab.evals.report import format_table
 from saelab.log import say
 from saelab.options import fields_with
-from saelab.sae import SAE, settings_fields
-from saelab.training.config import TrainConfig
+from saelab.sae import SAE
+from saelab.training.config import TrainConfig, check_shared, list_fields, sparsity_label
 from saelab.training.distributed import DataParallel, data_parallel_from_env, round_robin
 from saelab.training.lockstep import MultiTrainer, SharedBuffer
 from saelab.training.plots import plot_training_curves
@@ -106,14 +105,10 @@ def train(configs: TrainConfig | list[TrainConfig], resume: bool = False, overwr
 
 
 def _what_trains(configs: list[TrainConfig], trainers: list[Trainer], data: TrainingData) -> str:
-    base = configs[0]
-    if len(configs) == 1:
-        sae = trainers[0].sae.cfg
-        return (f"training a {base.architecture} SAE ({sae.d_in} -> {sae.d_sae}) on {base.hook}, "
-                f"{base.tokens:,} tokens of {data.described}, into {base.out}")
+    saes = ", ".join(f"{sparsity_label(cfg)} ({t.sae.cfg.d_in} -> {t.sae.cfg.d_sae})" for cfg, t in zip(configs, trainers))
     hooks = ", ".join(dict.fromkeys(cfg.hook for cfg in configs))
-    return (f"training {len(configs)} SAEs on {hooks} (one pass over the data per batch), {base.tokens:,} tokens "
-            f"of {data.described} each, into " + ", ".join(cfg.out for cfg in configs))
+    return (f"training {saes} on {hooks}, {configs[0].tokens:,} tokens of {data.described}"
+            f"{' each' if len(configs) > 1 else ''}, into " + ", ".join(cfg.out for cfg in configs))
 
 
 def _training(result: TrainResult) -> dict:
@@ -172,79 +167,6 @@ def _train_share_of_saes(configs: list[TrainConfig], dp: DataParallel, resume: b
         if mine else []
     dp.barrier()  # every SAE finished before any process leaves
     return summaries
-
-
-# --- the configs of a run ----------------------------------------------------------------------------------
-def check_shared(configs: list[TrainConfig]) -> None:
-    """Dictionaries trained together must agree on the data and the step schedule (the fields declared
-    ``shared``); name the first difference."""
-    if not configs:
-        raise ValueError("no SAE to train")
-    first = configs[0]
-    for cfg in configs[1:]:
-        for name in fields_with(TrainConfig, "shared"):
-            if getattr(cfg, name) != getattr(first, name):
-                raise ValueError(f"SAEs trained together must share {name} (got {getattr(first, name)!r} and "
-                                 f"{getattr(cfg, name)!r}); they read one stream of batches. Train them in "
-                                 "separate runs instead.")
-    folders = [str(Path(cfg.out).resolve()) for cfg in configs]
-    if len(set(folders)) < len(folders):
-        raise ValueError("SAEs trained together need a run folder (out) each")
-
-
-def list_fields() -> tuple[str, ...]:
-    """The fields (TrainConfig's and the architectures' settings) that may take several values in one run."""
-    return (*fields_with(TrainConfig, "per_sae"),
-            *(name for name, (f, _) in settings_fields().items() if f.metadata.get("per_sae")))
-
-
-def expand(base: TrainConfig, lists: dict[str, list]) -> list[TrainConfig]:
-    """One config per combination of the listed values, each with its run folder under ``base.out``, named
-    ``<hook>-<architecture>-<sparsity>`` (plus any other field that varies), e.g.
-    ``blocks.6.hook_resid_post-topk-k32``."""
-    unknown = set(lists) - set(list_fields())
-    if unknown:
-        raise ValueError(f"{', '.join(sorted(unknown))} cannot take several values (those that can: "
-                         f"{', '.join(list_fields())})")
-    names = list(lists)
-    configs = []
-    for values in product(*(lists[name] for name in names)):
-        cfg = replace(base, **dict(zip(names, values)))
-        varied = [name for name in fields_with(TrainConfig, "label") if len(lists.get(name, ())) > 1]
-        configs.append(replace(cfg, out=str(Path(base.out) / run_name(cfg, varied))))
-    folders = [cfg.out for cfg in configs]
-    if len(set(folders)) < len(folders):
-        raise ValueError("the listed values repeat a combination: " + ", ".join(sorted(
-            {Path(f).name for f in folders if folders.count(f) > 1})))
-    return configs
-
-
-def sparsity_label(cfg: TrainConfig) -> str:
-    """``topk-k32``, ``jumprelu-target_l0_32``, ``standard-l1_5``: the architecture and its sparsity setting."""
-    value = cfg.sparsity_value
-    return cfg.architecture if value is None else f"{cfg.architecture}-{cfg.arch.label}{format_value(value)}"
-
-
-def run_name(cfg: TrainConfig, varied=()) -> str:
-    """``<hook>-<architecture>-<sparsity>``, then each field in ``varied`` by its declared label."""
-    labels = {f.name: f.metadata["label"] for f in fields(TrainConfig)}
-    return "-".join([cfg.hook.replace("/", "_"), sparsity_label(cfg),
-                     *(labels[name].format(getattr(cfg, name)) for name in varied)])
-
-
-def format_value(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def parse_list(text: str, kind=str) -> list:
-    """``"16,32"`` -> ``[16, 32]`` (``kind`` converts each item; underscores allowed in numbers)."""
-    items = [item.strip() for item in str(text).split(",") if item.strip()]
-    if not items:
-        raise ValueError(f"no value in {text!r}")
-    try:
-        return [item if kind is str else kind(item.replace("_", "")) for item in items]
-    except ValueError:
-        raise ValueError(f"cannot read {text!r} as comma-separated {kind.__name__} values") from None
 
 
 def load_run_config(run_dir) -> TrainConfig:

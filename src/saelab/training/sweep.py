@@ -21,11 +21,12 @@ import torch
 from saelab.data.sources import TrainingData
 from saelab.evals.held_out import evaluate_held_out
 from saelab.log import say
-from saelab.options import fields_with, option, type_name
+from saelab.options import fields_with, option, parse_list, type_name
 from saelab.sae import Architecture, all_architectures, architecture, load_sae, settings_fields
 from saelab.training.config import TrainConfig
 from saelab.training.plots import finite, plot_pareto
-from saelab.training.run import format_value, load_run_config, parse_list, save_evaluated, sparsity_label, train
+from saelab.training.config import format_value, sparsity_label
+from saelab.training.run import load_run_config, save_evaluated, train
 from saelab.training.trainer import CHECKPOINT_FILE
 
 ROW_FILE = "sweep_row.json"      # a grid point trained and evaluated: its table row
@@ -150,25 +151,24 @@ def sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool = False) -> Swee
     rows: dict[str, dict] = {}          # grid point name -> its table row
     to_evaluate: list[tuple] = []       # (point, sae, training figures): trained, evaluated together at the end
     to_train: list[GridPoint] = []
-    say(f"sweep of {len(points)} SAEs on {base.model} {base.hook} into {out}: " + ", ".join(p.name for p in points))
-    for index, point in enumerate(points, 1):
+    for point in points:
         run_dir = Path(point.cfg.out)
         reused = None if overwrite else _saved_for(run_dir / ROW_FILE, point.cfg, "row")
         trained = None if overwrite or reused else _saved_for(run_dir / TRAINED_FILE, point.cfg, "trained")
         if reused is not None:
-            say(f"[{index}/{len(points)}] {point.name}: reusing the finished run in {run_dir}")
             rows[point.name] = reused
         elif trained is not None:
-            say(f"[{index}/{len(points)}] {point.name}: trained earlier in {run_dir}; evaluated with the others")
             to_evaluate.append((point, load_sae(run_dir / "final"), trained))
         else:
             to_train.append(point)
+    say(f"sweep of {len(points)} SAEs on {base.model} {base.hook} into {out}: {len(rows)} finished earlier (reused), "
+        f"{len(to_evaluate)} trained earlier (to evaluate), {len(to_train)} to train: "
+        + ", ".join(p.name for p in to_train))
     activation_rows, collect_seconds, completed = None, 0.0, True
     if to_train:
         activation_rows, collect_seconds = data.keep_in_memory(scfg.activation_tokens or base.tokens, base.progress)
         say(f"every run trains on {activation_rows:,} activation rows of {data.described}, read once "
-             f"({collect_seconds:.1f} s); training {len(to_train)} SAEs together: "
-             + ", ".join(p.name for p in to_train))
+            f"({collect_seconds:.1f} s)")
         resume = not overwrite and all(_checkpoint_for(p) for p in to_train)
         summaries = train([p.cfg for p in to_train], resume=resume, overwrite=True, data=data, evaluate=False)
         completed = all(summary.completed for summary in summaries)
