@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train an SAE on one hook point of a language model, evaluate it "
                                 "on held-out text and save it in the SAELens folder format. With no options: "
                                 "a TopK SAE on SmolLM2-135M's residual stream after block 6, in runs/demo. "
-                                "Comma-separated values of " + ", ".join("--" + n.replace("_", "-") for n in list_fields())
+                                "Comma-separated values of "
+                                + ", ".join("--" + name.replace("_", "-") for name in list_fields())
                                 + " train one SAE per combination in one run, all fed by one forward pass per batch "
                                 "(stopped after the deepest hook), each in its own run folder under --out (e.g. "
                                 "OUT/blocks.6.hook_resid_post-topk-k32); the other options are shared; --resume OUT "
@@ -345,7 +346,8 @@ def _analysis_load(args):
 
 
 def _features(args) -> int:
-    from saelab.analysis import check_feature, format_logit_effects, format_token_features, logit_effects, token_features
+    from saelab.analysis import (check_feature, format_logit_effects, format_token_features, logit_effects,
+                                 token_features)
     from saelab.analysis.token_features import FeaturesConfig
 
     cfg = config_from_args(FeaturesConfig, args)
@@ -369,8 +371,8 @@ def _steer(args) -> int:
 
     cfg = config_from_args(SteerConfig, args)
     check_feature(_sae_alone(args), cfg.feature)  # before loading the model
-    result = steer(_analysis_load(args), cfg.prompt, cfg.feature, strength=None if cfg.clamp is not None else cfg.strength,
-                   clamp=cfg.clamp, max_new_tokens=cfg.max_new_tokens)
+    result = steer(_analysis_load(args), cfg.prompt, cfg.feature, strength=cfg.strength, clamp=cfg.clamp,
+                   max_new_tokens=cfg.max_new_tokens)
     print(format_steering(result))
     return 0
 

@@ -116,7 +116,7 @@ def write_cache(cfg: CacheConfig, overwrite: bool = False) -> Path:
         _write_json(out / METADATA_FILE, metadata)
     done = len(metadata["shards"])
     say(f"caching {', '.join(cfg.hook_names)} of {cfg.model} over {cfg.contexts * cfg.context_size:,} tokens of "
-         f"{cfg.dataset} into {out} ({cfg.dtype})" + (f", continuing at shard {done}" if done else ""))
+        f"{cfg.dataset} into {out} ({cfg.dtype})" + (f", continuing at shard {done}" if done else ""))
     _write_shards(out, metadata, cfg, model, hooks, reader)
     if not metadata["shards"]:
         raise ValueError(f"the dataset {cfg.dataset!r} gave no full context of {cfg.context_size} tokens; "
@@ -125,7 +125,7 @@ def write_cache(cfg: CacheConfig, overwrite: bool = False) -> Path:
     _write_json(out / METADATA_FILE, metadata)
     size = sum(p.stat().st_size for p in out.rglob("*.npy"))
     say(f"cache complete: {metadata['tokens']:,} tokens, {metadata['rows']:,} rows per hook, "
-         f"{len(metadata['shards'])} shards, {size / 2**20:,.1f} MiB in {out}")
+        f"{len(metadata['shards'])} shards, {size / 2**20:,.1f} MiB in {out}")
     return out
 
 

@@ -96,7 +96,7 @@ def train(configs: TrainConfig | list[TrainConfig], resume: bool = False, overwr
     evaluated = {}
     if held_out is not None:
         say(f"evaluating {len(finished)} SAE{'s' if len(finished) > 1 else ''} on {held_out.tokens:,} held-out "
-             f"tokens of {held_out.description}")
+            f"tokens of {held_out.description}")
         metrics = evaluate_held_out(held_out, [(results[i].sae, configs[i].hook) for i in finished],
                                     progress=base.progress)
         evaluated = dict(zip(finished, metrics))
@@ -105,7 +105,8 @@ def train(configs: TrainConfig | list[TrainConfig], resume: bool = False, overwr
 
 
 def _what_trains(configs: list[TrainConfig], trainers: list[Trainer], data: TrainingData) -> str:
-    saes = ", ".join(f"{sparsity_label(cfg)} ({t.sae.cfg.d_in} -> {t.sae.cfg.d_sae})" for cfg, t in zip(configs, trainers))
+    saes = ", ".join(f"{sparsity_label(cfg)} ({trainer.sae.cfg.d_in} -> {trainer.sae.cfg.d_sae})"
+                     for cfg, trainer in zip(configs, trainers))
     hooks = ", ".join(dict.fromkeys(cfg.hook for cfg in configs))
     return (f"training {saes} on {hooks}, {configs[0].tokens:,} tokens of {data.described}"
             f"{' each' if len(configs) > 1 else ''}, into " + ", ".join(cfg.out for cfg in configs))
@@ -162,7 +163,7 @@ def _train_share_of_saes(configs: list[TrainConfig], dp: DataParallel, resume: b
     hook; each SAE's run folder written by the rank that trains it)."""
     mine = round_robin(configs, dp.rank, dp.world_size)
     say(f"rank {dp.rank} of {dp.world_size}: training " + (", ".join(cfg.out for cfg in mine) or "no SAE "
-         f"({len(configs)} SAEs for {dp.world_size} processes)"))
+        f"({len(configs)} SAEs for {dp.world_size} processes)"))
     summaries = train(mine, resume, overwrite, evaluate=evaluate, data_parallel=DataParallel(device=dp.device)) \
         if mine else []
     dp.barrier()  # every SAE finished before any process leaves

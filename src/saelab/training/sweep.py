@@ -219,7 +219,7 @@ def _evaluate_together(data: TrainingData, to_evaluate: list[tuple], scfg: Sweep
         (Path(point.cfg.out) / ROW_FILE).write_text(json.dumps({"config": point.cfg.as_dict(), "row": row}, indent=2))
         rows[point.name] = row
         say(f"  {point.name}: L0 {_num(row['l0'])}, explained variance {_num(row['explained_variance'])}, "
-             f"CE recovered {_num(row['ce_loss_score'])}, dead {row['dead_fraction']:.3f}")
+            f"CE recovered {_num(row['ce_loss_score'])}, dead {row['dead_fraction']:.3f}")
     return rows
 
 
