@@ -338,7 +338,7 @@ class ActivationCache:
             if first + shard["contexts"] <= stop:
                 total += shard["rows"]
             elif first < stop:
-                total += int(np.load(shard_path(self.path, "keep", index))[:stop - first].sum())
+                total += int(_read_npy(shard_path(self.path, "keep", index))[:stop - first].sum())
         return total
 
     def _open_shard(self, hook: str, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -348,7 +348,7 @@ class ActivationCache:
             if not path.exists():
                 raise FileNotFoundError(f"activation cache {self.path} is damaged: {path} is missing. Write it again "
                                         "with `saelab cache ... --overwrite`.")
-        return np.load(paths[0], mmap_mode="r"), np.load(paths[1])
+        return _read_npy(paths[0], mmap_mode="r"), _read_npy(paths[1])
 
     def _tensor(self, rows: np.ndarray) -> torch.Tensor:
         rows = np.array(rows)  # a copy: only these rows leave the memory map
@@ -385,6 +385,15 @@ class CachedActivationSource:
         for parts in zip(*readers):
             rows = [part[0] for part in parts]
             yield rows[0] if len(rows) == 1 else torch.cat(rows, dim=-1)
+
+
+def _read_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    """A shard as numpy reads it, refusing pickled objects (they could run code) with an error naming the file."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except ValueError as err:
+        raise ValueError(f"{path} is not an activation shard saelab wrote ({err}); it is not loaded. Write the cache "
+                         "again with `saelab cache ... --overwrite`.") from None
 
 
 def shard_path(folder: Path, kind: str, index: int) -> Path:

@@ -210,7 +210,7 @@ def load_gemma_scope(folder: Path, ref: PretrainedRef) -> nn.Module:
     """
     import numpy as np
 
-    with np.load(folder / GEMMA_SCOPE_FILE) as params:
+    with np.load(folder / GEMMA_SCOPE_FILE, allow_pickle=False) as params:
         tensors = {name: torch.from_numpy(params[name]).float() for name in params.files}
     needed = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
     missing = [name for name in needed if name not in tensors]

@@ -29,7 +29,7 @@ from saelab.training.distributed import DataParallel, data_parallel_from_env, ro
 from saelab.training.lockstep import MultiTrainer, SharedBuffer
 from saelab.training.plots import plot_training_curves
 from saelab.training.tracking import NullTracker, start_tracking
-from saelab.training.trainer import CHECKPOINT_FILE, METRICS_FILE, Trainer, TrainResult
+from saelab.training.trainer import CHECKPOINT_FILE, METRICS_FILE, Trainer, TrainResult, read_checkpoint
 
 MULTI_FILE = "multi.json"
 
@@ -175,7 +175,7 @@ def load_run_config(run_dir) -> TrainConfig:
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: nothing to resume in {run_dir}")
-    return TrainConfig(**torch.load(path, map_location="cpu", weights_only=False)["config"])
+    return TrainConfig(**read_checkpoint(path)["config"])
 
 
 def is_multi_run(folder) -> bool:

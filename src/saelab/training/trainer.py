@@ -7,6 +7,8 @@ import hashlib
 import json
 import math
 import os
+import pickle
+import re
 import signal
 import threading
 import time
@@ -345,7 +347,7 @@ class Trainer:
         path = self.run_dir / CHECKPOINT_FILE
         if not path.exists():
             raise FileNotFoundError(f"no checkpoint in {self.run_dir}; start the run without --resume")
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = read_checkpoint(path, self.device)
         saved = TrainConfig(**state["config"])
         for name in (*fields_with(TrainConfig, "fixed_on_resume"), *fields_with(type(self.cfg.settings),
                                                                                   "fixed_on_resume")):
@@ -363,6 +365,19 @@ class Trainer:
         self._dead_latents = state["dead_latents"]
         if self.dp.is_main:
             _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+
+
+def read_checkpoint(path, device: str | torch.device = "cpu") -> dict:
+    """A checkpoint's state, read so that nothing in the file can run code: torch's ``weights_only`` loader
+    takes tensors and plain data (dicts, lists, numbers, strings) and refuses anything else."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        named = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f" (it calls {named[1]})" if named else ""
+        raise ValueError(f"{path} holds objects other than tensors and plain data{what}, which saelab does not "
+                         "load: loading them could run code. Start the run afresh with --overwrite, or resume "
+                         "only checkpoints written by saelab.") from None
 
 
 def _adam(params, lr: float) -> torch.optim.Adam:
