@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="saelab", description="Train, evaluate and read sparse autoencoders "
                                      "on language-model activations.")
+    parser.add_argument("--debug", action="store_true", help="on an error, show Python's traceback too (by "
+                        "default saelab prints one line: what is wrong and what to do)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train an SAE on a model's activations, then evaluate it",
@@ -193,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:  # bad input, a bad file: one line, unless --debug
+        if args.debug:
+            raise
         print(f"saelab {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:

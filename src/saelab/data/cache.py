@@ -21,7 +21,6 @@ lists the finished shards, so an interrupted write continues at the next shard.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -37,6 +36,7 @@ from tqdm.auto import tqdm
 from saelab.data.activations import LMActivationSource, text_activations
 from saelab.data.options import TextOptions
 from saelab.data.text import describe_source
+from saelab.files import read_json, write_json
 from saelab.log import say
 from saelab.models.hooks import HookPoint, capture
 from saelab.models.options import ModelOptions
@@ -113,7 +113,7 @@ def write_cache(cfg: CacheConfig, overwrite: bool = False) -> Path:
         widths = {name: columns.stop - columns.start for name, columns in reader.columns.items()}
         metadata = _new_metadata(cfg, tokenizer, hooks, widths)
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / METADATA_FILE, metadata)
+        write_json(out / METADATA_FILE, metadata)
     done = len(metadata["shards"])
     say(f"caching {', '.join(cfg.hook_names)} of {cfg.model} over {cfg.contexts * cfg.context_size:,} tokens of "
         f"{cfg.dataset} into {out} ({cfg.dtype})" + (f", continuing at shard {done}" if done else ""))
@@ -122,7 +122,7 @@ def write_cache(cfg: CacheConfig, overwrite: bool = False) -> Path:
         raise ValueError(f"the dataset {cfg.dataset!r} gave no full context of {cfg.context_size} tokens; "
                          "check the dataset path, split and text column")
     metadata["complete"] = True
-    _write_json(out / METADATA_FILE, metadata)
+    write_json(out / METADATA_FILE, metadata)
     size = sum(p.stat().st_size for p in out.rglob("*.npy"))
     say(f"cache complete: {metadata['tokens']:,} tokens, {metadata['rows']:,} rows per hook, "
         f"{len(metadata['shards'])} shards, {size / 2**20:,.1f} MiB in {out}")
@@ -143,7 +143,7 @@ def _write_shards(out: Path, metadata: dict, cfg: CacheConfig, model, hooks: lis
             metadata["contexts"] += metadata["shards"][-1]["contexts"]
             metadata["tokens"] = metadata["contexts"] * cfg.context_size
             metadata["rows"] += rows
-            _write_json(out / METADATA_FILE, metadata)
+            write_json(out / METADATA_FILE, metadata)
 
 
 def _existing_metadata(out: Path, cfg: CacheConfig, overwrite: bool) -> dict | None:
@@ -154,7 +154,7 @@ def _existing_metadata(out: Path, cfg: CacheConfig, overwrite: bool) -> dict | N
             raise FileExistsError(f"{out} is a non-empty folder without {METADATA_FILE}, not an activation cache; "
                                   "choose another --out")
         return None
-    metadata = json.loads(path.read_text())
+    metadata = read_json(path, "Write the cache again with `saelab cache ... --overwrite`.")
     if metadata.get("format") != FORMAT:
         raise FileExistsError(f"{path} is not the metadata of a saelab activation cache; choose another --out")
     if overwrite:
@@ -256,7 +256,7 @@ class ActivationCache:
             what = "does not exist" if not self.path.exists() else f"holds no {METADATA_FILE}: it is no activation cache"
             raise FileNotFoundError(f"activation cache {self.path} {what}. Write one with `saelab cache --hooks ... "
                                     f"--out {self.path}`.")
-        self.metadata = json.loads(meta.read_text())
+        self.metadata = read_json(meta, "Write the cache again with `saelab cache ... --overwrite`.")
         if self.metadata.get("format") != FORMAT or self.metadata.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{meta} is not a saelab activation cache of format version {FORMAT_VERSION}")
         if not self.metadata["complete"]:
@@ -391,16 +391,10 @@ def _read_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
     """A shard as numpy reads it, refusing pickled objects (they could run code) with an error naming the file."""
     try:
         return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
-    except ValueError as err:
+    except (ValueError, EOFError) as err:
         raise ValueError(f"{path} is not an activation shard saelab wrote ({err}); it is not loaded. Write the cache "
                          "again with `saelab cache ... --overwrite`.") from None
 
 
 def shard_path(folder: Path, kind: str, index: int) -> Path:
     return Path(folder) / kind / f"shard_{index:05d}.npy"
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)  # atomic: a kill leaves the previous metadata intact

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from saelab.files import FileFormatError, read_json, read_safetensors
 from saelab.sae.config import SAEConfig
 from saelab.sae.registry import architecture, create_sae
 
@@ -32,7 +33,7 @@ LEGACY_RENAMES = {"hook_point": "hook_name", "hook_point_head_index": "hook_head
 LAYOUT_VERSION = "6.0.0"
 
 
-class SAEFormatError(ValueError):
+class SAEFormatError(FileFormatError):
     pass
 
 
@@ -123,9 +124,9 @@ def load_sae(folder, device: str | torch.device = "cpu") -> nn.Module:
     if not (folder / CONFIG_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
         raise SAEFormatError(f"{folder} is not an SAE folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "
                              "(a run folder keeps its SAE in <run>/final)")
-    raw = json.loads((folder / CONFIG_FILE).read_text())
+    raw = read_json(folder / CONFIG_FILE, "Save or download the SAE folder again.")
     cfg = config_from_json(raw, str(folder))
-    tensors = load_file(folder / WEIGHTS_FILE)
+    tensors = read_safetensors(folder / WEIGHTS_FILE, "Save or download the SAE folder again.")
     saved_as = cfg.architecture
     try:
         loads_as = architecture(saved_as).loads_as
@@ -163,4 +164,4 @@ def load_sae(folder, device: str | torch.device = "cpu") -> nn.Module:
 
 def load_sparsity(folder) -> torch.Tensor | None:
     path = Path(folder) / SPARSITY_FILE
-    return load_file(path)["sparsity"] if path.exists() else None
+    return read_safetensors(path, "Save or download the SAE folder again.")["sparsity"] if path.exists() else None

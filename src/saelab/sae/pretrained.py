@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from saelab.files import read_json
 from saelab.sae.config import SAEConfig
 from saelab.sae.format import CONFIG_FILE, WEIGHTS_FILE, SAEFormatError, config_to_json, load_sae, load_sparsity
 from saelab.sae.registry import create_sae
@@ -241,7 +242,7 @@ def sae_row(ref: PretrainedRef) -> dict:
     hook, d_sae = ref.hook, ref.d_sae
     folder = cached_folder(ref) if ref.format == "saelens" and (hook is None or d_sae is None) else None
     if folder is not None:
-        raw = json.loads((folder / CONFIG_FILE).read_text())
+        raw = read_json(folder / CONFIG_FILE, "Delete that folder from the hub cache and download it again.")
         meta = raw.get("metadata") or raw
         hook = hook or meta.get("hook_name") or meta.get("hook_point")
         d_sae = d_sae or raw.get("d_sae")

@@ -3,9 +3,10 @@ Pareto plot (from its results rows)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+
+from saelab.training.trainer import read_metrics
 
 PANELS = (("loss", "loss"), ("fvu", "FVU (training batches)"), ("l0", "L0 (active latents per token)"),
           ("dead_fraction", "dead fraction"))
@@ -18,7 +19,7 @@ def plot_training_curves(metrics_path, out_path) -> Path | None:
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    records = read_metrics(metrics_path)
     if not records:
         return None
     tokens = [r["tokens"] for r in records]

@@ -11,7 +11,6 @@ SAELens format. With several dictionaries, ``multi.json`` in the common folder l
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from saelab.data.activations import ActivationBuffer
 from saelab.data.sources import TrainingData
 from saelab.evals.held_out import evaluate_held_out
 from saelab.evals.report import format_table
+from saelab.files import read_json, write_json
 from saelab.log import say
 from saelab.options import fields_with
 from saelab.sae import SAE
@@ -67,7 +67,7 @@ def train(configs: TrainConfig | list[TrainConfig], resume: bool = False, overwr
     if root is not None and dp.is_main:
         Path(root).mkdir(parents=True, exist_ok=True)
         runs = [str(Path(cfg.out).resolve().relative_to(Path(root).resolve())) for cfg in configs]
-        (Path(root) / MULTI_FILE).write_text(json.dumps({"runs": runs}, indent=2))
+        write_json(Path(root) / MULTI_FILE, {"runs": runs})
     if dp.active and configs[0].distribute == "saes":
         return _train_share_of_saes(configs, dp, resume, overwrite, evaluate)
     base = configs[0]
@@ -152,7 +152,7 @@ def save_evaluated(cfg: TrainConfig, sae: SAE, metrics: dict, training: dict,
     if frequency is not None:
         sae.save(run_dir / "final", sparsity=torch.log10(frequency + 1e-10), runner_cfg=cfg.as_dict())
     summary = {**metrics, "train_tokens": training["train_tokens"], "train_seconds": training["train_seconds"]}
-    (run_dir / "eval.json").write_text(json.dumps(summary, indent=2))
+    write_json(run_dir / "eval.json", summary)
     return summary
 
 
@@ -188,7 +188,8 @@ def resume_configs(root, **overrides) -> list[TrainConfig]:
     ``multi.json`` lists, or the run in ``root`` itself."""
     if not is_multi_run(root):
         return [replace(load_run_config(root), out=str(Path(root)), **overrides)]
-    runs = json.loads((Path(root) / MULTI_FILE).read_text())["runs"]
+    runs = read_json(Path(root) / MULTI_FILE, "It lists the runs trained together: resume each run folder on its "
+                     "own (`saelab train --resume ROOT/RUN`).")["runs"]
     allowed = {f.name for f in fields(TrainConfig)} - set(list_fields()) - {"out"}
     bad = set(overrides) - allowed
     if bad:

@@ -20,6 +20,7 @@ import torch
 
 from saelab.data.sources import TrainingData
 from saelab.evals.held_out import evaluate_held_out
+from saelab.files import read_json, write_json
 from saelab.log import say
 from saelab.options import fields_with, option, parse_list, type_name
 from saelab.sae import Architecture, all_architectures, architecture, load_sae, settings_fields
@@ -176,8 +177,8 @@ def sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool = False) -> Swee
             say("stopped; run the same command again to continue the sweep")
         for point, summary in zip(to_train, summaries):
             if summary.completed:  # saved now, so a sweep stopped later keeps this SAE
-                (Path(point.cfg.out) / TRAINED_FILE).write_text(json.dumps(
-                    {"config": point.cfg.as_dict(), "trained": summary.training}, indent=2))
+                write_json(Path(point.cfg.out) / TRAINED_FILE, {"config": point.cfg.as_dict(),
+                                                                "trained": summary.training})
                 to_evaluate.append((point, summary.sae, summary.training))
     if completed and to_evaluate:
         rows.update(_evaluate_together(data, to_evaluate, scfg, base))
@@ -186,10 +187,10 @@ def sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool = False) -> Swee
     write_table(rows, out / "results.csv", out / "results.md")
     plot_pareto(rows, out / "pareto.png", title=f"{base.model} {base.hook}")
     per_point = {"architecture", "out", "sae_settings"}
-    (out / "sweep.json").write_text(json.dumps({
+    write_json(out / "sweep.json", {
         "sweep": asdict(scfg), "shared": {k: v for k, v in asdict(base).items() if k not in per_point},
         "activation_rows": activation_rows, "collect_seconds": collect_seconds,
-        "completed": completed, "rows": rows}, indent=2))
+        "completed": completed, "rows": rows})
     say(f"results in {out / 'results.md'} (and .csv); Pareto plot in {out / 'pareto.png'}")
     return SweepResult(out, rows, completed, collect_seconds)
 
@@ -216,7 +217,7 @@ def _evaluate_together(data: TrainingData, to_evaluate: list[tuple], scfg: Sweep
                "train_seconds": trained["train_seconds"], "eval_seconds": eval_seconds,
                "wall_seconds": trained["train_seconds"] + eval_seconds, "dead_latent_remedy": point.cfg.remedy,
                "run": point.name}
-        (Path(point.cfg.out) / ROW_FILE).write_text(json.dumps({"config": point.cfg.as_dict(), "row": row}, indent=2))
+        write_json(Path(point.cfg.out) / ROW_FILE, {"config": point.cfg.as_dict(), "row": row})
         rows[point.name] = row
         say(f"  {point.name}: L0 {_num(row['l0'])}, explained variance {_num(row['explained_variance'])}, "
             f"CE recovered {_num(row['ce_loss_score'])}, dead {row['dead_fraction']:.3f}")
@@ -227,7 +228,7 @@ def _saved_for(path: Path, cfg: TrainConfig, key: str):
     """``key`` of the JSON file at ``path`` when it was written for this very config, else None."""
     if not path.exists():
         return None
-    saved = json.loads(path.read_text())
+    saved = read_json(path, "Delete it to train (or evaluate) that grid point again.")
     return saved[key] if saved.get("config") == json.loads(json.dumps(cfg.as_dict())) else None
 
 

@@ -9,12 +9,13 @@ in the run folder, so ``saelab train --resume`` continues the same W&B run.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 import torch
+
+from saelab.files import read_json, write_json
 
 WANDB_RUN_FILE = "wandb_run.json"
 FREQUENCY_FLOOR = 1e-10  # log10 of a never-firing latent's frequency: -10, as in the SAELens sparsity file
@@ -99,14 +100,13 @@ def start_tracking(cfg, run_dir, resume: bool = False, main_process: bool = True
     run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=name, id=run_id, resume="allow",
                      config=cfg.as_dict(), job_type="train", group=group, reinit="create_new",
                      dir=None if os.environ.get("WANDB_DIR") else str(run_dir))
-    (run_dir / WANDB_RUN_FILE).write_text(json.dumps({"id": run.id, "project": cfg.wandb_project,
-                                                      "entity": cfg.wandb_entity}) + "\n")
+    write_json(run_dir / WANDB_RUN_FILE, {"id": run.id, "project": cfg.wandb_project, "entity": cfg.wandb_entity})
     return WandbTracker(run, wandb, artifact_name=_artifact_name(f"sae-{name}"))
 
 
 def _stored_run_id(run_dir: Path) -> str | None:
     path = run_dir / WANDB_RUN_FILE
-    return json.loads(path.read_text())["id"] if path.exists() else None
+    return read_json(path, "Delete it to start a new W&B run for this run folder.")["id"] if path.exists() else None
 
 
 def _artifact_name(name: str) -> str:

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab.data.activations import ActivationBuffer, ActivationSource
+from saelab.files import FileFormatError
 from saelab.options import fields_with
 from saelab.sae import SAE, SAEConfig, TrainStep, create_sae
 from saelab.sae.base import normalized_error
@@ -372,10 +373,14 @@ def read_checkpoint(path, device: str | torch.device = "cpu") -> dict:
     takes tensors and plain data (dicts, lists, numbers, strings) and refuses anything else."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, OSError) as err:
+        raise FileFormatError(f"{path} is not a readable checkpoint ({str(err).splitlines()[0][:120]}): it was damaged "
+                              "or cut short (saelab writes checkpoints atomically, so something else changed it). "
+                              "Start the run afresh with --overwrite.") from None
     except pickle.UnpicklingError as err:
         named = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         what = f" (it calls {named[1]})" if named else ""
-        raise ValueError(f"{path} holds objects other than tensors and plain data{what}, which saelab does not "
+        raise FileFormatError(f"{path} holds objects other than tensors and plain data{what}, which saelab does not "
                          "load: loading them could run code. Start the run afresh with --overwrite, or resume "
                          "only checkpoints written by saelab.") from None
 
@@ -413,5 +418,26 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines logged after the checkpoint, so a resumed run's log has no duplicates."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [line for line, record in zip(*_metric_lines(path)) if record["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _metric_lines(path: Path) -> tuple[list[str], list[dict]]:
+    """The lines of metrics.jsonl and their records, without a line cut short by a kill mid-write."""
+    lines, records = [], []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            lines.append(line)
+            records.append(record)
+    return lines, records
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a run's metrics.jsonl (a torn last line, from a kill mid-write, left out)."""
+    return _metric_lines(Path(path))[1]

@@ -1,0 +1,147 @@
+"""Every file saelab reads, damaged or planted, is a one-line error that names the file, the fault and the
+fix; nothing in a file can run code (a pickled payload is refused and never runs)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import pytest
+import torch
+
+from saelab.cli import main
+
+TRAIN = ["--tokens", "2048", "--k", "4", "--batch-size", "256", "--context-size", "32", "--lm-batch-size", "8",
+         "--buffer-tokens", "2048", "--eval-tokens", "256", "--hook", "blocks.1.hook_resid_post", "--expansion", "2",
+         "--no-progress", "--log-every", "2", "--checkpoint-every-tokens", "1024"]
+
+FROM_CACHE = ["--tokens", "512", "--batch-size", "128", "--buffer-tokens", "512", "--eval-tokens", "0", "--k", "4",
+              "--expansion", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, text_file, tmp_path_factory):
+    """A finished run of two SAEs (hooks 0 and 1) on the tiny model, and a sweep of two grid points."""
+    root = tmp_path_factory.mktemp("bad_files")
+    data = ["--model", str(tiny_model_dir), "--dataset", str(text_file)]
+    assert main(["train", *data, *TRAIN, "--out", str(root / "run")]) == 0
+    assert main(["train", *data, *TRAIN, "--hook", "blocks.0.hook_resid_post,blocks.1.hook_resid_post",
+                 "--out", str(root / "multi")]) == 0
+    assert main(["sweep", *data, *TRAIN, "--architectures", "topk", "--k", "2,4", "--out", str(root / "sweep")]) == 0
+    assert main(["cache", *data, "--hooks", "blocks.1.hook_resid_post", "--tokens", "2048", "--context-size", "32",
+                 "--lm-batch-size", "8", "--shard-tokens", "1024", "--no-progress", "--out", str(root / "acts")]) == 0
+    return root
+
+
+def damaged(trained, tmp_path, name: str, file: str, how: str) -> pathlib.Path:
+    """A copy of ``trained/name`` whose ``file`` is cut short (``truncate``), emptied or replaced by junk."""
+    copy = tmp_path / name
+    shutil.copytree(trained / name, copy)
+    path = copy / file
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[:len(data) // 2], "empty": b"", "junk": b"\x00not a file saelab wrote"}[how])
+    return copy
+
+
+def one_line_error(capsys, *names: str) -> str:
+    """The error the command printed: one line (no traceback), naming each of ``names``."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    for name in names:
+        assert name in errors[0], (name, errors[0])
+    return errors[0]
+
+
+@pytest.mark.parametrize("file,how", [("final/sae_weights.safetensors", "truncate"), ("final/cfg.json", "truncate"),
+                                      ("final/cfg.json", "empty"), ("final/sae_weights.safetensors", "junk")])
+def test_a_damaged_sae_folder_is_a_one_line_error(trained, tmp_path, capsys, file, how):
+    run = damaged(trained, tmp_path, "run", file, how)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--tokens", "256", "--no-downstream"]) == 2
+    one_line_error(capsys, file.split("/")[-1], "damaged or cut short", "Save or download the SAE folder again")
+
+
+def test_a_damaged_sparsity_file_names_itself(trained, tmp_path):
+    from saelab.sae import load_sparsity
+
+    run = damaged(trained, tmp_path, "run", "final/sparsity.safetensors", "truncate")
+    with pytest.raises(ValueError, match="sparsity.safetensors is not a readable safetensors file"):
+        load_sparsity(run / "final")
+
+
+@pytest.mark.parametrize("how", ["truncate", "junk"])
+def test_a_damaged_checkpoint_is_a_one_line_error(trained, tmp_path, capsys, how):
+    run = damaged(trained, tmp_path, "run", "checkpoint.pt", how)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    one_line_error(capsys, "checkpoint.pt", "--overwrite")
+
+
+def test_a_torn_last_metrics_line_does_not_stop_a_resume(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 9, "tok')  # a kill in the middle of a log line
+    assert main(["train", "--resume", str(run)]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records and records[-1]["step"] == 8  # the torn line is gone, the finished run's lines kept
+
+
+@pytest.mark.parametrize("name,file,command", [
+    ("multi", "multi.json", ["train", "--resume", "{copy}"]),
+    ("sweep", "topk-k2/sweep_row.json", None),
+    ("acts", "metadata.json", ["train", "--activations", "{copy}", "--out", "{tmp}/from-cache", *FROM_CACHE]),
+    ("acts", "hooks/blocks.1.hook_resid_post/shard_00000.npy", ["train", "--activations", "{copy}", "--out",
+                                                                 "{tmp}/from-cache", *FROM_CACHE]),
+])
+def test_damaged_run_sweep_and_cache_files_are_one_line_errors(trained, tmp_path, capsys, tiny_model_dir,
+                                                               text_file, name, file, command):
+    copy = damaged(trained, tmp_path, name, file, "truncate")
+    if command is None:  # the sweep, run again on its folder
+        command = ["sweep", "--model", str(tiny_model_dir), "--dataset", str(text_file), *TRAIN, "--architectures",
+                   "topk", "--k", "2,4", "--out", "{copy}"]
+    capsys.readouterr()
+    assert main([part.format(copy=copy, tmp=tmp_path) for part in command]) == 2
+    one_line_error(capsys, file.split("/")[-1])
+
+
+class Payload:
+    """Unpickling this creates a file: the proof that code from the file ran."""
+
+    def __init__(self, marker: pathlib.Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+def test_a_checkpoint_with_a_pickled_payload_is_refused_and_never_runs(tmp_path, capsys):
+    run, marker = tmp_path / "run", tmp_path / "payload-ran"
+    run.mkdir()
+    torch.save({"config": {"out": str(run)}, "extra": Payload(marker)}, run / "checkpoint.pt")
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt" in err and "could run code" in err and "--overwrite" in err
+    assert len(err.strip().splitlines()) == 1  # one line, no traceback
+    assert not marker.exists()
+
+
+def test_a_cache_shard_with_a_pickled_payload_is_refused_and_never_runs(tiny_model_dir, text_file, tmp_path, capsys):
+    import numpy as np
+
+    from saelab.data.cache import CacheConfig, write_cache
+
+    acts, marker = tmp_path / "acts", tmp_path / "payload-ran"
+    write_cache(CacheConfig(model=str(tiny_model_dir), dataset=str(text_file), hooks="blocks.1.hook_resid_post",
+                            tokens=2048, context_size=32, lm_batch_size=8, shard_tokens=1024, out=str(acts),
+                            progress=False))
+    shard = acts / "hooks" / "blocks.1.hook_resid_post" / "shard_00000.npy"
+    np.save(shard, np.array([Payload(marker)], dtype=object), allow_pickle=True)
+    rc = main(["train", "--activations", str(acts), "--tokens", "512", "--batch-size", "128", "--buffer-tokens",
+               "512", "--eval-tokens", "0", "--expansion", "2", "--k", "4", "--no-progress",
+               "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "shard_00000.npy" in err and "not an activation shard" in err
+    assert not marker.exists()
