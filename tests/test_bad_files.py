@@ -145,3 +145,44 @@ def test_a_cache_shard_with_a_pickled_payload_is_refused_and_never_runs(tiny_mod
     err = capsys.readouterr().err
     assert rc == 2 and "shard_00000.npy" in err and "not an activation shard" in err
     assert not marker.exists()
+
+
+def test_nan_activations_stop_training_naming_the_hook(tmp_path):
+    from saelab.data.activations import TensorSource
+    from saelab.training import TrainConfig, Trainer
+
+    data = torch.randn(4096, 8)
+    data[2500, 3] = float("nan")  # in the second unit of 2048 rows
+    source = TensorSource(data, rows_per_unit=2048, columns={"blocks.3.hook_resid_post": slice(0, 8)})
+    cfg = TrainConfig(architecture="topk", k=2, expansion=2, tokens=8192, batch_size=512, buffer_tokens=4096,
+                      progress=False, out=str(tmp_path))
+    with pytest.raises(ValueError, match=r"hook blocks.3.hook_resid_post: forward batch 1 holds 1 NaN or infinite"):
+        Trainer(cfg, source, tmp_path).run()
+
+
+def test_a_loss_gone_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch,
+                                                                           tiny_model_dir, text_file):
+    from saelab.sae import TopKSAE
+    from saelab.training.trainer import read_checkpoint
+
+    original = TopKSAE.training_forward
+    steps = {"n": 0}
+
+    def diverging(self, x, step):
+        out = original(self, x, step)
+        steps["n"] += 1
+        if steps["n"] > 5:  # from the sixth step on
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(TopKSAE, "training_forward", diverging)
+    run = tmp_path / "run"
+    args = ["--model", str(tiny_model_dir), "--dataset", str(text_file), *TRAIN, "--checkpoint-every-tokens", "512",
+            "--log-every", "4", "--out", str(run)]
+    assert main(["train", *args]) == 2
+    err = one_line_error(capsys, "the loss became NaN or infinite at step 5", "last good checkpoint (step 4)",
+                         "--lr")
+    assert "--resume" in err
+    state = read_checkpoint(run / "checkpoint.pt")
+    assert state["step"] == 4 and all(bool(torch.isfinite(t).all()) for t in state["sae"].values())
+    assert not (run / "final").exists()

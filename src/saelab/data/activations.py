@@ -104,6 +104,20 @@ def text_activations(model, tokenizer, hooks: HookPoint | Sequence[HookPoint], t
                               exclude_special_tokens=text.exclude_special_tokens, **kwargs)
 
 
+def check_finite(rows: torch.Tensor, source, unit: int) -> None:
+    """Stop at activations that are NaN or infinite (a model run in fp16 overflows; a float16 cache clips):
+    training on them would make the SAE NaN. The error names the hook and the forward batch."""
+    finite = torch.isfinite(rows)
+    if bool(finite.all()):
+        return
+    bad_columns = (~finite).any(0)
+    hooks = [name for name, columns in getattr(source, "columns", {}).items() if bool(bad_columns[columns].any())]
+    where = f"hook {', '.join(hooks)}" if hooks else "the activations"
+    raise ValueError(f"{where}: forward batch {unit} holds {int((~finite).sum())} NaN or infinite values, which would "
+                     "make the SAE NaN. Run the model in float32 (--device cpu, or a float32 cache: saelab cache "
+                     "--dtype float32), or leave special tokens out (--exclude-special-tokens).")
+
+
 def prefetched(items: Iterable, depth: int) -> Iterator:
     """The items of ``items``, in order, produced by a background thread up to ``depth`` ahead (the
     tokenizer's Rust code releases the GIL, so it overlaps the model). Its exceptions reach the consumer;
@@ -231,6 +245,7 @@ class ActivationBuffer:
         bar = tqdm(total=self.buffer_tokens, desc="collecting activations", unit="tok", unit_scale=True,
                    disable=not self.progress, leave=False)
         for chunk in self.source.units(unit):
+            check_finite(chunk, self.source, next_unit)
             rows.append(chunk)
             filled += len(chunk)
             next_unit += 1

@@ -95,6 +95,10 @@ class Trainer:
         # Indices of the dead latents, refreshed every log_every steps (when the log syncs with the device
         # anyway) and after resampling, so that a step never waits for the device to count them.
         self._dead_latents = torch.zeros(0, dtype=torch.long, device=self.device)
+        # The first step whose loss was NaN or infinite (-1: none), kept on the device and read only when the
+        # log or a checkpoint syncs anyway; and the step of the last checkpoint written (a good one).
+        self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._checkpoint_step: int | None = None
         self.resampled = 0   # latents re-initialised so far (dead_latent_remedy resample)
         self._stop_requested = False
         self._session: _Session | None = None
@@ -155,6 +159,7 @@ class Trainer:
             record = self._log_record(self.dp.mean_over_ranks(s.totals), s.steps_in_log, s.seconds_in_log)
             s.metrics_file.write(json.dumps(record) + "\n")
             s.metrics_file.flush()
+            self._stop_if_diverged()
             self.tracker.log_metrics(record)
             s.bar.set_postfix(loss=f"{record['loss']:.4f}", L0=f"{record['l0']:.1f}",
                               FVU=f"{record['fvu']:.3f}", dead=f"{record['dead_fraction']:.2f}")
@@ -224,6 +229,7 @@ class Trainer:
         with torch.no_grad():
             parts = {name: value.detach() for name, value in out.parts.items()}
             parts["loss"] = out.loss.detach()
+            self._first_nonfinite.masked_fill_((self._first_nonfinite < 0) & ~torch.isfinite(parts["loss"]), self.step)
             parts["l0"] = out.fired.sum() / batch_tokens
             parts["fvu"] = normalized_error(out.x_hat - x, x, info.data_parallel)
         return parts
@@ -329,7 +335,20 @@ class Trainer:
         return record
 
     # --- checkpoints -------------------------------------------------------------------------------
+    def _stop_if_diverged(self) -> None:
+        """After a NaN or infinite loss the weights are lost: stop before they reach a checkpoint or final/."""
+        step = int(self._first_nonfinite)
+        if step < 0:
+            return
+        kept = (f"the last good checkpoint (step {self._checkpoint_step}) is intact: resume it with a lower --lr "
+                f"(`saelab train --resume {self.run_dir} --lr ...`)" if self._checkpoint_step is not None
+                else "no checkpoint had been written yet: start again with a lower --lr")
+        raise TrainingDivergedError(f"{self.run_dir}: the loss became NaN or infinite at step {step}; training "
+                                    f"stopped and nothing was saved from it; {kept}.")
+
     def _save_checkpoint(self) -> None:
+        self._stop_if_diverged()
+        self._checkpoint_step = self.step
         if not self.dp.is_main:  # every rank holds the same state; one copy is written
             return
         state = {
@@ -358,6 +377,7 @@ class Trainer:
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.scale, self.elapsed = state["step"], state["scale"], state["elapsed"]
+        self._checkpoint_step = self.step
         self.resampled = state.get("resampled", 0)
         self.buffer.load_state_dict(state["buffer"])
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
@@ -366,6 +386,10 @@ class Trainer:
         self._dead_latents = state["dead_latents"]
         if self.dp.is_main:
             _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the message says at which step and what was kept."""
 
 
 def read_checkpoint(path, device: str | torch.device = "cpu") -> dict:
