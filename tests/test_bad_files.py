@@ -186,3 +186,41 @@ def test_a_loss_gone_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_p
     state = read_checkpoint(run / "checkpoint.pt")
     assert state["step"] == 4 and all(bool(torch.isfinite(t).all()) for t in state["sae"].values())
     assert not (run / "final").exists()
+
+
+def test_a_second_process_on_the_same_folder_is_refused(trained, tmp_path, capsys, tiny_model_dir, text_file):
+    from saelab.files import folder_lock
+
+    data = ["--model", str(tiny_model_dir), "--dataset", str(text_file)]
+    busy = tmp_path / "busy"
+    with folder_lock(busy):  # another process (an open file description of its own) holds the folder
+        capsys.readouterr()
+        assert main(["train", *data, *TRAIN, "--out", str(busy)]) == 2
+        one_line_error(capsys, str(busy), "another saelab process", "choose another folder")
+        assert main(["cache", *data, "--hooks", "blocks.1.hook_resid_post", "--tokens", "512", "--out", str(busy)]) == 2
+        one_line_error(capsys, "another saelab process")
+        assert main(["sweep", *data, *TRAIN, "--architectures", "topk", "--k", "2", "--out", str(busy)]) == 2
+        one_line_error(capsys, "another saelab process")
+    assert not any(busy.iterdir())  # nothing was written while it was held
+
+
+@pytest.mark.subprocess
+def test_a_killed_process_leaves_no_stale_lock(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from saelab.files import folder_lock
+
+    folder = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from saelab.files import folder_lock\n"
+                               f"with folder_lock({str(folder)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(FileExistsError, match="another saelab process"):
+        with folder_lock(folder):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    with folder_lock(folder):  # the operating system released the dead process's lock
+        pass

@@ -1,10 +1,12 @@
-"""Reading the files saelab itself writes (JSON, safetensors), so that a damaged one is a one-line error that
-names the file, what is wrong with it and what to do, never a parser's traceback."""
+"""The files saelab writes and reads back: JSON and safetensors read so that a damaged file is a one-line
+error naming the file, what is wrong with it and what to do (never a parser's traceback); JSON written
+atomically; a folder held by one process at a time."""
 
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -42,3 +44,27 @@ def write_json(path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
+
+
+@contextmanager
+def folder_lock(folder, what: str = "run"):
+    """Hold ``folder`` (created if needed) for this process: a second saelab process writing the same folder
+    is refused at once. The lock is the operating system's (flock on the folder), so a process that crashes
+    or is killed leaves nothing stuck. Where flock does not exist (Windows) nothing is locked."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"{folder} is being written by another saelab process (another {what} in the same "
+                                  "folder): wait for it to finish, or choose another folder.") from None
+        yield
+    finally:
+        os.close(fd)

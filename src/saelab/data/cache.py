@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from saelab.data.activations import LMActivationSource, text_activations
 from saelab.data.options import TextOptions
 from saelab.data.text import describe_source
-from saelab.files import read_json, write_json
+from saelab.files import folder_lock, read_json, write_json
 from saelab.log import say
 from saelab.models.hooks import HookPoint, capture
 from saelab.models.options import ModelOptions
@@ -94,6 +94,11 @@ class CacheConfig(ModelOptions, TextOptions):
 # --- writing -------------------------------------------------------------------------------------------
 def write_cache(cfg: CacheConfig, overwrite: bool = False) -> Path:
     """Write (or continue writing) the cache ``cfg`` describes; returns its folder."""
+    with folder_lock(cfg.out, "cache"):
+        return _write_cache(cfg, overwrite)
+
+
+def _write_cache(cfg: CacheConfig, overwrite: bool) -> Path:
     from saelab.models import load_model, resolve_hook
     from saelab.models.loading import default_device
 

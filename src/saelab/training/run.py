@@ -11,6 +11,7 @@ SAELens format. With several dictionaries, ``multi.json`` in the common folder l
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from saelab.data.activations import ActivationBuffer
 from saelab.data.sources import TrainingData
 from saelab.evals.held_out import evaluate_held_out
 from saelab.evals.report import format_table
-from saelab.files import read_json, write_json
+from saelab.files import folder_lock, read_json, write_json
 from saelab.log import say
 from saelab.options import fields_with
 from saelab.sae import SAE
@@ -59,6 +60,15 @@ def train(configs: TrainConfig | list[TrainConfig], resume: bool = False, overwr
     check_shared(configs)
     dp = data_parallel or data_parallel_from_env(configs[0].device)
     configs = [replace(cfg, device=dp.device) for cfg in configs] if dp.active else configs
+    spread = dp.active and configs[0].distribute == "saes"  # each rank then locks the folders it trains
+    with ExitStack() as held:
+        for cfg in configs if dp.is_main and not spread else []:
+            held.enter_context(folder_lock(cfg.out, "training run"))
+        return _train(configs, dp, resume, overwrite, root, model_and_tokenizer, data, evaluate)
+
+
+def _train(configs: list[TrainConfig], dp: DataParallel, resume: bool, overwrite: bool, root, model_and_tokenizer,
+           data: TrainingData | None, evaluate: bool) -> list[RunSummary]:
     if not resume and not overwrite:
         for cfg in configs:
             if (Path(cfg.out) / CHECKPOINT_FILE).exists():

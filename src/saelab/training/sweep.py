@@ -20,7 +20,7 @@ import torch
 
 from saelab.data.sources import TrainingData
 from saelab.evals.held_out import evaluate_held_out
-from saelab.files import read_json, write_json
+from saelab.files import folder_lock, read_json, write_json
 from saelab.log import say
 from saelab.options import fields_with, option, parse_list, type_name
 from saelab.sae import Architecture, all_architectures, architecture, load_sae, settings_fields
@@ -140,8 +140,12 @@ def _remedy_for(base: TrainConfig, arch: Architecture) -> str:
 def sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool = False) -> SweepResult:
     """Train every grid point together on the same activations (collected from the model once, or read
     from a cache), evaluate them together, and write results.csv, results.md, pareto.png and sweep.json."""
+    with folder_lock(scfg.out, "sweep"):
+        return _sweep(scfg, base, overwrite)
+
+
+def _sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool) -> SweepResult:
     out = Path(scfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     if base.activations is not None and scfg.activation_tokens is not None:
         raise ValueError("--activation-tokens sets how many activations to collect from the model; with "
                          "--activations the cache is used as it is (write a smaller one with `saelab cache --tokens`)")
