@@ -212,3 +212,35 @@ def test_prefetched_keeps_order_forwards_errors_and_stops_when_closed():
     import time
     time.sleep(0.3)
     assert len(produced) == count  # and stopped
+
+
+def test_a_kill_between_two_saes_checkpoints_resumes_at_their_common_step(tiny_model_dir, text_file, tmp_path,
+                                                                         monkeypatch):
+    """SAEs trained together write their checkpoints one after another: killed in between, the first is a
+    checkpoint ahead of the second. The resume goes back to the step both have and ends where an
+    uninterrupted run ends."""
+    whole = train_many(two_saes(tiny_model_dir, text_file, tmp_path / "whole"))
+    configs = two_saes(tiny_model_dir, text_file, tmp_path / "killed")
+    original = Trainer._save_checkpoint
+    saves = {"n": 0}
+
+    class Killed(BaseException):
+        pass
+
+    def save_then_die(self):
+        saves["n"] += 1
+        if saves["n"] == 4:  # the second round of periodic checkpoints: the first SAE's is written, then the kill
+            raise Killed
+        original(self)
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train_many(configs)
+    monkeypatch.setattr(Trainer, "_save_checkpoint", original)
+    from saelab.training.trainer import checkpoint_steps
+
+    steps = [sorted(checkpoint_steps(cfg.out)) for cfg in configs]
+    assert steps[0] != steps[1] and set(steps[0]) & set(steps[1])  # a checkpoint apart, one step in common
+    resumed = train_many(configs, resume=True)
+    for joint, single in zip(resumed, whole):
+        assert_same_sae(joint.sae, single.sae)

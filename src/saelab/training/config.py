@@ -211,6 +211,9 @@ def check_shared(configs: list[TrainConfig]) -> None:
                 raise ValueError(f"SAEs trained together must share {name} (got {getattr(first, name)!r} and "
                                  f"{getattr(cfg, name)!r}); they read one stream of batches. Train them in "
                                  "separate runs instead.")
+    if len({cfg.remedy == "resample" for cfg in configs}) > 1:  # resampling draws extra batches from the stream
+        raise ValueError("SAEs trained together must all resample dead latents or none (dead_latent_remedy "
+                         "resample); they read one stream of batches. Train them in separate runs instead.")
     folders = [str(Path(cfg.out).resolve()) for cfg in configs]
     if len(set(folders)) < len(folders):
         raise ValueError("SAEs trained together need a run folder (out) each")

@@ -30,7 +30,8 @@ from saelab.training.distributed import DataParallel, data_parallel_from_env, ro
 from saelab.training.lockstep import MultiTrainer, SharedBuffer
 from saelab.training.plots import plot_training_curves
 from saelab.training.tracking import NullTracker, start_tracking
-from saelab.training.trainer import CHECKPOINT_FILE, METRICS_FILE, Trainer, TrainResult, read_checkpoint
+from saelab.training.trainer import (CHECKPOINT_FILE, METRICS_FILE, Trainer, TrainResult, checkpoint_steps,
+                                    read_checkpoint)
 
 MULTI_FILE = "multi.json"
 
@@ -71,13 +72,13 @@ def _train(configs: list[TrainConfig], dp: DataParallel, resume: bool, overwrite
            data: TrainingData | None, evaluate: bool) -> list[RunSummary]:
     if not resume and not overwrite:
         for cfg in configs:
-            if (Path(cfg.out) / CHECKPOINT_FILE).exists():
+            if checkpoint_steps(cfg.out):
                 raise FileExistsError(f"{cfg.out} already holds a run. Continue it with `saelab train --resume "
                                       f"{root or cfg.out}`, start afresh with --overwrite, or choose another --out.")
     if root is not None and dp.is_main:
         Path(root).mkdir(parents=True, exist_ok=True)
         runs = [str(Path(cfg.out).resolve().relative_to(Path(root).resolve())) for cfg in configs]
-        write_json(Path(root) / MULTI_FILE, {"runs": runs})
+        write_json(Path(root) / MULTI_FILE, {"runs": runs, "configs": [cfg.as_dict() for cfg in configs]})
     if dp.active and configs[0].distribute == "saes":
         return _train_share_of_saes(configs, dp, resume, overwrite, evaluate)
     base = configs[0]
@@ -96,6 +97,8 @@ def _train(configs: list[TrainConfig], dp: DataParallel, resume: bool, overwrite
         trainers.append(Trainer(cfg, view, cfg.out, metadata=data.metadata(cfg.hook), buffer=view,
                                 data_parallel=dp, tracker=tracker))
     say(_what_trains(configs, trainers, data))
+    if resume:
+        resume = _resume_at_a_common_step(trainers)
     results = MultiTrainer(trainers, progress=base.progress and dp.is_main).run(resume=resume)
 
     dp.barrier()
@@ -112,6 +115,19 @@ def _train(configs: list[TrainConfig], dp: DataParallel, resume: bool, overwrite
         evaluated = dict(zip(finished, metrics))
     return [_finish(cfg, result, evaluated.get(i), tracker, evaluate)
             for i, (cfg, result, tracker) in enumerate(zip(configs, results, trackers))]
+
+
+def _resume_at_a_common_step(trainers: list[Trainer]) -> bool:
+    """Point every trainer at the newest checkpoint step all of them have (a kill while they were writing
+    their checkpoints one after another leaves them a checkpoint apart); False when one has none at all (the
+    run was stopped before its first checkpoint): then all start afresh."""
+    common = set.intersection(*(set(checkpoint_steps(trainer.run_dir)) for trainer in trainers))
+    if not common:
+        say("no checkpoint that every SAE of the run has: starting them afresh")
+        return False
+    for trainer in trainers:
+        trainer.resume_step = max(common)
+    return True
 
 
 def _what_trains(configs: list[TrainConfig], trainers: list[Trainer], data: TrainingData) -> str:
@@ -181,10 +197,12 @@ def _train_share_of_saes(configs: list[TrainConfig], dp: DataParallel, resume: b
 
 
 def load_run_config(run_dir) -> TrainConfig:
-    """The config a run was started with, read from its checkpoint."""
-    path = Path(run_dir) / CHECKPOINT_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: nothing to resume in {run_dir}")
+    """The config a run was started with, read from its newest checkpoint."""
+    available = checkpoint_steps(run_dir)
+    path = available[max(available)] if available else Path(run_dir) / CHECKPOINT_FILE
+    if not available:
+        raise FileNotFoundError(f"{path} does not exist: nothing to resume in {run_dir} (a run stopped before its "
+                                "first checkpoint starts again: run its command again, without --resume)")
     return TrainConfig(**read_checkpoint(path)["config"])
 
 
@@ -198,10 +216,15 @@ def resume_configs(root, **overrides) -> list[TrainConfig]:
     ``multi.json`` lists, or the run in ``root`` itself."""
     if not is_multi_run(root):
         return [replace(load_run_config(root), out=str(Path(root)), **overrides)]
-    runs = read_json(Path(root) / MULTI_FILE, "It lists the runs trained together: resume each run folder on its "
-                     "own (`saelab train --resume ROOT/RUN`).")["runs"]
+    listed = read_json(Path(root) / MULTI_FILE, "It lists the runs trained together: resume each run folder on "
+                       "its own (`saelab train --resume ROOT/RUN`).")
+    runs = listed["runs"]
     allowed = {f.name for f in fields(TrainConfig)} - set(list_fields()) - {"out"}
     bad = set(overrides) - allowed
     if bad:
         raise ValueError(f"cannot change {', '.join(sorted(bad))} when resuming several SAEs")
-    return [replace(load_run_config(Path(root) / run), out=str(Path(root) / run), **overrides) for run in runs]
+    # The configs as the run started (written before any checkpoint, so a run killed before its first one
+    # resumes too); older multi.json files hold only the run names: then from the checkpoints.
+    started = [TrainConfig(**config) for config in listed["configs"]] if "configs" in listed else \
+        [load_run_config(Path(root) / run) for run in runs]
+    return [replace(cfg, out=str(Path(root) / run), **overrides) for cfg, run in zip(started, runs)]

@@ -28,7 +28,7 @@ from saelab.training.config import TrainConfig
 from saelab.training.plots import finite, plot_pareto
 from saelab.training.config import format_value, sparsity_label
 from saelab.training.run import load_run_config, save_evaluated, train
-from saelab.training.trainer import CHECKPOINT_FILE
+from saelab.training.trainer import checkpoint_steps
 
 ROW_FILE = "sweep_row.json"      # a grid point trained and evaluated: its table row
 TRAINED_FILE = "trained.json"   # a grid point trained, its evaluation still to come
@@ -238,7 +238,7 @@ def _saved_for(path: Path, cfg: TrainConfig, key: str):
 
 def _checkpoint_for(point: GridPoint) -> bool:
     """Whether the point's folder holds a checkpoint of an interrupted run of this very config."""
-    if not (Path(point.cfg.out) / CHECKPOINT_FILE).exists():
+    if not checkpoint_steps(point.cfg.out):
         return False
     return load_run_config(point.cfg.out).as_dict() == point.cfg.as_dict()
 

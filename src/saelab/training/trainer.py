@@ -31,6 +31,9 @@ from saelab.training.distributed import DataParallel
 from saelab.training.tracking import NullTracker
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# The checkpoint before the newest: SAEs trained together write theirs one after another, so a kill can leave
+# them one checkpoint apart, and a resume then goes back to the newest step all of them have.
+PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"
 METRICS_FILE = "metrics.jsonl"
 INIT_SAMPLE_ROWS = 8192
 RESAMPLE_ENCODER_SCALE = 0.2  # resampled encoder rows: this times the mean norm of the live ones
@@ -99,6 +102,7 @@ class Trainer:
         # log or a checkpoint syncs anyway; and the step of the last checkpoint written (a good one).
         self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=self.device)
         self._checkpoint_step: int | None = None
+        self.resume_step: int | None = None  # resume from the checkpoint of this step (default: the newest)
         self.resampled = 0   # latents re-initialised so far (dead_latent_remedy resample)
         self._stop_requested = False
         self._session: _Session | None = None
@@ -361,13 +365,16 @@ class Trainer:
         path = self.run_dir / CHECKPOINT_FILE
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: an interrupted write leaves the previous checkpoint intact
+        if path.exists():
+            os.replace(path, self.run_dir / PREVIOUS_CHECKPOINT_FILE)
+        os.replace(tmp, path)  # atomic: an interrupted write leaves the previous checkpoints intact
 
     def _load_checkpoint(self) -> None:
-        path = self.run_dir / CHECKPOINT_FILE
-        if not path.exists():
+        available = checkpoint_steps(self.run_dir)
+        if not available:
             raise FileNotFoundError(f"no checkpoint in {self.run_dir}; start the run without --resume")
-        state = read_checkpoint(path, self.device)
+        step = max(available) if self.resume_step is None else self.resume_step
+        state = read_checkpoint(available[step], self.device)
         saved = TrainConfig(**state["config"])
         for name in (*fields_with(TrainConfig, "fixed_on_resume"), *fields_with(type(self.cfg.settings),
                                                                                   "fixed_on_resume")):
@@ -392,11 +399,21 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the message says at which step and what was kept."""
 
 
-def read_checkpoint(path, device: str | torch.device = "cpu") -> dict:
+def checkpoint_steps(run_dir) -> dict[int, Path]:
+    """The checkpoints a run folder holds (the newest and the one before it), by training step."""
+    found = {}
+    for name in (PREVIOUS_CHECKPOINT_FILE, CHECKPOINT_FILE):
+        path = Path(run_dir) / name
+        if path.exists():
+            found[int(read_checkpoint(path, mmap=True)["step"])] = path  # memory-mapped: only the step is read
+    return found
+
+
+def read_checkpoint(path, device: str | torch.device = "cpu", mmap: bool = False) -> dict:
     """A checkpoint's state, read so that nothing in the file can run code: torch's ``weights_only`` loader
     takes tensors and plain data (dicts, lists, numbers, strings) and refuses anything else."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError) as err:
         raise FileFormatError(f"{path} is not a readable checkpoint ({str(err).splitlines()[0][:120]}): it was damaged "
                               "or cut short (saelab writes checkpoints atomically, so something else changed it). "
