@@ -224,3 +224,72 @@ def test_a_killed_process_leaves_no_stale_lock(tmp_path):
     holder.wait(timeout=30)
     with folder_lock(folder):  # the operating system released the dead process's lock
         pass
+
+
+def disk_full_after(limit: int, real_write):
+    """A writer that puts the first ``limit`` bytes of what it is given on disk, then fails as a full disk does."""
+    import errno
+    import io
+
+    def write(obj, path, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_write(obj, buffer, *args, **kwargs)
+        pathlib.Path(path).write_bytes(buffer.getvalue()[:limit])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return write
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(trained, tmp_path, capsys, monkeypatch,
+                                                                       tiny_model_dir, text_file):
+    from saelab.training.trainer import read_checkpoint
+
+    real_save, saves = torch.save, {"n": 0}
+
+    def save(obj, path, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:  # the second checkpoint hits the full disk
+            return disk_full_after(1000, real_save)(obj, path, *args, **kwargs)
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", "--model", str(tiny_model_dir), "--dataset", str(text_file), *TRAIN, "--out", str(run)]) == 2
+    one_line_error(capsys, "could not write the checkpoint", "checkpoint.pt", "No space left on device",
+                   "the previous checkpoint is intact", "--resume")
+    assert read_checkpoint(run / "checkpoint.pt")["step"] == 4 and not (run / "checkpoint.tmp").exists()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main(["train", "--resume", str(run)]) == 0  # space freed: the run goes on to the same SAE
+    assert (run / "final" / "sae_weights.safetensors").read_bytes() == \
+        (trained / "run" / "final" / "sae_weights.safetensors").read_bytes()
+
+
+def test_a_full_disk_while_caching_keeps_the_shards_written(trained, tmp_path, capsys, monkeypatch, tiny_model_dir,
+                                                            text_file):
+    import numpy as np
+
+    from saelab.data import cache as cache_module
+
+    real_save, saves = np.save, {"n": 0}
+
+    def save(path, array, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 3:  # the second shard's token ids hit the full disk
+            swapped = lambda obj, file, *a, **k: real_save(file, obj, *a, **k)  # np.save takes (file, array)
+            return disk_full_after(64, swapped)(array, path, *args, **kwargs)
+        return real_save(path, array, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module.np, "save", save)
+    acts = tmp_path / "acts"
+    args = ["cache", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--hooks", "blocks.1.hook_resid_post",
+            "--tokens", "2048", "--context-size", "32", "--lm-batch-size", "8", "--shard-tokens", "1024",
+            "--no-progress", "--out", str(acts)]
+    capsys.readouterr()
+    assert main(args) == 2
+    one_line_error(capsys, "could not write shard 1 of the cache", "No space left on device",
+                   "the 1 shards written before are intact")
+    assert not list(acts.rglob("*.tmp.npy"))
+    monkeypatch.setattr(cache_module.np, "save", real_save)
+    assert main(args) == 0  # the same command continues the cache, to the same files
+    for path in (trained / "acts").rglob("*.npy"):
+        assert path.read_bytes() == (acts / path.relative_to(trained / "acts")).read_bytes(), path

@@ -68,3 +68,18 @@ def folder_lock(folder, what: str = "run"):
         yield
     finally:
         os.close(fd)
+
+
+@contextmanager
+def writing(target, what: str, kept: str, leftovers=()):
+    """Turn a failed write (a full disk, a lost mount, ...) into one line that names ``target``, says what
+    went wrong and what is ``kept``; the partial files in ``leftovers`` are removed."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        for path in leftovers:
+            Path(path).unlink(missing_ok=True)
+        reason = getattr(err, "strerror", None) or str(err)
+        raise OSError(f"could not write {what} {target} ({reason}); {kept}") from None

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from saelab.data.activations import LMActivationSource, text_activations
 from saelab.data.options import TextOptions
 from saelab.data.text import describe_source
-from saelab.files import folder_lock, read_json, write_json
+from saelab.files import folder_lock, read_json, write_json, writing
 from saelab.log import say
 from saelab.models.hooks import HookPoint, capture
 from saelab.models.options import ModelOptions
@@ -142,8 +142,12 @@ def _write_shards(out: Path, metadata: dict, cfg: CacheConfig, model, hooks: lis
     with tqdm(total=cfg.contexts * cfg.context_size, initial=metadata["tokens"], desc="caching", unit="tok",
               unit_scale=True, disable=not cfg.progress, dynamic_ncols=True) as bar:
         while shard := list(islice(batches, cfg.batches_per_shard)):
-            rows = _write_shard(out, len(metadata["shards"]), shard, model, hooks, reader.keep_mask, widths,
-                                metadata["dtype"], bar.update)
+            index = len(metadata["shards"])
+            with writing(out, f"shard {index} of the cache", f"the {index} shards written before are intact: free "
+                         "some disk space and run the same command again to continue",
+                         leftovers=out.rglob(f"shard_{index:05d}.tmp.npy")):
+                rows = _write_shard(out, index, shard, model, hooks, reader.keep_mask, widths, metadata["dtype"],
+                                    bar.update)
             metadata["shards"].append({"contexts": sum(len(b) for b in shard), "rows": rows})
             metadata["contexts"] += metadata["shards"][-1]["contexts"]
             metadata["tokens"] = metadata["contexts"] * cfg.context_size

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from safetensors.torch import save_file
 
-from saelab.files import FileFormatError, read_json, read_safetensors
+from saelab.files import FileFormatError, read_json, read_safetensors, writing
 from saelab.sae.config import SAEConfig
 from saelab.sae.registry import architecture, create_sae
 
@@ -92,18 +92,20 @@ def save_sae(sae: nn.Module, folder, sparsity: torch.Tensor | None = None, runne
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    kept = "the folder there before, if any, is intact: free some disk space and save again"
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes the folder 0700: others could not read the SAE
-        tensors = {name: p.detach().float().cpu().contiguous() for name, p in sae.state_dict().items()}
-        save_file(tensors, staging / WEIGHTS_FILE)
-        (staging / CONFIG_FILE).write_text(json.dumps(config_to_json(sae.cfg), indent=2))
-        if sparsity is not None:
-            save_file({"sparsity": sparsity.float().cpu().contiguous()}, staging / SPARSITY_FILE)
-        if runner_cfg is not None:
-            (staging / RUNNER_FILE).write_text(json.dumps(runner_cfg, indent=2, default=str))
-        _replace_folder(staging, folder)
+        with writing(folder, "the SAE folder", kept):
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes the folder 0700: others could not read the SAE
+            tensors = {name: p.detach().float().cpu().contiguous() for name, p in sae.state_dict().items()}
+            save_file(tensors, staging / WEIGHTS_FILE)
+            (staging / CONFIG_FILE).write_text(json.dumps(config_to_json(sae.cfg), indent=2))
+            if sparsity is not None:
+                save_file({"sparsity": sparsity.float().cpu().contiguous()}, staging / SPARSITY_FILE)
+            if runner_cfg is not None:
+                (staging / RUNNER_FILE).write_text(json.dumps(runner_cfg, indent=2, default=str))
+            _replace_folder(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab.data.activations import ActivationBuffer, ActivationSource
-from saelab.files import FileFormatError
+from saelab.files import FileFormatError, writing
 from saelab.options import fields_with
 from saelab.sae import SAE, SAEConfig, TrainStep, create_sae
 from saelab.sae.base import normalized_error
@@ -364,7 +364,9 @@ class Trainer:
         }
         path = self.run_dir / CHECKPOINT_FILE
         tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
+        with writing(path, "the checkpoint", "the previous checkpoint is intact: free some disk space and resume "
+                     f"(`saelab train --resume {self.run_dir}`)", leftovers=[tmp]):
+            torch.save(state, tmp)
         if path.exists():
             os.replace(path, self.run_dir / PREVIOUS_CHECKPOINT_FILE)
         os.replace(tmp, path)  # atomic: an interrupted write leaves the previous checkpoints intact
