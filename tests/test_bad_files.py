@@ -293,3 +293,19 @@ def test_a_full_disk_while_caching_keeps_the_shards_written(trained, tmp_path, c
     assert main(args) == 0  # the same command continues the cache, to the same files
     for path in (trained / "acts").rglob("*.npy"):
         assert path.read_bytes() == (acts / path.relative_to(trained / "acts")).read_bytes(), path
+
+
+def test_outlier_rows_are_left_out_by_norm_and_recorded(tmp_path, tiny_model_dir, text_file):
+    from saelab.data.activations import NormFilter, TensorSource
+    from saelab.sae import SAE
+
+    data = torch.randn(4096, 8, generator=torch.Generator().manual_seed(0))
+    outliers = torch.arange(100, 4096, 400)  # 10 rows, one in the first unit
+    data[outliers] *= 100
+    kept = torch.cat(list(NormFilter(TensorSource(data, rows_per_unit=1024), 10.0).units(0)))
+    assert len(kept) == 4096 - len(outliers) and float(kept.norm(dim=1).max()) < 10 * 3.5
+    # Through a training run: recorded in the SAE's metadata; without the option nothing is recorded.
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--dataset", str(text_file), *TRAIN,
+                 "--max-activation-norm-multiple", "20", "--out", str(run)]) == 0
+    assert SAE.load(run / "final").cfg.metadata["max_activation_norm_multiple"] == 20.0

@@ -174,6 +174,41 @@ class TensorSource:
             yield self.data[begin:begin + self.rows_per_unit].float()
 
 
+class NormFilter:
+    """An ``ActivationSource`` without the rows whose norm is above ``multiple`` times the median row norm of
+    the source's first unit (per hook, when several sit side by side; a row goes when any hook's part is
+    over): some models have massive activations at a few positions besides BOS, and a handful of them can
+    dominate an SAE's loss. The limits come from unit 0, so a resumed run recomputes the same ones."""
+
+    def __init__(self, source: ActivationSource, multiple: float):
+        self.source, self.multiple, self.d_in = source, multiple, source.d_in
+        self.columns = getattr(source, "columns", {})
+        self._limits: list[tuple[slice, float]] | None = None
+
+    def limits(self) -> list[tuple[slice, float]]:
+        if self._limits is None:
+            units = self.source.units(0)
+            try:
+                first = next(units)
+            finally:
+                units.close()
+            spans = list(self.columns.values()) or [slice(0, self.d_in)]
+            self._limits = [(span, self.multiple * float(first[:, span].norm(dim=1).median())) for span in spans]
+        return self._limits
+
+    def rows(self) -> int:
+        """The rows read (before filtering), for a source that knows its size (a cache)."""
+        return self.source.rows()
+
+    def units(self, start: int) -> Iterator[torch.Tensor]:
+        limits = self.limits()
+        for rows in self.source.units(start):
+            keep = torch.ones(len(rows), dtype=torch.bool)
+            for span, limit in limits:
+                keep &= rows[:, span].norm(dim=1) <= limit
+            yield rows[keep]
+
+
 @dataclass
 class BufferPosition:
     block: int = 0          # blocks begun since the start of training

@@ -60,3 +60,10 @@ class DataOptions(TextOptions, ModelOptions):
     eval_dataset: str | None = option(None, "Held-out text for the final evaluation (default: the first "
                                       "eval_tokens of --dataset, which training then skips).", shared=True)
     eval_tokens: int = option(8192, "Tokens of held-out text for the final evaluation (0: skip it).", shared=True)
+    max_activation_norm_multiple: float | None = option(None, "Leave out of training the activation rows whose "
+                                                        "norm is above this many times the median norm (of the "
+                                                        "first forward batch, per hook): some models have massive "
+                                                        "activations at a few positions besides BOS. Recorded in "
+                                                        "the SAE's metadata; the evaluation still sees every row "
+                                                        "(default: keep all).", positive=True, shared=True,
+                                                        fixed_on_resume=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from saelab.data.activations import TensorSource, text_activations
+from saelab.data.activations import NormFilter, TensorSource, text_activations
 from saelab.data.cache import ActivationCache
 from saelab.data.options import DataOptions
 from saelab.data.text import describe_source
@@ -32,7 +32,9 @@ def sae_metadata(cfg: DataOptions, hook: str, module_path: str, dataset_path: st
             "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos,
             "dataset_path": dataset_path or describe_source(cfg.dataset),
             "exclude_special_tokens": cfg.exclude_special_tokens, "sequence_separator_token": "bos",
-            "sae_lens_training_version": None, "saelab_version": __version__}
+            "sae_lens_training_version": None, "saelab_version": __version__,
+            **({"max_activation_norm_multiple": cfg.max_activation_norm_multiple}
+               if cfg.max_activation_norm_multiple else {})}
 
 
 @dataclass
@@ -71,6 +73,8 @@ class TrainingData:
             self.columns = self.source.columns
             self.module_paths = {name: hook.module_path for name, hook in self.hooks.items()}
             self.dataset_path = None
+        if cfg.max_activation_norm_multiple:
+            self.source = NormFilter(self.source, cfg.max_activation_norm_multiple)
 
     def _open_cache(self, cfg: DataOptions) -> None:
         self.cache = cache = ActivationCache(cfg.activations)
