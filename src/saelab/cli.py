@@ -232,7 +232,6 @@ def _sweep(args) -> int:
 
     fields = option_fields(TrainConfig)
     swept = _swept_settings()
-    read_lists(args, fields, ())  # nothing else takes a list in a sweep
     values = {name: getattr(args, name) for name in swept if getattr(args, name, None) is not None}
     scfg = SweepConfig(**given(args, option_fields(SweepConfig)), values=values)
     _hook_from_cache(args)

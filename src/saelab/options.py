@@ -23,9 +23,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import MISSING, field
 
-ROLES = ("per_sae", "shared", "cached", "fixed_on_resume")
-
-
 def option(default, help, *, choices=None, positive: bool = False, per_sae: bool = False,
            shared: bool = False, cached: bool = False, fixed_on_resume: bool = False, positional: bool = False,
            metavar: str | None = None, aliases: tuple[str, ...] = (), replaces: tuple[str, ...] = (),
@@ -45,7 +42,7 @@ def option(default, help, *, choices=None, positive: bool = False, per_sae: bool
 
 
 def fields_with(config_class, role: str) -> tuple[str, ...]:
-    """The names of ``config_class``'s fields that have ``role`` (one of ROLES, or ``positive``)."""
+    """The names of ``config_class``'s fields that have ``role`` (one of those in the module docstring)."""
     return tuple(f.name for f in dataclasses.fields(config_class) if f.metadata.get(role))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -19,6 +19,7 @@ from saelab.data.cache import ActivationCache
 from saelab.data.options import DataOptions
 from saelab.data.text import describe_source
 from saelab.models import HookPoint, load_model, resolve_hook
+from saelab.options import fields_with
 from saelab.version import __version__
 
 
@@ -96,6 +97,11 @@ class TrainingData:
         if self.cache is not None:
             return f"activations of {self.cfg.model} cached in {self.cfg.activations} (no model loaded)"
         return f"{self.cfg.model} over {self.cfg.dataset}"
+
+    def fixed(self, cfg):
+        """``cfg`` (a config of a run on this data) with what the data fixes taken from it: a cache's model,
+        text and packing (the fields declared ``cached``); on the model, ``cfg`` as it is."""
+        return replace(cfg, **{name: getattr(self.cfg, name) for name in fields_with(type(cfg), "cached")})
 
     def metadata(self, hook: str) -> dict:
         return sae_metadata(self.cfg, hook, self.module_paths[hook], self.dataset_path)

@@ -34,8 +34,7 @@ class BatchTopKSettings(TopKSettings):
     def __post_init__(self):
         super().__post_init__()
         if not 0 < self.threshold_ema_rate <= 1:
-            raise ValueError(f"invalid training config: threshold_ema_rate must be in (0, 1] (got "
-                             f"{self.threshold_ema_rate})")
+            raise ValueError(f"threshold_ema_rate must be in (0, 1] (got {self.threshold_ema_rate})")
 
 
 class BatchTopKEncode(TopKEncode):

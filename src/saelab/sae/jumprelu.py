@@ -65,7 +65,7 @@ class JumpReLUSettings(Settings):
     def __post_init__(self):
         super().__post_init__()
         if self.l0_coefficient < 0:
-            raise ValueError(f"invalid training config: l0_coefficient must not be negative (got {self.l0_coefficient})")
+            raise ValueError(f"l0_coefficient must not be negative (got {self.l0_coefficient})")
 
 
 class JumpReLUSAE(SAE):

@@ -66,10 +66,7 @@ class MatryoshkaSettings(BatchTopKSettings):
     def __post_init__(self):
         super().__post_init__()
         if self.matryoshka_widths is not None:
-            try:
-                parse_widths(self.matryoshka_widths)
-            except ValueError as err:
-                raise ValueError(f"invalid training config: {err}") from None
+            parse_widths(self.matryoshka_widths)  # a ValueError naming the bad widths
 
 
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):

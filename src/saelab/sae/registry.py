@@ -1,10 +1,11 @@
-"""The registry of SAE architectures: each architecture file declares one ``Architecture`` and registers it.
+"""The registry of SAE architectures: each architecture file declares one ``Architecture``; ``sae/__init__.py``
+registers the built-in ones (one line each), user code its own with ``register_architecture``.
 
 Everything the rest of saelab asks about an architecture is here, read from its declaration: its name and
 aliases, the module it trains and the one a folder loads into, its training settings (a dataclass of its
 own), which setting sets its sparsity and what a sweep tries by default, its dead-latent remedies. Nothing
 outside ``saelab.sae`` compares architecture names. A new architecture (in saelab or in user code) is a
-module class, a settings dataclass and one ``register_architecture(Architecture(...))`` call.
+module class, a settings dataclass, its ``Architecture(...)`` and one ``register_architecture`` call.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class Settings:
     def __post_init__(self):
         problems = check_fields(self)
         if problems:
-            raise ValueError("invalid training config: " + "; ".join(problems))
+            raise ValueError("; ".join(problems))
 
     def sae_config(self) -> dict:
         """The ``SAEConfig`` fields these settings fix (e.g. ``k``), written to the folder's cfg.json."""
@@ -112,10 +113,6 @@ def architecture_names() -> list[str]:
 
 def all_architectures() -> list[Architecture]:
     return list(_REGISTRY.values())
-
-
-def canonical_name(name: str) -> str:
-    return architecture(name).name
 
 
 def settings_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:

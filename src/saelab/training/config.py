@@ -192,9 +192,8 @@ def _settings_problems(given: dict) -> list[str]:
         try:
             arch.settings(**values)
         except ValueError as err:
-            message = str(err).removeprefix("invalid training config: ")
-            if message not in problems:
-                problems.append(message)
+            if str(err) not in problems:
+                problems.append(str(err))
     return problems
 
 

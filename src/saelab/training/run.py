@@ -23,7 +23,6 @@ from saelab.evals.held_out import evaluate_held_out
 from saelab.evals.report import format_table
 from saelab.files import folder_lock, read_json, write_json
 from saelab.log import say
-from saelab.options import fields_with
 from saelab.sae import SAE
 from saelab.training.config import TrainConfig, check_shared, list_fields, sparsity_label
 from saelab.training.distributed import DataParallel, data_parallel_from_env, round_robin
@@ -31,7 +30,7 @@ from saelab.training.lockstep import MultiTrainer, SharedBuffer
 from saelab.training.plots import plot_training_curves
 from saelab.training.tracking import NullTracker, start_tracking
 from saelab.training.trainer import (CHECKPOINT_FILE, METRICS_FILE, Trainer, TrainResult, checkpoint_steps,
-                                    read_checkpoint)
+                                    has_checkpoint, read_checkpoint)
 
 MULTI_FILE = "multi.json"
 
@@ -65,29 +64,28 @@ def train(configs: TrainConfig | list[TrainConfig], resume: bool = False, overwr
     with ExitStack() as held:
         for cfg in configs if dp.is_main and not spread else []:
             held.enter_context(folder_lock(cfg.out, "training run"))
-        return _train(configs, dp, resume, overwrite, root, model_and_tokenizer, data, evaluate)
+        return _train(configs, dp, spread, resume, overwrite, root, model_and_tokenizer, data, evaluate)
 
 
-def _train(configs: list[TrainConfig], dp: DataParallel, resume: bool, overwrite: bool, root, model_and_tokenizer,
-           data: TrainingData | None, evaluate: bool) -> list[RunSummary]:
+def _train(configs: list[TrainConfig], dp: DataParallel, spread: bool, resume: bool, overwrite: bool, root,
+           model_and_tokenizer, data: TrainingData | None, evaluate: bool) -> list[RunSummary]:
     if not resume and not overwrite:
         for cfg in configs:
-            if checkpoint_steps(cfg.out):
+            if has_checkpoint(cfg.out):
                 raise FileExistsError(f"{cfg.out} already holds a run. Continue it with `saelab train --resume "
                                       f"{root or cfg.out}`, start afresh with --overwrite, or choose another --out.")
     if root is not None and dp.is_main:
         Path(root).mkdir(parents=True, exist_ok=True)
         runs = [str(Path(cfg.out).resolve().relative_to(Path(root).resolve())) for cfg in configs]
         write_json(Path(root) / MULTI_FILE, {"runs": runs, "configs": [cfg.as_dict() for cfg in configs]})
-    if dp.active and configs[0].distribute == "saes":
+    if spread:
         return _train_share_of_saes(configs, dp, resume, overwrite, evaluate)
     base = configs[0]
     torch.manual_seed(base.seed)
     group = Path(root).resolve().name if root is not None else None
     trackers = [start_tracking(cfg, cfg.out, resume, main_process=dp.is_main, group=group) for cfg in configs]
     data = data or TrainingData(base, [cfg.hook for cfg in configs], model_and_tokenizer)
-    taken = {name: getattr(data.cfg, name) for name in fields_with(TrainConfig, "cached")}
-    configs = [replace(cfg, **taken) for cfg in configs]  # what a cache fixes, from the cache
+    configs = [data.fixed(cfg) for cfg in configs]  # what a cache fixes, from the cache
     device = torch.device(base.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shared = SharedBuffer(ActivationBuffer(data.source, base.block_tokens, base.batch_size, base.seed,
                                            progress=base.progress and dp.is_main, device=device))

@@ -22,13 +22,13 @@ from saelab.data.sources import TrainingData
 from saelab.evals.held_out import evaluate_held_out
 from saelab.files import folder_lock, read_json, write_json
 from saelab.log import say
-from saelab.options import fields_with, option, parse_list, type_name
+from saelab.options import option, parse_list, type_name
 from saelab.sae import Architecture, all_architectures, architecture, load_sae, settings_fields
 from saelab.training.config import TrainConfig
 from saelab.training.plots import finite, plot_pareto
 from saelab.training.config import format_value, sparsity_label
 from saelab.training.run import load_run_config, save_evaluated, train
-from saelab.training.trainer import checkpoint_steps
+from saelab.training.trainer import has_checkpoint
 
 ROW_FILE = "sweep_row.json"      # a grid point trained and evaluated: its table row
 TRAINED_FILE = "trained.json"   # a grid point trained, its evaluation still to come
@@ -151,7 +151,7 @@ def _sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool) -> SweepResult
                          "--activations the cache is used as it is (write a smaller one with `saelab cache --tokens`)")
     torch.manual_seed(base.seed)
     data = TrainingData(base, [base.hook])
-    base = replace(base, **{name: getattr(data.cfg, name) for name in fields_with(TrainConfig, "cached")})
+    base = data.fixed(base)
     points = grid(scfg, base)
     rows: dict[str, dict] = {}          # grid point name -> its table row
     to_evaluate: list[tuple] = []       # (point, sae, training figures): trained, evaluated together at the end
@@ -238,7 +238,7 @@ def _saved_for(path: Path, cfg: TrainConfig, key: str):
 
 def _checkpoint_for(point: GridPoint) -> bool:
     """Whether the point's folder holds a checkpoint of an interrupted run of this very config."""
-    if not checkpoint_steps(point.cfg.out):
+    if not has_checkpoint(point.cfg.out):
         return False
     return load_run_config(point.cfg.out).as_dict() == point.cfg.as_dict()
 

@@ -401,6 +401,10 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the message says at which step and what was kept."""
 
 
+def has_checkpoint(run_dir) -> bool:
+    return any((Path(run_dir) / name).exists() for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE))
+
+
 def checkpoint_steps(run_dir) -> dict[int, Path]:
     """The checkpoints a run folder holds (the newest and the one before it), by training step."""
     found = {}
