@@ -18,7 +18,7 @@ saelab and SAELens runs alternate and the median of --repeats is kept.
     budget is below the corpus size) and saelab's buffer is SAELens's size (20 x 32 x 128 tokens).
 (b) training tokens/s from cached activations: saelab from `saelab cache` (saelab.data.cache), SAELens
     from its CacheActivationsRunner output.
-(c) four SAEs on blocks 3, 6, 9, 12 from one forward pass: saelab train_many vs SAELens's
+(c) four SAEs on blocks 3, 6, 9, 12 from one forward pass: saelab.training.train with a list vs SAELens's
     MultiSAETrainingRunner (its documented way of training several SAEs on one model's forward).
 (d) wall time to explained variance 0.8 on the held-out text at L0 32: saelab's defaults vs SAELens's
     config defaults, each trained at doubling token budgets until one reaches 0.8 (the time of that run).
