@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from conftest import synthetic_activations
 from saelab.data import TensorSource
 from saelab.training import TrainConfig, Trainer
-from saelab.training.distributed import DataParallel, data_parallel_from_env, release_process_group, round_robin
+from saelab.distributed import DataParallel, data_parallel_from_env, release_process_group, round_robin
 
 # Each architecture's batch-wide statistics take another path under DDP: FVU-normalised errors and AuxK
 # (topk), the batch-wide top k and its threshold (batchtopk, matryoshka), token means (standard), the target-L0

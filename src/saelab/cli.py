@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saelab {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:
-        from saelab.training.distributed import release_process_group
+        from saelab.distributed import release_process_group
 
         release_process_group()  # under torchrun (`torchrun ... -m saelab train`): leave the group cleanly
 

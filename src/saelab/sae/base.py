@@ -27,7 +27,7 @@ class TrainStep:
     remedy: str = "none"                    # dead-latent remedy in effect; the SAE carries out its own (auxk, ...)
     dead_mask: torch.Tensor | None = None   # [d_sae] latents silent for the dead window
     dead_latents: torch.Tensor | None = None  # or their indices (the trainer's: no host sync per step)
-    # Data-parallel training (saelab.training.distributed.DataParallel): x is this rank's share of the batch,
+    # Data-parallel training (saelab.distributed.DataParallel): x is this rank's share of the batch,
     # and batch-wide statistics (normalized_error, BatchTopK's selection) are reduced over the ranks.
     data_parallel: object | None = None
 

@@ -25,7 +25,7 @@ from saelab.files import folder_lock, read_json, write_json
 from saelab.log import say
 from saelab.sae import SAE
 from saelab.training.config import TrainConfig, check_shared, list_fields, sparsity_label
-from saelab.training.distributed import DataParallel, data_parallel_from_env, round_robin
+from saelab.distributed import DataParallel, data_parallel_from_env, round_robin
 from saelab.training.lockstep import MultiTrainer, SharedBuffer
 from saelab.training.plots import plot_training_curves
 from saelab.training.tracking import NullTracker, start_tracking

@@ -27,7 +27,7 @@ from saelab.options import fields_with
 from saelab.sae import SAE, SAEConfig, TrainStep, create_sae
 from saelab.sae.base import normalized_error
 from saelab.training.config import TrainConfig
-from saelab.training.distributed import DataParallel
+from saelab.distributed import DataParallel
 from saelab.training.tracking import NullTracker
 
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -7,7 +7,8 @@ tokens reduce their batch statistics across ranks: the TopK family's FVU-normali
 ``DataParallel.sum`` (``normalized_error``), BatchTopK's batch-wide top k through ``top_of_batch``. The
 firing counters are summed, so every rank sees the same dead latents. Only rank 0 writes files.
 
-Several SAEs (one per hook): ``round_robin`` gives each rank its own share of them instead.
+Several SAEs (one per hook): ``round_robin`` gives each rank its own share of them instead. This module sits
+beside files.py at the top of the package because ``saelab cache`` (data/) writes in parallel too.
 """
 
 from __future__ import annotations
