@@ -287,7 +287,7 @@ def test_a_full_disk_while_caching_keeps_the_shards_written(trained, tmp_path, c
     capsys.readouterr()
     assert main(args) == 2
     one_line_error(capsys, "could not write shard 1 of the cache", "No space left on device",
-                   "the 1 shards written before are intact")
+                   "the shards written before are intact")
     assert not list(acts.rglob("*.tmp.npy"))
     monkeypatch.setattr(cache_module.np, "save", real_save)
     assert main(args) == 0  # the same command continues the cache, to the same files

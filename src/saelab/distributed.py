@@ -1,8 +1,10 @@
 """Training on several processes started by ``torchrun`` (PyTorch distributed: NCCL on GPUs, gloo on CPUs).
 
-Data parallel: every rank builds the same shuffled activation buffer (same seed, same source) and trains
-on its own slice of each global batch, ``batch_size / world_size`` rows. Gradients are averaged over the
-ranks, so a step equals the single-process step on the whole batch. Losses that are not a mean over
+Data parallel: every rank reads its own shard of the activation source (every world_size-th forward batch of
+contexts, run through the model by that rank alone, or read from the cache by it alone), shuffles it in a
+buffer of its own (``buffer_tokens / world_size`` rows) and trains on ``batch_size / world_size`` rows of it
+per step: the ranks' batches together make the global batch. Gradients are averaged over the ranks, so a
+step equals the single-process step on the concatenated batch. Losses that are not a mean over
 tokens reduce their batch statistics across ranks: the TopK family's FVU-normalised errors through
 ``DataParallel.sum`` (``normalized_error``), BatchTopK's batch-wide top k through ``top_of_batch``. The
 firing counters are summed, so every rank sees the same dead latents. Only rank 0 writes files.
@@ -51,12 +53,17 @@ class DataParallel:
             raise ValueError(f"batch_size ({batch_size}) must be divisible by the number of processes "
                              f"({self.world_size}): each rank trains on an equal share of every batch")
 
-    def shard(self, batch: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a global batch: the ranks' slices, in rank order, make up the batch."""
+    def share(self, rows: int) -> int:
+        """This rank's part of a global number of rows (a batch, a buffer)."""
+        return rows // self.world_size
+
+    def from_main(self, value: float) -> float:
+        """Rank 0's ``value`` on every rank (a number computed from rank 0's data, e.g. the input scale)."""
         if not self.active:
-            return batch
-        share = len(batch) // self.world_size
-        return batch[self.rank * share:(self.rank + 1) * share]
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.comm_device)
+        dist.broadcast(tensor, src=0)
+        return float(tensor.item())
 
     # --- reductions over the global batch ------------------------------------------------------------
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:

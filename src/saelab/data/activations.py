@@ -3,10 +3,15 @@
 A source yields *units* (one model forward's worth of activation rows, ``[rows, d_in]``) and can start
 at any unit index, deterministically. That is what makes resume exact: the buffer's position is just
 (block, batch within block, epoch, first unit of the block).
+
+Under data parallelism each process reads its own *shard* of a source (``shard_of``): every ``count``-th unit
+from the ``index``-th, computed by that process alone, so N processes run the model over the text once
+between them, not N times.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import queue
 import threading
@@ -35,6 +40,45 @@ class ActivationSource(Protocol):
         ...
 
 
+def shard_of(source: ActivationSource, index: int, count: int) -> ActivationSource:
+    """Units ``index``, ``index + count``, ``index + 2 count``, ... of ``source``, numbered 0, 1, 2, ...: one
+    process's share under data parallelism (the shards of all ``count`` processes partition the units).
+    The built-in sources compute or read only their own units (``source.shard``); any other is read whole
+    and the other units dropped."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index} is outside 0..{count - 1}")
+    if count == 1:
+        return source
+    if hasattr(source, "shard"):
+        return source.shard(index, count)
+    return _EveryNthUnit(source, index, count)
+
+
+@dataclass(frozen=True)
+class UnitShard:
+    """Which units of a whole source a shard holds: global unit ``index + i * count`` is its unit ``i``."""
+
+    index: int = 0
+    count: int = 1
+
+    def first(self, start: int) -> int:
+        """The global number of this shard's unit ``start``."""
+        return self.index + start * self.count
+
+    def within(self, index: int, count: int) -> UnitShard:
+        """The shard ``(index, count)`` of this shard, in the whole source's numbering."""
+        return UnitShard(self.index + index * self.count, self.count * count)
+
+
+class _EveryNthUnit:
+    def __init__(self, source: ActivationSource, index: int, count: int):
+        self.source, self.d_in, self.part = source, source.d_in, UnitShard(index, count)
+        self.columns = getattr(source, "columns", {})
+
+    def units(self, start: int) -> Iterator[torch.Tensor]:
+        yield from islice(self.source.units(self.part.first(start)), 0, None, self.part.count)
+
+
 class LMActivationSource:
     """Activations of one or more hook points of a language model, over packed contexts of a text source.
 
@@ -53,6 +97,7 @@ class LMActivationSource:
         self.exclude_special_tokens = exclude_special_tokens
         self.skip_contexts, self.max_contexts = skip_contexts, max_contexts
         self._special = special_ids(tokenizer)
+        self.part = UnitShard()  # all units; shard() gives a copy that runs the model on its own units only
         self.device = next(model.parameters()).device
         widths = hook_widths(model, self.hooks, self._special[0].item())
         self.columns: dict[str, slice] = {}
@@ -81,11 +126,20 @@ class LMActivationSource:
             return torch.ones_like(tokens, dtype=torch.bool)
         return ~torch.isin(tokens, self._special)
 
+    def shard(self, index: int, count: int) -> LMActivationSource:
+        """This source over units ``index::count`` only: every process tokenises the whole text (cheap) and
+        runs the model on its own batches of contexts (the cost)."""
+        part = copy.copy(self)
+        part.part = self.part.within(index, count)
+        return part
+
     def units(self, start: int) -> Iterator[torch.Tensor]:
         on_gpu = self.device.type == "cuda"
         # bf16 autocast on a GPU (on a CPU bf16 matmuls are far slower than fp32).
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else nullcontext()
-        for tokens in self.token_batches(start):
+        for number, tokens in enumerate(self.token_batches(self.part.first(start))):
+            if number % self.part.count:  # another process's batch
+                continue
             with autocast:
                 captured = capture(self.model, tokens.pin_memory().to(self.device, non_blocking=True) if on_gpu
                                    else tokens, self.hooks)
@@ -168,9 +222,16 @@ class TensorSource:
     def __init__(self, data: torch.Tensor, rows_per_unit: int = 4096, columns: dict[str, slice] | None = None):
         self.data, self.rows_per_unit, self.d_in = data, rows_per_unit, data.shape[-1]
         self.columns = columns or {}
+        self.part = UnitShard()
+
+    def shard(self, index: int, count: int) -> TensorSource:
+        part = copy.copy(self)
+        part.part = self.part.within(index, count)
+        return part
 
     def units(self, start: int) -> Iterator[torch.Tensor]:
-        for begin in range(start * self.rows_per_unit, len(self.data), self.rows_per_unit):
+        step = self.part.count * self.rows_per_unit
+        for begin in range(self.part.first(start) * self.rows_per_unit, len(self.data), step):
             yield self.data[begin:begin + self.rows_per_unit].float()
 
 
@@ -180,14 +241,20 @@ class NormFilter:
     over): some models have massive activations at a few positions besides BOS, and a handful of them can
     dominate an SAE's loss. The limits come from unit 0, so a resumed run recomputes the same ones."""
 
-    def __init__(self, source: ActivationSource, multiple: float):
+    def __init__(self, source: ActivationSource, multiple: float, whole: ActivationSource | None = None):
         self.source, self.multiple, self.d_in = source, multiple, source.d_in
         self.columns = getattr(source, "columns", {})
+        # The source the limits come from: under data parallelism the whole one, so that every process's
+        # shard is filtered with the same limits (from the whole source's first unit).
+        self.whole = whole or source
         self._limits: list[tuple[slice, float]] | None = None
+
+    def shard(self, index: int, count: int) -> NormFilter:
+        return NormFilter(shard_of(self.source, index, count), self.multiple, whole=self.whole)
 
     def limits(self) -> list[tuple[slice, float]]:
         if self._limits is None:
-            units = self.source.units(0)
+            units = self.whole.units(0)
             try:
                 first = next(units)
             finally:
@@ -237,6 +304,7 @@ class ActivationBuffer:
         self._resident: torch.Tensor | None = None  # the whole source, when it fits in one block
         self._block: torch.Tensor | None = None
         self._next: tuple[int, int] = (0, 0)        # (epoch, unit) where the following block starts
+        self.units_read = 0                          # units taken from the source (forward passes of a model)
 
     def state_dict(self) -> dict:
         return asdict(self.position)
@@ -281,6 +349,7 @@ class ActivationBuffer:
                    disable=not self.progress, leave=False)
         for chunk in self.source.units(unit):
             check_finite(chunk, self.source, next_unit)
+            self.units_read += 1
             rows.append(chunk)
             filled += len(chunk)
             next_unit += 1

@@ -15,16 +15,21 @@ rows are exactly what ``LMActivationSource`` yields for its contexts.
 
 A shard holds a whole number of forward batches (``lm_batch_size`` contexts) and a training *unit* is one
 such batch, the unit ``LMActivationSource`` yields: a run on the cache sees the same rows in the same
-order as a run on the model. Every file is written under a temporary name and renamed; metadata.json
-lists the finished shards, so an interrupted write continues at the next shard.
+order as a run on the model. Every file is written under a temporary name and renamed. While a cache is
+written, each finished shard is recorded in ``progress/shard_NNNNN.json`` (several processes under torchrun
+write shards in turn) and metadata.json lists the finished shards without a gap from the first, so an
+interrupted write continues where it stopped; the complete cache's metadata.json lists every shard, and
+progress/ is removed.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from itertools import islice
 from pathlib import Path
@@ -33,9 +38,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saelab.data.activations import LMActivationSource, text_activations
+from saelab.data.activations import LMActivationSource, UnitShard, text_activations
 from saelab.data.options import TextOptions
 from saelab.data.text import describe_source
+from saelab.distributed import DataParallel, data_parallel_from_env
 from saelab.files import folder_lock, read_json, write_json, writing
 from saelab.log import say
 from saelab.models.hooks import HookPoint, capture
@@ -92,42 +98,67 @@ class CacheConfig(ModelOptions, TextOptions):
 
 
 # --- writing -------------------------------------------------------------------------------------------
-def write_cache(cfg: CacheConfig, overwrite: bool = False) -> Path:
-    """Write (or continue writing) the cache ``cfg`` describes; returns its folder."""
-    with folder_lock(cfg.out, "cache"):
-        return _write_cache(cfg, overwrite)
+def write_cache(cfg: CacheConfig, overwrite: bool = False, data_parallel: DataParallel | None = None) -> Path:
+    """Write (or continue writing) the cache ``cfg`` describes; returns its folder.
+
+    Under torchrun (``torchrun --nproc_per_node N -m saelab cache ...``) rank r writes shards r, r + N, ...,
+    each running the model on its own contexts: the cache is the one a single process writes, in 1/N of the
+    time. Rank 0 holds the folder's lock, writes metadata.json and completes the cache.
+    """
+    dp = data_parallel or data_parallel_from_env(cfg.device)
+    with folder_lock(cfg.out, "cache") if dp.is_main else nullcontext():
+        return _write_cache(cfg, overwrite, dp)
 
 
-def _write_cache(cfg: CacheConfig, overwrite: bool) -> Path:
+def _write_cache(cfg: CacheConfig, overwrite: bool, dp: DataParallel) -> Path:
     from saelab.models import load_model, resolve_hook
     from saelab.models.loading import default_device
 
     out = Path(cfg.out)
-    device = torch.device(cfg.device) if cfg.device else default_device()
+    device = torch.device(dp.device or cfg.device) if (dp.device or cfg.device) else default_device()
     cfg = replace(cfg, dtype=cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    metadata = _existing_metadata(out, cfg, overwrite)
+    metadata = _existing_metadata(out, cfg, overwrite) if dp.is_main else None
+    dp.barrier()  # rank 0 has checked the folder (and cleared it for --overwrite)
+    if not dp.is_main and (out / METADATA_FILE).exists():
+        metadata = _existing_metadata(out, cfg, overwrite=False)
     if metadata is not None and metadata["complete"]:
-        say(f"{out} already holds this cache, complete ({metadata['tokens']:,} tokens); nothing to do")
+        if dp.is_main:
+            shutil.rmtree(out / PROGRESS_FOLDER, ignore_errors=True)  # left by a kill just after completing
+            say(f"{out} already holds this cache, complete ({metadata['tokens']:,} tokens); nothing to do")
         return out
     model, tokenizer = load_model(cfg.model, device)
     hooks = [resolve_hook(model, name) for name in cfg.hook_names]
     # The training source's own token stream, keep mask and hook widths: the cache packs text exactly as
     # training does.
     reader = text_activations(model, tokenizer, hooks, cfg, max_contexts=cfg.contexts)
-    if metadata is None:
+    if metadata is None and dp.is_main:
         widths = {name: columns.stop - columns.start for name, columns in reader.columns.items()}
         metadata = _new_metadata(cfg, tokenizer, hooks, widths)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / METADATA_FILE, metadata)
-    done = len(metadata["shards"])
-    say(f"caching {', '.join(cfg.hook_names)} of {cfg.model} over {cfg.contexts * cfg.context_size:,} tokens of "
-        f"{cfg.dataset} into {out} ({cfg.dtype})" + (f", continuing at shard {done}" if done else ""))
-    _write_shards(out, metadata, cfg, model, hooks, reader)
+    dp.barrier()  # metadata.json exists
+    if not dp.is_main:
+        metadata = read_json(out / METADATA_FILE, "Write the cache again with `saelab cache ... --overwrite`.")
+    done = len(_finished_shards(out, metadata))
+    if dp.is_main:
+        say(f"caching {', '.join(cfg.hook_names)} of {cfg.model} over {cfg.contexts * cfg.context_size:,} tokens of "
+            f"{cfg.dataset} into {out} ({cfg.dtype})" + (f", {done} shards already written" if done else "")
+            + (f", {dp.world_size} processes writing shards in turn" if dp.active else ""))
+    n_shards = _write_shards(out, metadata, cfg, model, hooks, reader, dp)
+    dp.barrier()  # every rank has written its shards
+    if not dp.is_main:
+        return out
+    metadata["shards"] = _finished_shards(out, metadata)
+    if len(metadata["shards"]) != n_shards:
+        raise RuntimeError(f"{out}: shard {len(metadata['shards'])} of {n_shards} was not written (a process of the "
+                           "run failed); run the same command again to continue")
     if not metadata["shards"]:
         raise ValueError(f"the dataset {cfg.dataset!r} gave no full context of {cfg.context_size} tokens; "
                          "check the dataset path, split and text column")
+    _count_shards(metadata)
     metadata["complete"] = True
     write_json(out / METADATA_FILE, metadata)
+    shutil.rmtree(out / PROGRESS_FOLDER, ignore_errors=True)  # metadata.json lists every shard now
     size = sum(p.stat().st_size for p in out.rglob("*.npy"))
     say(f"cache complete: {metadata['tokens']:,} tokens, {metadata['rows']:,} rows per hook, "
         f"{len(metadata['shards'])} shards, {size / 2**20:,.1f} MiB in {out}")
@@ -135,24 +166,65 @@ def _write_cache(cfg: CacheConfig, overwrite: bool) -> Path:
 
 
 def _write_shards(out: Path, metadata: dict, cfg: CacheConfig, model, hooks: list[HookPoint],
-                  reader: LMActivationSource) -> None:
-    """The shards not yet written, each recorded in metadata.json once all its files are in place."""
+                  reader: LMActivationSource, dp: DataParallel) -> int:
+    """This process's shards not yet written (all of them, on one process; every world_size-th under torchrun),
+    each recorded in progress/ once all its files are in place; returns how many shards the text gives.
+
+    Every process tokenises the whole text (cheap) and runs the model only on its own shards' contexts. Rank 0
+    copies the finished shards into metadata.json as they complete in order, so that an interrupted cache
+    written by one process lists them as it always has."""
     widths = {name: hook["d_in"] for name, hook in metadata["hooks"].items()}
-    batches = reader.token_batches(len(metadata["shards"]) * cfg.batches_per_shard)
-    with tqdm(total=cfg.contexts * cfg.context_size, initial=metadata["tokens"], desc="caching", unit="tok",
-              unit_scale=True, disable=not cfg.progress, dynamic_ncols=True) as bar:
+    finished = len(_finished_shards(out, metadata))
+    already = {index for index in range(_shard_count(cfg)) if index < finished or _progress_path(out, index).exists()}
+    mine = [index for index in range(_shard_count(cfg)) if index % dp.world_size == dp.rank]
+    per_shard = cfg.batches_per_shard * cfg.lm_batch_size * cfg.context_size
+    count = 0
+    with tqdm(total=len(mine) * per_shard, initial=len(already.intersection(mine)) * per_shard, desc="caching",
+              unit="tok", unit_scale=True, disable=not cfg.progress or not dp.is_main, dynamic_ncols=True) as bar:
+        batches = reader.token_batches(0)
         while shard := list(islice(batches, cfg.batches_per_shard)):
-            index = len(metadata["shards"])
-            with writing(out, f"shard {index} of the cache", f"the {index} shards written before are intact: free "
-                         "some disk space and run the same command again to continue",
+            index, count = count, count + 1
+            if index % dp.world_size != dp.rank or index in already:
+                continue
+            with writing(out, f"shard {index} of the cache", "the shards written before are intact: free some disk "
+                         "space and run the same command again to continue",
                          leftovers=out.rglob(f"shard_{index:05d}.tmp.npy")):
                 rows = _write_shard(out, index, shard, model, hooks, reader.keep_mask, widths, metadata["dtype"],
                                     bar.update)
-            metadata["shards"].append({"contexts": sum(len(b) for b in shard), "rows": rows})
-            metadata["contexts"] += metadata["shards"][-1]["contexts"]
-            metadata["tokens"] = metadata["contexts"] * cfg.context_size
-            metadata["rows"] += rows
-            write_json(out / METADATA_FILE, metadata)
+                _progress_path(out, index).parent.mkdir(exist_ok=True)
+                write_json(_progress_path(out, index), {"contexts": sum(len(b) for b in shard), "rows": rows})
+            if dp.is_main:
+                metadata["shards"] = _finished_shards(out, metadata)
+                _count_shards(metadata)
+                write_json(out / METADATA_FILE, metadata)
+    return count
+
+
+PROGRESS_FOLDER = "progress"  # one small JSON per finished shard while a cache is being written
+
+
+def _progress_path(out: Path, index: int) -> Path:
+    return out / PROGRESS_FOLDER / f"shard_{index:05d}.json"
+
+
+def _shard_count(cfg: CacheConfig) -> int:
+    """Shards the cache has when the text is long enough (fewer when it ends first)."""
+    return math.ceil(cfg.contexts / (cfg.batches_per_shard * cfg.lm_batch_size))
+
+
+def _finished_shards(out: Path, metadata: dict) -> list[dict]:
+    """The shards finished without a gap from shard 0: those metadata.json lists, then those recorded in
+    progress/ (written by any process)."""
+    shards = list(metadata["shards"])
+    while (path := _progress_path(out, len(shards))).exists():
+        shards.append(read_json(path, "Write the cache again with `saelab cache ... --overwrite`."))
+    return shards
+
+
+def _count_shards(metadata: dict) -> None:
+    metadata["contexts"] = sum(shard["contexts"] for shard in metadata["shards"])
+    metadata["tokens"] = metadata["contexts"] * metadata["context_size"]
+    metadata["rows"] = sum(shard["rows"] for shard in metadata["shards"])
 
 
 def _existing_metadata(out: Path, cfg: CacheConfig, overwrite: bool) -> dict | None:
@@ -167,7 +239,7 @@ def _existing_metadata(out: Path, cfg: CacheConfig, overwrite: bool) -> dict | N
     if metadata.get("format") != FORMAT:
         raise FileExistsError(f"{path} is not the metadata of a saelab activation cache; choose another --out")
     if overwrite:
-        for name in ("tokens", "keep", "hooks"):
+        for name in ("tokens", "keep", "hooks", PROGRESS_FOLDER):
             shutil.rmtree(out / name, ignore_errors=True)
         path.unlink()
         return None
@@ -312,11 +384,14 @@ class ActivationCache:
     def source(self, hooks: str | list[str], stop: int | None = None) -> CachedActivationSource:
         return CachedActivationSource(self, hooks, stop)
 
-    def batches(self, hook: str, start: int = 0, stop: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, hook: str, start: int = 0, stop: int | None = None,
+                every: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(rows [n, d_in] float32, keep [contexts, context_size])`` over contexts ``[start, stop)``, at most
-        one forward batch at a time; batches begin at multiples of ``lm_batch_size`` (the units of training)."""
+        one forward batch at a time; batches begin at multiples of ``lm_batch_size`` (the units of training).
+        ``every`` n: only every n-th forward batch from the first (one process's share); the others are not read."""
         stop = self.n_contexts if stop is None else min(stop, self.n_contexts)
         per_shard, per_batch = self.metadata["contexts_per_shard"], self.metadata["lm_batch_size"]
+        first_batch = start // per_batch
         for index in range(start // per_shard, len(self.metadata["shards"])):
             first = index * per_shard
             if first >= stop:
@@ -326,7 +401,8 @@ class ActivationCache:
             lo, hi = max(start, first) - first, min(stop - first, len(keep))
             while lo < hi:
                 end = min((lo // per_batch + 1) * per_batch, hi)
-                yield self._tensor(rows[offsets[lo]:offsets[end]]), torch.from_numpy(np.array(keep[lo:end]))
+                if ((first + lo) // per_batch - first_batch) % every == 0:
+                    yield self._tensor(rows[offsets[lo]:offsets[end]]), torch.from_numpy(np.array(keep[lo:end]))
                 lo = end
 
     def activations(self, hook: str, start: int = 0, stop: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -384,13 +460,20 @@ class CachedActivationSource:
         if not 0 < self.stop <= cache.n_contexts:
             raise ValueError(f"activation cache {cache.path} has {cache.n_contexts} contexts; cannot train on the "
                              f"first {self.stop}")
+        self.part = UnitShard()
 
     def rows(self) -> int:
         return self.cache.row_count(self.stop)
 
+    def shard(self, index: int, count: int) -> CachedActivationSource:
+        """This source over forward batches ``index::count`` only: each process reads just its own rows."""
+        part = copy.copy(self)
+        part.part = self.part.within(index, count)
+        return part
+
     def units(self, start: int) -> Iterator[torch.Tensor]:
-        first = start * self.cache.metadata["lm_batch_size"]
-        readers = [self.cache.batches(hook, first, self.stop) for hook in self.hooks]
+        first = self.part.first(start) * self.cache.metadata["lm_batch_size"]
+        readers = [self.cache.batches(hook, first, self.stop, every=self.part.count) for hook in self.hooks]
         for parts in zip(*readers):
             rows = [part[0] for part in parts]
             yield rows[0] if len(rows) == 1 else torch.cat(rows, dim=-1)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from saelab.data.activations import ActivationBuffer
 from saelab.data.sources import TrainingData
 from saelab.evals.held_out import evaluate_held_out
 from saelab.evals.report import format_table
@@ -30,7 +29,7 @@ from saelab.training.lockstep import MultiTrainer, SharedBuffer
 from saelab.training.plots import plot_training_curves
 from saelab.training.tracking import NullTracker, start_tracking
 from saelab.training.trainer import (CHECKPOINT_FILE, METRICS_FILE, Trainer, TrainResult, checkpoint_steps,
-                                    has_checkpoint, read_checkpoint)
+                                    has_checkpoint, read_checkpoint, training_buffer)
 
 MULTI_FILE = "multi.json"
 
@@ -87,8 +86,7 @@ def _train(configs: list[TrainConfig], dp: DataParallel, spread: bool, resume: b
     data = data or TrainingData(base, [cfg.hook for cfg in configs], model_and_tokenizer)
     configs = [data.fixed(cfg) for cfg in configs]  # what a cache fixes, from the cache
     device = torch.device(base.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    shared = SharedBuffer(ActivationBuffer(data.source, base.block_tokens, base.batch_size, base.seed,
-                                           progress=base.progress and dp.is_main, device=device))
+    shared = SharedBuffer(training_buffer(data.source, base, dp, device))
     trainers = []
     for cfg, tracker in zip(configs, trackers):
         view = shared.view(data.columns.get(cfg.hook, slice(0, data.source.d_in)))
@@ -98,6 +96,8 @@ def _train(configs: list[TrainConfig], dp: DataParallel, spread: bool, resume: b
     if resume:
         resume = _resume_at_a_common_step(trainers)
     results = MultiTrainer(trainers, progress=base.progress and dp.is_main).run(resume=resume)
+    say((f"rank {dp.rank} of {dp.world_size}: " if dp.active else "") + f"{shared.buffer.units_read:,} forward "
+        "batches " + ("read from the cache" if data.cache is not None else "run through the model"))
 
     dp.barrier()
     if not dp.is_main:  # the others leave once the checkpoints are written; rank 0 evaluates and saves

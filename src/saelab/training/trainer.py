@@ -21,7 +21,7 @@ from typing import TextIO
 import torch
 from tqdm.auto import tqdm
 
-from saelab.data.activations import ActivationBuffer, ActivationSource
+from saelab.data.activations import ActivationBuffer, ActivationSource, shard_of
 from saelab.files import FileFormatError, writing
 from saelab.options import fields_with
 from saelab.sae import SAE, SAEConfig, TrainStep, create_sae
@@ -79,8 +79,7 @@ class Trainer:
         self.tracker = tracker or NullTracker()  # W&B (training/tracking.py), or nothing
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.metadata = metadata or {}
-        self.buffer = buffer or ActivationBuffer(source, cfg.block_tokens, cfg.batch_size, cfg.seed,
-                                                 progress=cfg.progress and self.dp.is_main, device=self.device)
+        self.buffer = buffer or training_buffer(source, cfg, self.dp, self.device)
         d_sae = cfg.d_sae or cfg.expansion * source.d_in
         settings = cfg.settings
         sae_cfg = SAEConfig(d_in=source.d_in, d_sae=d_sae, architecture=cfg.architecture, metadata=self.metadata,
@@ -148,7 +147,7 @@ class Trainer:
         t_start = time.perf_counter()
         if self.step % cfg.log_every == 0:
             self._refresh_dead_latents()
-        x = self.dp.shard(next(s.batches)).to(self.device, non_blocking=True) * self.scale
+        x = next(s.batches).to(self.device, non_blocking=True) * self.scale  # this rank's share of the batch
         parts = self._train_step(x)
         self.step += 1
         if self._resample_due():
@@ -197,6 +196,7 @@ class Trainer:
         if self.cfg.normalize_activations:
             # Mean norm sqrt(d_in) makes learning rates and loss weights transfer across models and layers.
             self.scale = math.sqrt(self.source.d_in) / sample.norm(dim=1).mean().clamp_min(1e-8).item()
+        self.scale = self.dp.from_main(self.scale)  # rank 0's sample decides (its parameters are broadcast)
         generator = torch.Generator().manual_seed(self.cfg.seed)
         self.sae.initialize((sample * self.scale).cpu(), self.cfg.b_dec_init, generator)
 
@@ -249,7 +249,8 @@ class Trainer:
 
     def _resample(self, batches) -> None:
         n_batches = max(1, math.ceil(self.cfg.resample_sample_tokens / self.cfg.batch_size))
-        sample = torch.cat([next(batches).to(self.device) for _ in range(n_batches)]) * self.scale
+        # Every rank draws from the same inputs (each global batch: all ranks' shares), so their SAEs stay equal.
+        sample = torch.cat([self.dp.gather(next(batches).to(self.device)) for _ in range(n_batches)]) * self.scale
         self.resample_dead_latents(sample)
 
     @torch.no_grad()
@@ -353,12 +354,14 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         self._stop_if_diverged()
         self._checkpoint_step = self.step
-        if not self.dp.is_main:  # every rank holds the same state; one copy is written
+        positions = self._buffer_positions()
+        if not self.dp.is_main:  # every rank holds the same SAE; one copy is written, with every rank's position
             return
         state = {
             "config": self.cfg.as_dict(), "sae_config": asdict(self.sae.cfg), "sae": self.sae.state_dict(),
             "optimizer": self.optimizer.state_dict(), "step": self.step, "scale": self.scale,
-            "buffer": self.buffer.state_dict(), "tokens_since_fired": self.tokens_since_fired,
+            "buffer": positions[0], "world_size": self.dp.world_size,
+            **({"buffer_ranks": positions} if self.dp.active else {}), "tokens_since_fired": self.tokens_since_fired,
             "window_fired": self.window_fired, "last_window": self._last_window, "dead_latents": self._dead_latents,
             "elapsed": self.elapsed, "resampled": self.resampled,
         }
@@ -370,6 +373,16 @@ class Trainer:
         if path.exists():
             os.replace(path, self.run_dir / PREVIOUS_CHECKPOINT_FILE)
         os.replace(tmp, path)  # atomic: an interrupted write leaves the previous checkpoints intact
+
+    def _buffer_positions(self) -> list[dict]:
+        """Every rank's buffer position (each reads its own shard of the data), in rank order."""
+        own = self.buffer.state_dict()
+        if not self.dp.active:
+            return [own]
+        names = list(own)
+        rows = self.dp.gather(torch.tensor([[int(own[n]) for n in names]], dtype=torch.long,
+                                           device=self.dp.comm_device))
+        return [dict(zip(names, map(int, row))) for row in rows.tolist()]
 
     def _load_checkpoint(self) -> None:
         available = checkpoint_steps(self.run_dir)
@@ -388,13 +401,26 @@ class Trainer:
         self.step, self.scale, self.elapsed = state["step"], state["scale"], state["elapsed"]
         self._checkpoint_step = self.step
         self.resampled = state.get("resampled", 0)
-        self.buffer.load_state_dict(state["buffer"])
+        trained_by = state.get("world_size", 1)
+        if trained_by != self.dp.world_size:
+            launch = f"torchrun --nproc_per_node {trained_by} -m saelab train" if trained_by > 1 else "saelab train"
+            raise ValueError(f"cannot resume {self.run_dir} with {self.dp.world_size} process"
+                             f"{'es' if self.dp.world_size > 1 else ''}: it was trained with {trained_by}, each "
+                             f"reading its own share of the data; resume it with `{launch} --resume ...`")
+        self.buffer.load_state_dict(state["buffer_ranks"][self.dp.rank] if self.dp.active else state["buffer"])
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
         self.window_fired.copy_(state["window_fired"])
         self._last_window = state["last_window"]
         self._dead_latents = state["dead_latents"]
         if self.dp.is_main:
             _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+
+
+def training_buffer(source: ActivationSource, cfg: TrainConfig, dp: DataParallel, device) -> ActivationBuffer:
+    """The shuffling buffer a process trains from: under torchrun its own shard of the source's units, with
+    its share of the buffer and of every batch (the ranks' batches make up the global batch)."""
+    return ActivationBuffer(shard_of(source, dp.rank, dp.world_size), dp.share(cfg.block_tokens),
+                            dp.share(cfg.batch_size), cfg.seed, progress=cfg.progress and dp.is_main, device=device)
 
 
 class TrainingDivergedError(RuntimeError):
