@@ -44,6 +44,7 @@ from saelab.data.text import describe_source
 from saelab.distributed import DataParallel, data_parallel_from_env
 from saelab.files import folder_lock, read_json, write_json, writing
 from saelab.log import say
+from saelab.storage import FETCHED_FILE, RemoteFolder, ShardFetcher, is_url
 from saelab.models.hooks import HookPoint, capture
 from saelab.models.options import ModelOptions
 from saelab.options import check_fields, default_of, fields_with, option
@@ -106,17 +107,25 @@ def write_cache(cfg: CacheConfig, overwrite: bool = False, data_parallel: DataPa
     time. Rank 0 holds the folder's lock, writes metadata.json and completes the cache.
     """
     dp = data_parallel or data_parallel_from_env(cfg.device)
-    with folder_lock(cfg.out, "cache") if dp.is_main else nullcontext():
-        return _write_cache(cfg, overwrite, dp)
+    # At a URL: written in a local staging folder, each shard uploaded once complete (storage.py).
+    remote = RemoteFolder(cfg.out) if is_url(cfg.out) else None
+    out = remote.local if remote else Path(cfg.out)
+    with folder_lock(out, "cache") if dp.is_main else nullcontext():
+        _write_cache(cfg, out, remote, overwrite, dp)
+    return out if remote is None else cfg.out
 
 
-def _write_cache(cfg: CacheConfig, overwrite: bool, dp: DataParallel) -> Path:
+def _write_cache(cfg: CacheConfig, out: Path, remote: RemoteFolder | None, overwrite: bool, dp: DataParallel) -> None:
     from saelab.models import load_model, resolve_hook
     from saelab.models.loading import default_device
 
-    out = Path(cfg.out)
     device = torch.device(dp.device or cfg.device) if (dp.device or cfg.device) else default_device()
     cfg = replace(cfg, dtype=cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if remote and dp.is_main:  # the staging folder starts as the URL's metadata and progress records
+        if overwrite:
+            remote.remove()
+        remote.clear_staging()
+        remote.pull(skip=("tokens", "keep", "hooks"))
     metadata = _existing_metadata(out, cfg, overwrite) if dp.is_main else None
     dp.barrier()  # rank 0 has checked the folder (and cleared it for --overwrite)
     if not dp.is_main and (out / METADATA_FILE).exists():
@@ -124,8 +133,8 @@ def _write_cache(cfg: CacheConfig, overwrite: bool, dp: DataParallel) -> Path:
     if metadata is not None and metadata["complete"]:
         if dp.is_main:
             shutil.rmtree(out / PROGRESS_FOLDER, ignore_errors=True)  # left by a kill just after completing
-            say(f"{out} already holds this cache, complete ({metadata['tokens']:,} tokens); nothing to do")
-        return out
+            say(f"{cfg.out} already holds this cache, complete ({metadata['tokens']:,} tokens); nothing to do")
+        return
     model, tokenizer = load_model(cfg.model, device)
     hooks = [resolve_hook(model, name) for name in cfg.hook_names]
     # The training source's own token stream, keep mask and hook widths: the cache packs text exactly as
@@ -136,18 +145,24 @@ def _write_cache(cfg: CacheConfig, overwrite: bool, dp: DataParallel) -> Path:
         metadata = _new_metadata(cfg, tokenizer, hooks, widths)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / METADATA_FILE, metadata)
+        if remote:
+            remote.push([out / METADATA_FILE])
     dp.barrier()  # metadata.json exists
     if not dp.is_main:
+        if remote:  # another machine's staging folder, or this one's: the URL has what rank 0 wrote
+            remote.pull(skip=("tokens", "keep", "hooks"))
         metadata = read_json(out / METADATA_FILE, "Write the cache again with `saelab cache ... --overwrite`.")
     done = len(_finished_shards(out, metadata))
     if dp.is_main:
         say(f"caching {', '.join(cfg.hook_names)} of {cfg.model} over {cfg.contexts * cfg.context_size:,} tokens of "
             f"{cfg.dataset} into {out} ({cfg.dtype})" + (f", {done} shards already written" if done else "")
             + (f", {dp.world_size} processes writing shards in turn" if dp.active else ""))
-    n_shards = _write_shards(out, metadata, cfg, model, hooks, reader, dp)
+    n_shards = _write_shards(out, metadata, cfg, model, hooks, reader, dp, remote)
     dp.barrier()  # every rank has written its shards
     if not dp.is_main:
-        return out
+        return
+    if remote:
+        remote.pull(PROGRESS_FOLDER)  # the other processes' records
     metadata["shards"] = _finished_shards(out, metadata)
     if len(metadata["shards"]) != n_shards:
         raise RuntimeError(f"{out}: shard {len(metadata['shards'])} of {n_shards} was not written (a process of the "
@@ -159,14 +174,18 @@ def _write_cache(cfg: CacheConfig, overwrite: bool, dp: DataParallel) -> Path:
     metadata["complete"] = True
     write_json(out / METADATA_FILE, metadata)
     shutil.rmtree(out / PROGRESS_FOLDER, ignore_errors=True)  # metadata.json lists every shard now
-    size = sum(p.stat().st_size for p in out.rglob("*.npy"))
+    if remote:
+        remote.push([out / METADATA_FILE])
+        remote.remove(PROGRESS_FOLDER)
+    size = sum(p.stat().st_size for p in out.rglob("*.npy")) if remote is None else \
+        sum(metadata["rows"] * hook["d_in"] for hook in metadata["hooks"].values()) * np.dtype(
+            DTYPES[metadata["dtype"]][0]).itemsize
     say(f"cache complete: {metadata['tokens']:,} tokens, {metadata['rows']:,} rows per hook, "
-        f"{len(metadata['shards'])} shards, {size / 2**20:,.1f} MiB in {out}")
-    return out
+        f"{len(metadata['shards'])} shards, {size / 2**20:,.1f} MiB in {cfg.out}")
 
 
 def _write_shards(out: Path, metadata: dict, cfg: CacheConfig, model, hooks: list[HookPoint],
-                  reader: LMActivationSource, dp: DataParallel) -> int:
+                  reader: LMActivationSource, dp: DataParallel, remote: RemoteFolder | None = None) -> int:
     """This process's shards not yet written (all of them, on one process; every world_size-th under torchrun),
     each recorded in progress/ once all its files are in place; returns how many shards the text gives.
 
@@ -191,12 +210,18 @@ def _write_shards(out: Path, metadata: dict, cfg: CacheConfig, model, hooks: lis
                          leftovers=out.rglob(f"shard_{index:05d}.tmp.npy")):
                 rows = _write_shard(out, index, shard, model, hooks, reader.keep_mask, widths, metadata["dtype"],
                                     bar.update)
+                if remote:  # the shard's files, uploaded, need no room here
+                    remote.push([p for p in out.rglob(f"shard_{index:05d}.npy")], remove=True)
                 _progress_path(out, index).parent.mkdir(exist_ok=True)
                 write_json(_progress_path(out, index), {"contexts": sum(len(b) for b in shard), "rows": rows})
+                if remote:
+                    remote.push([_progress_path(out, index)])
             if dp.is_main:
                 metadata["shards"] = _finished_shards(out, metadata)
                 _count_shards(metadata)
                 write_json(out / METADATA_FILE, metadata)
+                if remote:
+                    remote.push([out / METADATA_FILE])
     return count
 
 
@@ -231,7 +256,7 @@ def _existing_metadata(out: Path, cfg: CacheConfig, overwrite: bool) -> dict | N
     """The metadata of a cache already in ``out`` written with the same config (None: start afresh)."""
     path = out / METADATA_FILE
     if not path.exists():
-        if out.exists() and any(out.iterdir()):
+        if out.exists() and any(p.name != FETCHED_FILE for p in out.iterdir()):
             raise FileExistsError(f"{out} is a non-empty folder without {METADATA_FILE}, not an activation cache; "
                                   "choose another --out")
         return None
@@ -331,12 +356,18 @@ class ActivationCache:
     """A cache folder written by ``saelab cache``, opened for reading (only metadata.json is read here)."""
 
     def __init__(self, path):
-        self.path = Path(path)
-        meta = self.path / METADATA_FILE
-        if not meta.exists():
-            what = "does not exist" if not self.path.exists() else f"holds no {METADATA_FILE}: it is no activation cache"
+        # At a URL (s3://...): metadata.json is read from there, the shards streamed (storage.ShardFetcher).
+        self.remote = RemoteFolder(path) if is_url(path) else None
+        self.fetcher = ShardFetcher(self.remote) if self.remote else None
+        self.path = self.remote.url if self.remote else Path(path)
+        found = self.remote.exists(METADATA_FILE) if self.remote else (self.path / METADATA_FILE).exists()
+        if not found:
+            exists = self.remote.exists() if self.remote else self.path.exists()
+            what = "does not exist" if not exists else f"holds no {METADATA_FILE}: it is no activation cache"
             raise FileNotFoundError(f"activation cache {self.path} {what}. Write one with `saelab cache --hooks ... "
                                     f"--out {self.path}`.")
+        meta = self.remote.fetch(METADATA_FILE, self.remote.reading / METADATA_FILE) if self.remote \
+            else self.path / METADATA_FILE
         self.metadata = read_json(meta, "Write the cache again with `saelab cache ... --overwrite`.")
         if self.metadata.get("format") != FORMAT or self.metadata.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{meta} is not a saelab activation cache of format version {FORMAT_VERSION}")
@@ -423,17 +454,25 @@ class ActivationCache:
             if first + shard["contexts"] <= stop:
                 total += shard["rows"]
             elif first < stop:
-                total += int(_read_npy(shard_path(self.path, "keep", index))[:stop - first].sum())
+                total += int(_read_npy(self._shard_file("keep", index))[:stop - first].sum())
         return total
 
     def _open_shard(self, hook: str, index: int) -> tuple[np.ndarray, np.ndarray]:
         self.hook_info(hook)
-        paths = shard_path(self.path, f"hooks/{hook}", index), shard_path(self.path, "keep", index)
-        for path in paths:
+        return _read_npy(self._shard_file(f"hooks/{hook}", index), mmap_mode="r"), _read_npy(self._shard_file("keep", index))
+
+    def _shard_file(self, kind: str, index: int) -> Path:
+        """The local path of a shard file: in the folder, or downloaded (with the next ones coming) from the URL."""
+        try:
+            if self.fetcher is not None:
+                return self.fetcher.path(kind, index, lambda i: f"{kind}/shard_{i:05d}.npy")
+            path = shard_path(self.path, kind, index)
             if not path.exists():
-                raise FileNotFoundError(f"activation cache {self.path} is damaged: {path} is missing. Write it again "
-                                        "with `saelab cache ... --overwrite`.")
-        return _read_npy(paths[0], mmap_mode="r"), _read_npy(paths[1])
+                raise FileNotFoundError(path)
+            return path
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"activation cache {self.path} is damaged: {str(err).split(' does not')[0]} is "
+                                    "missing. Write it again with `saelab cache ... --overwrite`.") from None
 
     def _tensor(self, rows: np.ndarray) -> torch.Tensor:
         rows = np.array(rows)  # a copy: only these rows leave the memory map

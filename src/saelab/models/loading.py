@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from saelab.models.transformer_lens_backend import TL_PREFIX, load_tl_model
+from saelab.storage import saelab_cache_dir
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,8 @@ class ModelLoadError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Where saelab keeps dequantised models: $SAELAB_CACHE, else $XDG_CACHE_HOME/saelab, else ~/.cache/saelab."""
-    if os.environ.get("SAELAB_CACHE"):
-        return Path(os.environ["SAELAB_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "saelab"
+    """Where saelab keeps dequantised models (saelab.storage.saelab_cache_dir)."""
+    return saelab_cache_dir()
 
 
 def default_device() -> torch.device:

@@ -22,14 +22,15 @@ from saelab.evals.held_out import evaluate_held_out
 from saelab.evals.report import format_table
 from saelab.files import folder_lock, read_json, write_json
 from saelab.log import say
-from saelab.sae import SAE
-from saelab.training.config import TrainConfig, check_shared, list_fields, sparsity_label
 from saelab.distributed import DataParallel, data_parallel_from_env, round_robin
+from saelab.sae import SAE
+from saelab.storage import RemoteFolder, is_url, join
+from saelab.training.config import TrainConfig, check_shared, list_fields, sparsity_label
 from saelab.training.lockstep import MultiTrainer, SharedBuffer
 from saelab.training.plots import plot_training_curves
 from saelab.training.tracking import NullTracker, start_tracking
-from saelab.training.trainer import (CHECKPOINT_FILE, METRICS_FILE, Trainer, TrainResult, checkpoint_steps,
-                                    has_checkpoint, read_checkpoint, training_buffer)
+from saelab.training.trainer import (CHECKPOINT_FILE, METRICS_FILE, PREVIOUS_CHECKPOINT_FILE, Trainer, TrainResult,
+                                    checkpoint_steps, has_checkpoint, read_checkpoint, training_buffer)
 
 MULTI_FILE = "multi.json"
 
@@ -60,14 +61,48 @@ def train(configs: TrainConfig | list[TrainConfig], resume: bool = False, overwr
     dp = data_parallel or data_parallel_from_env(configs[0].device)
     configs = [replace(cfg, device=dp.device) for cfg in configs] if dp.active else configs
     spread = dp.active and configs[0].distribute == "saes"  # each rank then locks the folders it trains
+    configs, root, folders = _staged(configs, root, resume, overwrite)
     with ExitStack() as held:
         for cfg in configs if dp.is_main and not spread else []:
             held.enter_context(folder_lock(cfg.out, "training run"))
-        return _train(configs, dp, spread, resume, overwrite, root, model_and_tokenizer, data, evaluate)
+        summaries = _train(configs, dp, spread, resume, overwrite, root, model_and_tokenizer, data, evaluate, folders)
+    if dp.is_main or spread:
+        for folder in dict.fromkeys(folders.values()):
+            folder.push_all()
+            say(f"uploaded to {folder.url}")
+    return summaries
+
+
+def _staged(configs: list[TrainConfig], root, resume: bool, overwrite: bool):
+    """Run folders at URLs (``s3://bucket/runs/x``, storage.py) are trained in local staging copies and
+    uploaded as they are written: the configs pointed at those copies, the root likewise, and the
+    RemoteFolder each staged run folder (and the root) uploads to. Resuming pulls the URL's run first."""
+    root_folder = RemoteFolder(root) if root is not None and is_url(root) else None
+    folders: dict[str, RemoteFolder] = {str(root_folder.local): root_folder} if root_folder else {}
+    staged = []
+    for cfg in configs:
+        if not is_url(cfg.out):
+            staged.append(cfg)
+            continue
+        if root_folder is not None and cfg.out.startswith(root_folder.url + "/"):
+            folder, run = root_folder, cfg.out[len(root_folder.url) + 1:]
+        else:
+            folder, run = RemoteFolder(cfg.out), ""
+        if not resume and not overwrite and any(folder.exists(join(run, name) if run else name)
+                                                for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE)):
+            raise FileExistsError(f"{cfg.out} already holds a run. Continue it with `saelab train --resume "
+                                  f"{root or cfg.out}`, start afresh with --overwrite, or choose another --out.")
+        local = folder.local / run
+        folders[str(local)] = folder
+        staged.append(replace(cfg, out=str(local)))
+    for folder in dict.fromkeys(folders.values()):
+        folder.pull(skip=("final",)) if resume else folder.clear_staging()
+    return staged, (str(root_folder.local) if root_folder else root), folders
 
 
 def _train(configs: list[TrainConfig], dp: DataParallel, spread: bool, resume: bool, overwrite: bool, root,
-           model_and_tokenizer, data: TrainingData | None, evaluate: bool) -> list[RunSummary]:
+           model_and_tokenizer, data: TrainingData | None, evaluate: bool,
+           folders: dict[str, RemoteFolder]) -> list[RunSummary]:
     if not resume and not overwrite:
         for cfg in configs:
             if has_checkpoint(cfg.out):
@@ -77,6 +112,8 @@ def _train(configs: list[TrainConfig], dp: DataParallel, spread: bool, resume: b
         Path(root).mkdir(parents=True, exist_ok=True)
         runs = [str(Path(cfg.out).resolve().relative_to(Path(root).resolve())) for cfg in configs]
         write_json(Path(root) / MULTI_FILE, {"runs": runs, "configs": [cfg.as_dict() for cfg in configs]})
+        if str(root) in folders:
+            folders[str(root)].push([Path(root) / MULTI_FILE])
     if spread:
         return _train_share_of_saes(configs, dp, resume, overwrite, evaluate)
     base = configs[0]
@@ -92,6 +129,8 @@ def _train(configs: list[TrainConfig], dp: DataParallel, spread: bool, resume: b
         view = shared.view(data.columns.get(cfg.hook, slice(0, data.source.d_in)))
         trainers.append(Trainer(cfg, view, cfg.out, metadata=data.metadata(cfg.hook), buffer=view,
                                 data_parallel=dp, tracker=tracker))
+        if cfg.out in folders:
+            trainers[-1].on_checkpoint = folders[cfg.out].push
     say(_what_trains(configs, trainers, data))
     if resume:
         resume = _resume_at_a_common_step(trainers)
@@ -211,7 +250,12 @@ def is_multi_run(folder) -> bool:
 
 def resume_configs(root, **overrides) -> list[TrainConfig]:
     """The configs of a run's dictionaries, from their checkpoints (``overrides`` applied to each): the runs
-    ``multi.json`` lists, or the run in ``root`` itself."""
+    ``multi.json`` lists, or the run in ``root`` itself. ``root`` may be a URL (its files are fetched into
+    the staging copy that ``train`` then resumes from; the configs keep the URL as their ``out``)."""
+    if is_url(root):
+        local = RemoteFolder(root).pull(skip=("final",))
+        return [replace(cfg, out=join(str(root), Path(cfg.out).relative_to(local).as_posix())
+                        if Path(cfg.out) != local else str(root)) for cfg in resume_configs(local, **overrides)]
     if not is_multi_run(root):
         return [replace(load_run_config(root), out=str(Path(root)), **overrides)]
     listed = read_json(Path(root) / MULTI_FILE, "It lists the runs trained together: resume each run folder on "
