@@ -309,3 +309,102 @@ def test_eval_cli_errors_are_clear(eval_inputs, tmp_path, capsys):
     create_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture="topk", k=4)).save(bare)
     rc, _, err = cli(["eval", str(bare), *common], capsys)
     assert rc == 2 and "--model" in err
+
+
+# --- suites: geometry, synthetic ---------------------------------------------------------------------
+def test_decoder_geometry_equals_a_direct_computation():
+    from saelab.evals.geometry import decoder_geometry, frequency_buckets
+
+    sae = make_sae(seed=2)
+    with torch.no_grad():
+        sae.W_dec[3] = sae.W_dec[7] * 2.0  # a near-duplicate pair (same direction, other norm)
+        sae.W_enc[:, 5] = -sae.W_dec[5]    # a latent that reads against what it writes
+    got = decoder_geometry(sae, chunk=5)   # chunks that do not divide d_sae
+    unit = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+    gram = (unit @ unit.T).fill_diagonal_(-2)
+    torch.testing.assert_close(got["max_decoder_cosine"], gram.max(dim=1).values.detach())
+    assert got["near_duplicate_latents"] >= 2 and got["max_decoder_cosine"][3] == pytest.approx(1.0, abs=1e-5)
+    assert got["encoder_decoder_cosine"][5] == pytest.approx(-1.0, abs=1e-5)
+    assert got["encoder_decoder_cosine"][0] == pytest.approx(1.0, abs=1e-5)  # tied
+    buckets = frequency_buckets(torch.tensor([0.0, 0.0, 5e-6, 5e-4, 0.05, 0.5]))
+    assert buckets == {"dead": 2, "<=1e-5": 1, "1e-5..1e-4": 0, "1e-4..1e-3": 1, "1e-3..1e-2": 0, "1e-2..1e-1": 1,
+                       "dense >0.1": 1}
+
+
+def test_single_token_latents_are_counted_over_batches():
+    from saelab.evals.geometry import TokenDiversity
+
+    diversity = TokenDiversity(4)
+    ids = torch.tensor([5, 5, 7, 5, 9, 5])
+    codes = torch.zeros(6, 4)
+    codes[[0, 1, 3, 5], 0] = 1.0       # latent 0: always on token 5
+    codes[[0, 2, 3, 4, 5], 1] = 1.0    # latent 1: tokens 5, 7, 9
+    codes[[0], 2] = 1.0                # latent 2: too rare to count; latent 3 never fires
+    diversity.add(codes[:3], ids[:3], rows=2)
+    diversity.add(codes[3:], ids[3:], rows=2)
+    codes2 = torch.zeros(2, 4)
+    codes2[:, 0] = 1.0
+    diversity.add(codes2, torch.tensor([5, 5]))
+    assert diversity.firings.tolist() == [6, 5, 1, 0]
+    assert diversity.several.tolist() == [False, True, False, False]
+    assert diversity.single_token_fraction() == 0.5  # of latents 0 and 1 (5+ firings), latent 0
+
+
+def test_eval_suite_geometry_writes_its_section(eval_inputs, capsys):
+    report = eval_inputs["root"] / "report-geometry"
+    rc, out, err = cli(["eval", str(eval_inputs["sae"]), "--dataset", str(eval_inputs["text"]), "--tokens", "256",
+                        "--no-downstream", "--suite", "core,geometry", "--out", str(report)], capsys)
+    assert rc == 0, err
+    assert "geometry:" in out and "near_duplicate_latents" in out and "latents by firing frequency" in out
+    data = json.loads((report / "metrics.json").read_text())
+    geometry = data["geometry"]
+    assert 0 <= geometry["single_token_fraction"] <= 1 and sum(geometry["frequency_buckets"].values()) == D_SAE
+    assert geometry["encoder_decoder_cosine_mean"] == pytest.approx(1.0, abs=1e-5)  # make_sae ties them
+    assert (report / "geometry.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Geometry" in (report / "summary.md").read_text()
+
+
+def test_eval_suite_synthetic_needs_synthetic_data(eval_inputs, capsys):
+    rc, _, err = cli(["eval", str(eval_inputs["sae"]), "--suite", "synthetic"], capsys)
+    assert rc == 2 and "was not trained on synthetic data" in err and "--synthetic CONFIG.json" in err
+    rc, _, err = cli(["eval", str(eval_inputs["sae"]), "--suite", "absorbtion"], capsys)
+    assert rc == 2 and "unknown suite absorbtion" in err
+
+
+def test_a_latent_that_is_the_label_probes_perfectly_at_k_1():
+    from saelab.evals.probing import probe_accuracies
+
+    g = torch.Generator().manual_seed(0)
+    labels = (torch.rand(400, generator=g) < 0.5).long()
+    latents = torch.rand(400, 30, generator=g)
+    latents[:, 17] = labels * 3.0 + 0.1 * torch.rand(400, generator=g)  # latent 17 is the label
+    activations = torch.randn(400, 8, generator=g)                       # the activation knows nothing
+    result = probe_accuracies(activations, latents, labels)
+    assert result["top_latents"][0] == 17
+    assert result["sae_top_1_test_accuracy"] == 1.0 and result["sae_top_20_test_accuracy"] >= 0.95
+    assert 0.3 < result["llm_test_accuracy"] < 0.7  # chance
+    with pytest.raises(ValueError, match="both classes"):
+        probe_accuracies(activations[:10], latents[:10], torch.zeros(10, dtype=torch.long))
+
+
+def test_eval_suite_probing_on_a_builtin_task_and_a_labelled_file(eval_inputs, capsys):
+    from pydoc_data.topics import topics
+
+    labelled = eval_inputs["root"] / "labelled.jsonl"
+    texts = list(topics.values())[:60]
+    labelled.write_text("\n".join(json.dumps({"text": text[:300], "kind": "a" if i % 2 else "b"})
+                                  for i, text in enumerate(texts)))
+    report = eval_inputs["root"] / "report-probing"
+    rc, out, err = cli(["eval", str(eval_inputs["sae"]), "--dataset", str(eval_inputs["text"]), "--tokens", "128",
+                        "--no-downstream", "--suite", "probing", "--probe-tasks", "corpus", "--probe-examples", "80",
+                        "--probe-dataset", str(labelled), "--probe-label-column", "kind", "--out", str(report)], capsys)
+    assert rc == 0, err
+    assert "sparse probing" in out and "| corpus | 80 |" in out
+    probing = json.loads((report / "metrics.json").read_text())["probing"]
+    assert set(probing["tasks"]) == {"corpus", "kind=a", "kind=b"}
+    for result in probing["tasks"].values():
+        assert all(0 <= result[key] <= 1 for key in result if key.endswith("accuracy"))
+    assert "## Sparse probing" in (report / "summary.md").read_text()
+    rc, _, err = cli(["eval", str(eval_inputs["sae"]), "--suite", "probing", "--probe-tasks", "none",
+                      "--probe-dataset", str(labelled), "--probe-label-column", "nope"], capsys)
+    assert rc == 2 and "no label column 'nope'" in err

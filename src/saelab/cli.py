@@ -147,6 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "continue it when written with the same config, refuse otherwise)")
     add_options(cache, option_fields(CacheConfig))
 
+    from saelab.data.synthetic import PRESETS, SyntheticConfig
+
+    synth = commands.add_parser(
+        "synth", help="write a synthetic-data config: activations made of known features, to score SAEs against",
+        description="Write a JSON config of synthetic activations: --n-features unit directions in --d-in "
+        "dimensions, Zipf-distributed firing, log-normal magnitudes, optional hierarchy (children fire only with "
+        "their parent, siblings exclusively) and low-rank correlations. `saelab train --synthetic CONFIG` and "
+        "`saelab sweep --synthetic CONFIG` train on samples generated from it (deterministic from its seed, one "
+        "unit at a time, never stored) and score each SAE against the true features: MCC, F1 of firing, "
+        "uniqueness, explained variance, L0 vs the true L0, shrinkage. Prints what the data looks like.")
+    synth.add_argument("--out", default="synthetic.json", help="the config file to write (default: synthetic.json)")
+    synth.add_argument("--preset", choices=sorted(PRESETS), help="start from a named configuration (options given "
+                       "override its values); synth-16k is SAELens's SynthSAEBench-16k size: 16,384 features in 768 "
+                       "dimensions at L0 about 25")
+    add_options(synth, option_fields(SyntheticConfig))
+
     from saelab.models.options import ModelOptions
 
     hooks = commands.add_parser("hooks", help="list the hook point names a model supports")
@@ -242,7 +258,10 @@ def _sweep(args) -> int:
 
 
 def _hook_from_cache(args) -> None:
-    """With --activations and no --hook: the cache's only hook (an error lists them when it holds several)."""
+    """With --activations and no --hook: the cache's only hook (an error lists them when it holds several);
+    with --synthetic: the name ``synthetic``."""
+    if getattr(args, "synthetic", None) is not None and args.hook is None:
+        args.hook = "synthetic"
     if args.activations is not None and args.hook is None:
         from saelab.data.cache import ActivationCache
 
@@ -258,6 +277,20 @@ def _cache(args) -> int:
         print("saelab cache: interrupted; finished shards are kept. Run the same command again to continue.",
               file=sys.stderr)
         return 130
+    return 0
+
+
+def _synth(args) -> int:
+    from dataclasses import replace
+
+    from saelab.data.synthetic import PRESETS, SyntheticConfig, describe
+
+    chosen = given(args, option_fields(SyntheticConfig))
+    cfg = replace(PRESETS[args.preset], **chosen) if args.preset else SyntheticConfig(**chosen)
+    cfg.save(args.out)
+    print(describe(cfg))
+    say(f"config written to {args.out}; train on it with `saelab train --synthetic {args.out}` or compare "
+        f"architectures with `saelab sweep --synthetic {args.out}`")
     return 0
 
 
@@ -285,7 +318,19 @@ def _eval(args) -> int:
         print(json.dumps(report_json(result.metrics, result.info)))
     else:
         print(format_table(result.metrics, title=f"{result.info['model']} {result.info['hook']} on "
-                           f"{cfg.dataset} ({result.metrics['tokens']:,} tokens):"))
+                           f"{result.info['dataset']} ({result.metrics['tokens']:,} tokens):"))
+        if "geometry" in result.metrics:
+            from saelab.evals.geometry import GEOMETRY_KEYS
+
+            geometry = result.metrics["geometry"]
+            print(format_table(geometry, title="geometry:", keys=GEOMETRY_KEYS))
+            if "frequency_buckets" in geometry:
+                print("  latents by firing frequency: " + ", ".join(
+                    f"{name} {count:,}" for name, count in geometry["frequency_buckets"].items()))
+        if "probing" in result.metrics:
+            from saelab.evals.report import probing_markdown
+
+            print("sparse probing (test accuracy):\n" + probing_markdown(result.metrics["probing"]))
     if result.info.get("neuronpedia") and not args.json:
         print(f"Neuronpedia: {result.info['neuronpedia']}")
     say(f"report written to {result.report_dir}")
@@ -408,7 +453,7 @@ def _dashboard(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "sweep": _sweep, "cache": _cache, "hooks": _hooks, "eval": _eval, "features": _features,
+COMMANDS = {"train": _train, "sweep": _sweep, "cache": _cache, "synth": _synth, "hooks": _hooks, "eval": _eval, "features": _features,
             "steer": _steer, "attribute": _attribute, "dashboard": _dashboard}
 
 

@@ -57,6 +57,11 @@ class DataOptions(TextOptions, ModelOptions):
                                      "only one); model, text and packing come from the cache. The final "
                                      "evaluation holds out its last --eval-tokens tokens (reconstruction "
                                      "metrics); only --eval-dataset loads the model, for CE/KL too.", shared=True)
+    synthetic: str | None = option(None, "Train on synthetic activations with known features, generated as "
+                                   "this JSON config says (`saelab synth --out CONFIG.json` writes one), instead "
+                                   "of a model: no model is loaded, and the final evaluation scores the SAE "
+                                   "against the true features (MCC, F1, uniqueness) on --eval-tokens held-out "
+                                   "samples. --hook is only a name then.", shared=True, fixed_on_resume=True)
     eval_dataset: str | None = option(None, "Held-out text for the final evaluation (default: the first "
                                       "eval_tokens of --dataset, which training then skips).", shared=True)
     eval_tokens: int = option(8192, "Tokens of held-out text for the final evaluation (0: skip it).", shared=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from saelab.data.activations import NormFilter, TensorSource, text_activations
 from saelab.data.cache import ActivationCache
 from saelab.data.options import DataOptions
+from saelab.data.synthetic import SyntheticConfig, SyntheticFeatures, SyntheticSource
 from saelab.data.text import describe_source
 from saelab.models import HookPoint, load_model, resolve_hook
 from saelab.options import fields_with
@@ -51,6 +52,7 @@ class HeldOut:
     keep_mask: Callable | None = None
     cache: ActivationCache | None = None
     cache_start: int = 0                             # the first held-out context of the cache
+    synthetic: SyntheticFeatures | None = None       # synthetic data: scored against its true features
 
 
 class TrainingData:
@@ -61,8 +63,13 @@ class TrainingData:
     def __init__(self, cfg: DataOptions, hooks: Sequence[str], model_and_tokenizer=None):
         self.hook_names = list(dict.fromkeys(hooks))
         self._held_out: HeldOut | None = None
+        self.synthetic = None
+        if cfg.activations is not None and cfg.synthetic is not None:
+            raise ValueError("--activations and --synthetic both name the training data; give one")
         if cfg.activations is not None:
             self._open_cache(cfg)
+        elif cfg.synthetic is not None:
+            self._open_synthetic(cfg)
         else:
             self.cache = None
             self.cfg = cfg
@@ -92,8 +99,22 @@ class TrainingData:
         self.module_paths = {name: cache.hook_info(name)["module_path"] for name in self.hook_names}
         self.dataset_path = cache.metadata["dataset_path"]
 
+    def _open_synthetic(self, cfg: DataOptions) -> None:
+        """Synthetic activations (data/synthetic.py): every hook name reads the same samples."""
+        self.cfg, self.cache, self.model, self.tokenizer = cfg, None, None, None
+        self.synthetic = SyntheticFeatures(SyntheticConfig.load(cfg.synthetic))
+        rows = self.synthetic.cfg.rows_per_unit
+        tokens = getattr(cfg, "tokens", rows)
+        self.source = SyntheticSource(self.synthetic, units=max(1, math.ceil(tokens / rows)))
+        self.columns = {name: slice(0, self.source.d_in) for name in self.hook_names}
+        self.module_paths = {name: "synthetic" for name in self.hook_names}
+        self.dataset_path = cfg.synthetic
+
     @property
     def described(self) -> str:
+        if self.synthetic is not None:
+            s = self.synthetic.cfg
+            return f"synthetic activations ({s.n_features:,} features in {s.d_in} dimensions, {self.cfg.synthetic})"
         if self.cache is not None:
             return f"activations of {self.cfg.model} cached in {self.cfg.activations} (no model loaded)"
         return f"{self.cfg.model} over {self.cfg.dataset}"
@@ -104,6 +125,9 @@ class TrainingData:
         return replace(cfg, **{name: getattr(self.cfg, name) for name in fields_with(type(cfg), "cached")})
 
     def metadata(self, hook: str) -> dict:
+        if self.synthetic is not None:
+            return {"model_name": "synthetic", "hook_name": hook, "dataset_path": self.dataset_path,
+                    "synthetic_config": asdict(self.synthetic.cfg), "saelab_version": __version__}
         return sae_metadata(self.cfg, hook, self.module_paths[hook], self.dataset_path)
 
     def keep_in_memory(self, max_rows: int, progress: bool = False) -> tuple[int, float]:
@@ -137,7 +161,10 @@ class TrainingData:
         if cfg.eval_tokens <= 0:
             return None
         if self._held_out is None:
-            if self.cache is not None and cfg.eval_dataset is None:
+            if self.synthetic is not None:
+                self._held_out = HeldOut(f"{cfg.synthetic} (evaluation samples, never trained on)", cfg.eval_tokens,
+                                         synthetic=self.synthetic)
+            elif self.cache is not None and cfg.eval_dataset is None:
                 contexts = self.cache.n_contexts - self.eval_start
                 self._held_out = HeldOut(f"{cfg.activations} (last {contexts} contexts, held out)",
                                          contexts * cfg.context_size, cache=self.cache, cache_start=self.eval_start)

@@ -86,25 +86,76 @@ def iter_documents(source: str, split: str = "train", text_column: str | None = 
         yield from _hub_documents(source, split, text_column)
 
 
-def _file_documents(path: Path, text_column: str | None) -> Iterator[Document]:
+def iter_rows(source: str, split: str = "train") -> Iterator[tuple[dict, str]]:
+    """``(row, where)`` for every row of a table-like dataset (a .jsonl/.parquet file, a folder of them, a saved
+    HF dataset, a hub id): for the tasks that need more than text, e.g. a label column."""
+    path = Path(source).expanduser()
+    if source in BUILTIN_CORPORA or (path.is_file() and path.suffix.lower() == ".txt"):
+        raise DatasetError(f"dataset {source!r} is plain text, without columns: give a .jsonl or .parquet file, a "
+                           "saved dataset or a hub id with a text and a label column")
+    if path.is_file():
+        yield from _file_rows(path)
+    elif path.is_dir():
+        if _is_saved_dataset(path):
+            import datasets
+
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.DatasetDict):
+                if split not in data:
+                    raise DatasetError(f"{path} has splits {list(data)}, not {split!r}; pass --dataset-split")
+                data = data[split]
+            for row in data:
+                yield row, str(path)
+            return
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".jsonl", ".json", ".parquet"))
+        if not files:
+            raise DatasetError(f"folder {path} holds no .jsonl/.parquet files and is no saved HF dataset")
+        for file in files:
+            yield from _file_rows(file)
+    elif path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise DatasetError(f"dataset {source!r}: no such file or folder")
+    else:
+        import datasets
+
+        try:
+            data = datasets.load_dataset(source, split=split, streaming=True)
+        except Exception as err:  # datasets raises many kinds; all mean "cannot get it"
+            raise DatasetError(
+                f"could not open Hugging Face dataset {source!r} (split {split!r}): {err}\n"
+                "Where the hub is unreachable, pass a local .txt/.jsonl/.parquet file or folder, or a builtin "
+                f"corpus: {', '.join(BUILTIN_CORPORA)}."
+            ) from err
+        for row in data:
+            yield row, source
+
+
+def _file_rows(path: Path) -> Iterator[tuple[dict, str]]:
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        yield from _txt_pieces(path)
-    elif suffix in (".jsonl", ".json"):
+    if suffix in (".jsonl", ".json"):
         with path.open(encoding="utf-8") as handle:
             for line_no, line in enumerate(handle, 1):
                 if line.strip():
                     try:
-                        row = json.loads(line)
+                        yield json.loads(line), f"{path}:{line_no}"
                     except json.JSONDecodeError as err:
                         raise DatasetError(f"{path}:{line_no}: not a JSON object per line ({err})") from err
-                    yield _row_document(row, text_column, where=f"{path}:{line_no}")
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
             for row in batch.to_pylist():
-                yield _row_document(row, text_column, where=str(path))
+                yield row, str(path)
+    else:
+        raise DatasetError(f"{path}: unsupported file type {suffix!r}; use .jsonl or .parquet")
+
+
+def _file_documents(path: Path, text_column: str | None) -> Iterator[Document]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        yield from _txt_pieces(path)
+    elif suffix in (".jsonl", ".json", ".parquet"):
+        for row, where in _file_rows(path):
+            yield _row_document(row, text_column, where=where)
     else:
         raise DatasetError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
 
@@ -123,16 +174,9 @@ def _txt_pieces(path: Path) -> Iterator[str]:
 
 
 def _folder_documents(path: Path, split: str, text_column: str | None) -> Iterator[Document]:
-    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        import datasets
-
-        data = datasets.load_from_disk(str(path))
-        if isinstance(data, datasets.DatasetDict):
-            if split not in data:
-                raise DatasetError(f"{path} has splits {list(data)}, not {split!r}; pass --dataset-split")
-            data = data[split]
-        for row in data:
-            yield _row_document(row, text_column, where=str(path))
+    if _is_saved_dataset(path):
+        for row, where in iter_rows(str(path), split):
+            yield _row_document(row, text_column, where=where)
         return
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
     if not files:
@@ -142,18 +186,12 @@ def _folder_documents(path: Path, split: str, text_column: str | None) -> Iterat
 
 
 def _hub_documents(name: str, split: str, text_column: str | None) -> Iterator[Document]:
-    import datasets
+    for row, where in iter_rows(name, split):
+        yield _row_document(row, text_column, where=where)
 
-    try:
-        data = datasets.load_dataset(name, split=split, streaming=True)
-    except Exception as err:  # datasets raises many kinds; all mean "cannot get it"
-        raise DatasetError(
-            f"could not open Hugging Face dataset {name!r} (split {split!r}): {err}\n"
-            "Where the hub is unreachable, pass a local .txt/.jsonl/.parquet file or folder, or a builtin "
-            f"corpus: {', '.join(BUILTIN_CORPORA)}."
-        ) from err
-    for row in data:
-        yield _row_document(row, text_column, where=name)
+
+def _is_saved_dataset(path: Path) -> bool:
+    return any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json", "state.json"))
 
 
 def _row_document(row: dict, text_column: str | None, where: str) -> Document:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from saelab.data.sources import HeldOut
+from saelab.evals.ground_truth import ground_truth_metrics
 from saelab.evals.metrics import evaluate_activations, evaluate_many
 from saelab.sae import SAE
 
@@ -15,7 +16,11 @@ from saelab.sae import SAE
 def evaluate_held_out(held_out: HeldOut, saes: Sequence[tuple[SAE, str]], downstream: bool = True,
                       progress: bool = False) -> list[dict]:
     """The metrics of each ``(sae, hook name)`` on ``held_out``, in order, each with ``eval_dataset``. On the
-    held-out contexts of a cache (no model) only reconstruction metrics exist."""
+    held-out contexts of a cache (no model) only reconstruction metrics exist; synthetic data is scored against
+    its true features (evals/ground_truth.py)."""
+    if held_out.synthetic is not None:
+        return [{**ground_truth_metrics(sae, held_out.synthetic, held_out.tokens), "eval_dataset": held_out.description}
+                for sae, _ in saes]
     if held_out.cache is not None:
         return [{**evaluate_activations(sae, held_out.cache.activations(hook, held_out.cache_start)),
                  "eval_dataset": held_out.description} for sae, hook in saes]

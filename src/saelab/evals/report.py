@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from saelab.evals.geometry import GEOMETRY_KEYS, NEAR_DUPLICATE
+from saelab.evals.ground_truth import GROUND_TRUTH_KEYS
 from saelab.evals.metrics import DENSE_THRESHOLD, METRIC_KEYS
 
 # What each metric means, for the table's reader and for summary.md.
@@ -55,9 +57,11 @@ def _value(value) -> str:
     return f"{value:,.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
 
 
-def format_table(metrics: dict, title: str = "evaluation:") -> str:
-    """The scalar metrics that are present, one per line, in the order of METRIC_KEYS."""
-    rows = [(key, metrics[key]) for key in METRIC_KEYS if key in metrics]
+def format_table(metrics: dict, title: str = "evaluation:", keys=None) -> str:
+    """The scalar metrics that are present, one per line, in the order of ``keys`` (default: METRIC_KEYS, then
+    the ground-truth scores of synthetic data)."""
+    keys = dict.fromkeys((*METRIC_KEYS, *GROUND_TRUTH_KEYS)) if keys is None else keys
+    rows = [(key, metrics[key]) for key in keys if key in metrics]
     if not rows:
         return f"{title}\n  (no metrics)"
     width = max(len(key) for key, _ in rows)
@@ -80,15 +84,55 @@ def write_report(report_dir, metrics: dict, info: dict) -> dict[str, Path]:
                            tokens=metrics.get("tokens", 0))
     plot_error_by_position(metrics.get("error_by_position") or {}, paths["error_by_position.png"],
                            fvu=metrics.get("fvu"))
+    if "geometry" in metrics:
+        paths["geometry.png"] = plot_geometry(metrics["geometry"], report_dir / "geometry.png")
     return paths
+
+
+def probing_markdown(probing: dict) -> str:
+    """A table: one row per task, the full-activation probe, all latents, then the top-k latents."""
+    keys = ["llm_test_accuracy", "sae_test_accuracy", *sorted(
+        {key for result in probing["tasks"].values() for key in result if key.startswith("sae_top_")},
+        key=lambda key: int(key.split("_")[2]))]
+    headers = ["activation", "all latents", *(f"top {key.split('_')[2]}" for key in keys[2:])]
+    lines = ["| task | examples | " + " | ".join(headers) + " |", "|---|---|" + "---|" * len(headers)]
+    for task, result in {**probing["tasks"], "mean": probing["mean"]}.items():
+        lines.append(f"| {task} | {result.get('examples', '')} | " + " | ".join(_value(result.get(key)) for key in keys)
+                     + " |")
+    return "\n".join(lines)
+
+
+def plot_geometry(geometry: dict, out_path) -> Path:
+    """Histograms of each latent's largest decoder cosine with another latent and of its encoder/decoder cosine."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "max_decoder_cosine", "largest cosine of a decoder row with another row"),
+                           (axes[1], "encoder_decoder_cosine", "cosine of a latent's encoder column and decoder row")):
+        values = torch.as_tensor(geometry[key]).flatten().numpy()
+        ax.hist(values, bins=50, range=(-1, 1), color="tab:blue")
+        ax.set_xlabel(label)
+        ax.set_ylabel("latents")
+        ax.grid(alpha=0.3)
+    axes[0].axvline(NEAR_DUPLICATE, color="tab:red", linestyle="--", linewidth=1,
+                    label=f"near-duplicate > {NEAR_DUPLICATE}: {geometry['near_duplicate_latents']:,}")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return Path(out_path)
 
 
 def report_json(metrics: dict, info: dict) -> dict:
     """The JSON object of a report: the scalar metrics at the top level, then ``error_by_position`` and
     ``eval`` (what was evaluated). The per-latent firing frequency is left out (see the histogram)."""
-    out = {key: metrics[key] for key in METRIC_KEYS if key in metrics}
+    out = {key: metrics[key] for key in dict.fromkeys((*METRIC_KEYS, *GROUND_TRUTH_KEYS)) if key in metrics}
     if "error_by_position" in metrics:
         out["error_by_position"] = metrics["error_by_position"]
+    if "probing" in metrics:
+        out["probing"] = metrics["probing"]
+    if "geometry" in metrics:  # the summaries; the per-latent values are in geometry.png
+        out["geometry"] = {key: value for key, value in metrics["geometry"].items()
+                           if not isinstance(value, torch.Tensor)}
     out["eval"] = info
     return jsonable(out)
 
@@ -108,10 +152,21 @@ def summary_markdown(metrics: dict, info: dict) -> str:
     if not any(key in metrics for key in ("ce_clean", "kl_score")):
         lines.append("- downstream metrics (CE, KL) skipped (`--no-downstream`)")
     lines += ["", "| metric | value | meaning |", "|---|---|---|"]
-    for key in METRIC_KEYS:
+    for key in dict.fromkeys((*METRIC_KEYS, *GROUND_TRUTH_KEYS)):
         if key in metrics:
-            meaning = METRIC_MEANINGS[key].replace("|", "\\|")  # a bare | would end the table cell
+            meaning = METRIC_MEANINGS.get(key, "against the true features: see evals/ground_truth.py")
+            meaning = meaning.replace("|", "\\|")  # a bare | would end the table cell
             lines.append(f"| `{key}` | {_value(metrics[key])} | {meaning} |")
+    if "geometry" in metrics:
+        geometry = metrics["geometry"]
+        lines += ["", "## Geometry", "", "| measure | value |", "|---|---|"]
+        lines += [f"| `{key}` | {_value(geometry.get(key))} |" for key in GEOMETRY_KEYS]
+        if "frequency_buckets" in geometry:
+            lines += ["", "latents by firing frequency: " + ", ".join(
+                f"{name} {count:,}" for name, count in geometry["frequency_buckets"].items())]
+        lines += ["", "![geometry](geometry.png)"]
+    if "probing" in metrics:
+        lines += ["", "## Sparse probing (test accuracy)", "", probing_markdown(metrics["probing"])]
     lines += ["", "The SAE is spliced in, and zero-ablation applied, only at the evaluated positions; CE and KL "
               "are averaged over next-token predictions whose target is such a position.", "",
               "![latent density](density_histogram.png)", "", "![error by position](error_by_position.png)", ""]

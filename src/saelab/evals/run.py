@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from saelab.data.text import BUILTIN_CORPORA, describe_source
-from saelab.evals.loading import corpus_source, load_sae_and_model
+from saelab.data.synthetic import SyntheticConfig, SyntheticFeatures
+from saelab.evals.geometry import geometry_metrics
+from saelab.evals.ground_truth import ground_truth_metrics
+from saelab.evals.loading import corpus_source, find_sae_folder, load_sae_and_model
 from saelab.evals.metrics import evaluate
 from saelab.evals.options import CorpusOptions, SAEOptions
+from saelab.evals.probing import BUILTIN_TASKS, probing_metrics
 from saelab.evals.report import write_report
+from saelab.models.hooks import capture
 from saelab.options import option
+from saelab.sae import load_sae
 from saelab.sae.neuronpedia import neuronpedia_url
 
 
@@ -26,6 +32,49 @@ class EvalConfig(SAEOptions, CorpusOptions):
                               "metrics only, the model run only as far as the hook; faster).")
     out: str | None = option(None, "Report folder (default: <run>/eval-<dataset> for a run's final/ SAE, else "
                              "<SAE_FOLDER>-eval-<dataset> beside the SAE folder).", metavar="REPORT_DIR")
+    suite: str = option("core", lambda: "Evaluations to run, comma-separated: " + "; ".join(
+        f"{name} = {meaning}" for name, meaning in SUITES.items()) + ".")
+    synthetic: str | None = option(None, "synthetic suite: the synthetic-data config to score against (default: "
+                                   "the one the SAE's metadata records, for an SAE trained with --synthetic).")
+    probe_tasks: str = option("corpus,digits", lambda: "probing suite: built-in tasks, comma-separated (none: only "
+                              "--probe-dataset): " + "; ".join(f"{name} = {what}" for name, what in
+                                                                BUILTIN_TASKS.items()) + ".")
+    probe_dataset: str | None = option(None, "probing suite: also a labelled dataset (.jsonl/.parquet file, saved "
+                                       "dataset or hub id) with a text column (--text-column) and --probe-label-"
+                                       "column; each label is probed against the rest.")
+    probe_label_column: str = option("label", "probing suite: the label column of --probe-dataset.")
+    probe_examples: int = option(1000, "probing suite: examples per task (half of each class for the built-in "
+                                 "ones), 80% to fit the probes, 20% to test them.", positive=True)
+
+    def __post_init__(self):
+        unknown = [name for name in self.suites if name not in SUITES]
+        if unknown:
+            raise ValueError(f"--suite: unknown suite {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+        unknown = [name for name in self.probe_task_names if name not in BUILTIN_TASKS]
+        if unknown:
+            raise ValueError(f"--probe-tasks: unknown task {', '.join(unknown)}; choose from "
+                             f"{', '.join(BUILTIN_TASKS)} (or none, with --probe-dataset)")
+
+    @property
+    def probe_task_names(self) -> list[str]:
+        return [name.strip() for name in self.probe_tasks.split(",") if name.strip() and name.strip() != "none"]
+
+    @property
+    def suites(self) -> list[str]:
+        return list(dict.fromkeys(name.strip() for name in self.suite.split(",") if name.strip())) or ["core"]
+
+
+# What each suite measures (the --suite help). The core metrics are always measured: they come from the pass
+# over the text (or the synthetic samples) that the others read too.
+SUITES = {
+    "core": "reconstruction (L0, FVU, cosine), CE/KL with the SAE spliced in, dead and dense latents",
+    "geometry": "decoder-row cosines (near-duplicates), encoder/decoder alignment, firing-frequency buckets, "
+                "latents that fire on one token id only",
+    "probing": "sparse probing: logistic-regression probes on the top 1-20 latents (by class-mean difference) "
+               "against a probe on the full activation, on built-in tasks and --probe-dataset",
+    "synthetic": "for an SAE trained on synthetic data: MCC, F1, uniqueness and shrinkage against the true "
+                 "features (no model or text needed)",
+}
 
 
 @dataclass
@@ -59,6 +108,10 @@ def default_report_dir(sae_folder, dataset: str) -> Path:
 def run_eval(cfg: EvalConfig, progress: bool = False, say=None) -> EvalResult:
     """Evaluate the SAE folder ``cfg.sae`` and write the report; raises ValueError & co on bad input."""
     say = say or (lambda message: None)
+    folder = find_sae_folder(cfg.sae)
+    trained_on = load_sae(folder).cfg.metadata.get("synthetic_config")
+    if "synthetic" in cfg.suites or trained_on is not None:
+        return _run_synthetic_eval(cfg, folder, trained_on, say)
     loaded = load_sae_and_model(cfg.sae, cfg.model, cfg.hook, cfg.device)
     sae, model, folder = loaded.sae, loaded.model, loaded.folder
     model_name, hook_name = loaded.model_name, loaded.hook.name
@@ -102,7 +155,49 @@ def run_eval(cfg: EvalConfig, progress: bool = False, say=None) -> EvalResult:
         "neuronpedia": neuronpedia_url(sae.cfg.metadata["neuronpedia_id"])
         if sae.cfg.metadata.get("neuronpedia_id") else None,
     }
+    if "geometry" in cfg.suites:
+        say("geometry: decoder cosines, and which latents fire on one token id (a second pass to the hook)")
+        metrics["geometry"] = geometry_metrics(sae, metrics["firing_frequency"], _hook_rows(loaded, source))
+    if "probing" in cfg.suites:
+        metrics["probing"] = probing_metrics(
+            loaded.model, loaded.tokenizer, loaded.hook, sae, cfg.probe_task_names, cfg.probe_examples,
+            cfg.probe_dataset, cfg.dataset_split, cfg.text_column, cfg.probe_label_column, prepend_bos, say)
     report_dir = Path(cfg.out).expanduser() if cfg.out else default_report_dir(folder, cfg.dataset)
+    files = write_report(report_dir, metrics, info)
+    return EvalResult(metrics, info, report_dir, files)
+
+
+def _hook_rows(loaded, source):
+    """``(activations, token ids)`` at the SAE's hook over the corpus, kept positions only."""
+    device = next(loaded.model.parameters()).device
+    for tokens in source.token_batches():
+        acts = capture(loaded.model, tokens.to(device), [loaded.hook])[loaded.hook.name]
+        keep = source.keep_mask(tokens)
+        yield acts[keep.to(acts.device)].float().cpu(), tokens[keep]
+
+
+def _run_synthetic_eval(cfg: EvalConfig, folder: Path, trained_on: dict | None, say) -> EvalResult:
+    """An SAE scored on synthetic data: its evaluation samples take the place of text (no model loaded)."""
+    sae = load_sae(folder)
+    if cfg.synthetic is not None:
+        synthetic, described = SyntheticConfig.load(cfg.synthetic), cfg.synthetic
+    elif trained_on is not None:
+        synthetic, described = SyntheticConfig(**trained_on), "the synthetic data it was trained on (its metadata)"
+    else:
+        raise ValueError(f"{folder} was not trained on synthetic data: give the config to score it against with "
+                         "--synthetic CONFIG.json, or leave out --suite synthetic")
+    if synthetic.d_in != sae.cfg.d_in:
+        raise ValueError(f"--synthetic {cfg.synthetic}: its samples have d_in {synthetic.d_in}, the SAE reads "
+                         f"{sae.cfg.d_in}")
+    say(f"evaluating {folder} ({sae.cfg.architecture}, {sae.cfg.d_in} -> {sae.cfg.d_sae}) against the true features "
+        f"of {described}, {cfg.tokens:,} evaluation samples")
+    metrics = ground_truth_metrics(sae, SyntheticFeatures(synthetic), cfg.tokens)
+    if "geometry" in cfg.suites:
+        metrics["geometry"] = geometry_metrics(sae, metrics["firing_frequency"])
+    info = {"sae": str(folder.resolve()), "architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in,
+            "d_sae": sae.cfg.d_sae, "model": "synthetic", "hook": sae.cfg.metadata.get("hook_name", "synthetic"),
+            "dataset": described, "synthetic_config": asdict(synthetic), "tokens_requested": cfg.tokens}
+    report_dir = Path(cfg.out).expanduser() if cfg.out else default_report_dir(folder, "synthetic")
     files = write_report(report_dir, metrics, info)
     return EvalResult(metrics, info, report_dir, files)
 

@@ -39,7 +39,7 @@ def plot_training_curves(metrics_path, out_path) -> Path | None:
 
 def plot_pareto(rows: list[dict], path, title: str = "") -> Path:
     """Explained variance against L0 (log scale), one line per architecture; CE-loss recovered beside it
-    when measured."""
+    when measured, and on synthetic data F1 and MCC against the true features."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,6 +49,8 @@ def plot_pareto(rows: list[dict], path, title: str = "") -> Path:
     panels = [("explained_variance", "explained variance")]
     if any(row.get("ce_loss_score") is not None for row in rows):
         panels.append(("ce_loss_score", "CE-loss recovered"))
+    if any(row.get("mcc") is not None for row in rows):  # synthetic data: how well the true features were found
+        panels += [("f1", "F1 of firing (matched true features)"), ("mcc", "MCC (decoder vs true directions)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
     architectures = list(dict.fromkeys(row["architecture"] for row in rows))
     for ax, (key, label) in zip(axes[0], panels):

@@ -135,8 +135,10 @@ def _train(configs: list[TrainConfig], dp: DataParallel, spread: bool, resume: b
     if resume:
         resume = _resume_at_a_common_step(trainers)
     results = MultiTrainer(trainers, progress=base.progress and dp.is_main).run(resume=resume)
+    how = "read from the cache" if data.cache is not None else "generated" if data.synthetic is not None else \
+        "run through the model"
     say((f"rank {dp.rank} of {dp.world_size}: " if dp.active else "") + f"{shared.buffer.units_read:,} forward "
-        "batches " + ("read from the cache" if data.cache is not None else "run through the model"))
+        f"batches {how}")
 
     dp.barrier()
     if not dp.is_main:  # the others leave once the checkpoints are written; rank 0 evaluates and saves

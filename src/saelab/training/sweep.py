@@ -39,6 +39,9 @@ TABLE = (("architecture", "architecture", None), ("sparsity_setting", "sparsity 
          ("eval_dead_fraction", "dead on eval", 4), ("train_seconds", "train s", 1), ("eval_seconds", "eval s", 1),
          ("wall_seconds", "wall s", 1), ("dead_latent_remedy", "remedy", None), ("run", "run", None))
 COLUMNS = tuple(column for column, _, _ in TABLE)
+# On synthetic data (--synthetic): the scores against the true features, after explained variance.
+GROUND_TRUTH_TABLE = (("mcc", "MCC", 4), ("f1", "F1", 4), ("uniqueness", "uniqueness", 4), ("true_l0", "true L0", 2),
+                      ("shrinkage", "shrinkage", 4))
 
 
 @dataclass
@@ -166,7 +169,8 @@ def _sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool) -> SweepResult
             to_evaluate.append((point, load_sae(run_dir / "final"), trained))
         else:
             to_train.append(point)
-    say(f"sweep of {len(points)} SAEs on {base.model} {base.hook} into {out}: {len(rows)} finished earlier (reused), "
+    what = "synthetic data" if data.synthetic is not None else f"{base.model} {base.hook}"
+    say(f"sweep of {len(points)} SAEs on {what} into {out}: {len(rows)} finished earlier (reused), "
         f"{len(to_evaluate)} trained earlier (to evaluate), {len(to_train)} to train: "
         + ", ".join(p.name for p in to_train))
     activation_rows, collect_seconds, completed = None, 0.0, True
@@ -189,7 +193,8 @@ def _sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool) -> SweepResult
     rows = [rows[point.name] for point in points if point.name in rows]
 
     write_table(rows, out / "results.csv", out / "results.md")
-    plot_pareto(rows, out / "pareto.png", title=f"{base.model} {base.hook}")
+    plot_pareto(rows, out / "pareto.png", title=f"synthetic: {base.synthetic}" if data.synthetic is not None
+                else f"{base.model} {base.hook}")
     per_point = {"architecture", "out", "sae_settings"}
     write_json(out / "sweep.json", {
         "sweep": asdict(scfg), "shared": {k: v for k, v in asdict(base).items() if k not in per_point},
@@ -217,14 +222,17 @@ def _evaluate_together(data: TrainingData, to_evaluate: list[tuple], scfg: Sweep
         row = {"architecture": point.architecture, "sparsity_setting": point.label,
                "l0": metrics.get("l0"), "explained_variance": metrics.get("explained_variance"),
                "ce_loss_score": metrics.get("ce_loss_score"), "kl_score": metrics.get("kl_score"),
+               **{key: metrics.get(key) for key, _, _ in GROUND_TRUTH_TABLE if key in metrics},
                "dead_fraction": trained["dead_fraction"], "eval_dead_fraction": metrics.get("dead_fraction"),
                "train_seconds": trained["train_seconds"], "eval_seconds": eval_seconds,
                "wall_seconds": trained["train_seconds"] + eval_seconds, "dead_latent_remedy": point.cfg.remedy,
                "run": point.name}
         write_json(Path(point.cfg.out) / ROW_FILE, {"config": point.cfg.as_dict(), "row": row})
         rows[point.name] = row
+        scores = f"MCC {_num(row['mcc'])}, F1 {_num(row['f1'])}" if "mcc" in row else \
+            f"CE recovered {_num(row['ce_loss_score'])}"
         say(f"  {point.name}: L0 {_num(row['l0'])}, explained variance {_num(row['explained_variance'])}, "
-            f"CE recovered {_num(row['ce_loss_score'])}, dead {row['dead_fraction']:.3f}")
+            f"{scores}, dead {row['dead_fraction']:.3f}")
     return rows
 
 
@@ -249,19 +257,38 @@ def _kind(setting: str) -> type:
 
 
 def write_table(rows: list[dict], csv_path, md_path) -> None:
+    table = _table_for(rows)
+    columns = [column for column, _, _ in table]
     with open(csv_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({key: "" if row.get(key) is None else row[key] for key in COLUMNS})
-    lines = ["| " + " | ".join(header for _, header, _ in TABLE) + " |", "|" + "|".join("---" for _ in TABLE) + "|"]
+            writer.writerow({key: "" if row.get(key) is None else row[key] for key in columns})
+    lines = ["| " + " | ".join(header for _, header, _ in table) + " |", "|" + "|".join("---" for _ in table) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(row[key] if digits is None else _num(row[key], digits)
-                                       for key, _, digits in TABLE) + " |")
-    Path(md_path).write_text("\n".join(lines) + "\n\nL0 and explained variance (1 - FVU) on held-out text; "
-                             "CE-loss recovered = (CE zero-ablated - CE with the SAE) / (CE zero-ablated - clean CE); "
-                             "dead fraction = latents silent over the last dead window of training; "
-                             "dead on eval = never active on the held-out text.\n")
+        lines.append("| " + " | ".join(row[key] if digits is None else _num(row.get(key), digits)
+                                       for key, _, digits in table) + " |")
+    notes = ("L0 and explained variance (1 - FVU) on held-out text; CE-loss recovered = (CE zero-ablated - CE with "
+             "the SAE) / (CE zero-ablated - clean CE); dead fraction = latents silent over the last dead window of "
+             "training; dead on eval = never active on the held-out text.")
+    if any(column[0] == "mcc" for column in table):
+        notes += (" Against the true features of the synthetic data (evals/ground_truth.py): MCC = mean cosine of "
+                  "decoder rows and true directions after optimal matching; F1 = of each matched latent's firing "
+                  "against its feature's; uniqueness = distinct true features that are a live latent's best match, "
+                  "per live latent; shrinkage = mean ||x_hat - b|| / ||x - b||.")
+    Path(md_path).write_text("\n".join(lines) + "\n\n" + notes + "\n")
+
+
+def _table_for(rows: list[dict]) -> tuple:
+    """The table's columns: the ground-truth ones after explained variance when some row has them; CE and KL
+    recovered only when some row measured them (not on synthetic data, nor with --no-downstream)."""
+    downstream = {"ce_loss_score", "kl_score"}
+    table = TABLE if any(row.get(key) is not None for row in rows for key in downstream) else \
+        tuple(column for column in TABLE if column[0] not in downstream)
+    if not any(row.get("mcc") is not None for row in rows):
+        return table
+    at = [column for column, _, _ in table].index("explained_variance") + 1
+    return table[:at] + GROUND_TRUTH_TABLE + table[at:]
 
 
 def _positive(values: list) -> list:
