@@ -92,6 +92,17 @@ def test_sweep_end_to_end_collects_activations_once(tiny_model_dir, text_file, t
         for key in ("l0", "explained_variance", "ce_loss_score", "dead_fraction", "train_seconds"):
             assert float(after[key]) == pytest.approx(float(before[key]), rel=1e-5), (before["run"], key)
 
+    # --suite geometry adds its columns, to reused rows too (from their final/ SAEs; still no activation pass).
+    assert main([*sweep_args(tiny_model_dir, text_file, out), "--suite", "geometry"]) == 0
+    assert count_forwards["units"] == 0
+    with open(out / "results.csv") as handle:
+        with_geometry = list(csv.DictReader(handle))
+    for row in with_geometry:
+        assert -1 <= float(row["max_decoder_cosine_mean"]) <= 1 and int(row["near_duplicate_latents"]) >= 0
+        assert -1 <= float(row["encoder_decoder_cosine_mean"]) <= 1
+    assert "near-duplicates" in (out / "results.md").read_text()
+    assert main([*sweep_args(tiny_model_dir, text_file, out), "--suite", "probing"]) == 2
+
 
 def test_grid_and_defaults():
     scfg = SweepConfig(architectures="topk,matryoshka,jumprelu,gated,standard",

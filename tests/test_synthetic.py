@@ -114,7 +114,7 @@ def test_the_data_is_regenerated_from_the_saved_config_one_unit_at_a_time(tmp_pa
 
 
 def test_the_16k_reference_configuration_is_described():
-    assert (SYNTH_16K.n_features, SYNTH_16K.d_in, SYNTH_16K.mean_l0) == (16_384, 768, 25.0)
+    assert (SYNTH_16K.n_features, SYNTH_16K.d_in, SYNTH_16K.mean_l0) == (16_384, 768, 30.0)
     with pytest.raises(ValueError, match="hierarchy_fraction"):
         SyntheticConfig(hierarchy_fraction=1.5)
 
@@ -135,9 +135,9 @@ def test_train_and_sweep_on_synthetic_data_report_the_ground_truth_scores(tmp_pa
     assert meta["model_name"] == "synthetic" and meta["synthetic_config"]["n_features"] == 64
 
     assert main(["sweep", *run, "--tokens", "100000", "--architectures", "topk,standard", "--k", "2,4",
-                 "--l1-coefficient", "1", "--out", str(tmp_path / "sweep")]) == 0
+                 "--l1-coefficient", "1", "--suite", "geometry", "--out", str(tmp_path / "sweep")]) == 0
     table = (tmp_path / "sweep" / "results.md").read_text()
-    assert "| MCC | F1 |" in table and "true L0" in table
+    assert "| MCC | F1 |" in table and "true L0" in table and "near-duplicates" in table
     rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]
     assert len(rows) == 3 and all(0 <= row["mcc"] <= 1 and row["f1"] is not None for row in rows)
     assert (tmp_path / "sweep" / "pareto.png").stat().st_size > 0

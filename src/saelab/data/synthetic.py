@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 
@@ -71,6 +72,9 @@ class SyntheticConfig:
 
     @classmethod
     def load(cls, path) -> SyntheticConfig:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"synthetic-data config {path} does not exist: write one with `saelab synth "
+                                    f"--out {path}`")
         data = read_json(path, "It is a synthetic-data config: write it again with SyntheticConfig(...).save().")
         data.pop("format", None)
         unknown = set(data) - {f.name for f in fields(cls)}
@@ -80,8 +84,9 @@ class SyntheticConfig:
 
 
 # SAELens's SynthSAEBench-16k at the size of its published reference (16,384 features, L0 about 25), in
-# this generator's terms: describable, and generated a unit at a time, though slow to train on here.
-SYNTH_16K = SyntheticConfig(d_in=768, n_features=16_384, mean_l0=25.0, zipf_exponent=0.5, magnitude_spread=0.25,
+# this generator's terms (mean_l0 30 gives a true L0 of about 25 once the hierarchy has removed children whose
+# parent is off): describable, and generated a unit at a time, though slow to train on here.
+SYNTH_16K = SyntheticConfig(d_in=768, n_features=16_384, mean_l0=30.0, zipf_exponent=0.5, magnitude_spread=0.25,
                             hierarchy_fraction=0.25, children_per_parent=4, correlation_rank=16,
                             correlation_strength=0.3, orthogonalize_steps=100, rows_per_unit=1024)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from saelab.data.sources import TrainingData
+from saelab.evals.geometry import decoder_geometry
 from saelab.evals.held_out import evaluate_held_out
 from saelab.files import folder_lock, read_json, write_json
 from saelab.log import say
@@ -40,6 +41,8 @@ TABLE = (("architecture", "architecture", None), ("sparsity_setting", "sparsity 
          ("wall_seconds", "wall s", 1), ("dead_latent_remedy", "remedy", None), ("run", "run", None))
 COLUMNS = tuple(column for column, _, _ in TABLE)
 # On synthetic data (--synthetic): the scores against the true features, after explained variance.
+GEOMETRY_TABLE = (("max_decoder_cosine_mean", "max decoder cos", 3), ("near_duplicate_latents", "near-duplicates", 0),
+                  ("encoder_decoder_cosine_mean", "enc/dec cos", 3))
 GROUND_TRUTH_TABLE = (("mcc", "MCC", 4), ("f1", "F1", 4), ("uniqueness", "uniqueness", 4), ("true_l0", "true L0", 2),
                       ("shrinkage", "shrinkage", 4))
 
@@ -60,8 +63,16 @@ class SweepConfig:
                                            positive=True)
     downstream: bool = option(True, "Also measure CE-loss and KL recovered with each SAE spliced into the "
                               "model on the held-out text (--no-downstream: reconstruction metrics only).")
+    suite: str = option("core", "Evaluations whose figures become columns, comma-separated: core (always), "
+                        "geometry (mean max decoder cosine, near-duplicate latents, encoder/decoder cosine). "
+                        "Synthetic data always adds its ground-truth scores; for probing, run `saelab eval "
+                        "RUN --suite probing` on the grid points.")
 
     def __post_init__(self):
+        unknown = set(parse_list(self.suite)) - {"core", "geometry"}
+        if unknown:
+            raise ValueError(f"invalid sweep config: --suite {', '.join(sorted(unknown))}: the sweep's suites are core "
+                             "and geometry (probing and the others: `saelab eval RUN --suite ...`)")
         try:
             names = (parse_list(self.architectures) if self.architectures is not None
                      else [arch.name for arch in all_architectures() if arch.in_default_sweep])
@@ -164,6 +175,9 @@ def _sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool) -> SweepResult
         reused = None if overwrite else _saved_for(run_dir / ROW_FILE, point.cfg, "row")
         trained = None if overwrite or reused else _saved_for(run_dir / TRAINED_FILE, point.cfg, "trained")
         if reused is not None:
+            if "geometry" in parse_list(scfg.suite) and reused.get("near_duplicate_latents") is None:
+                geometry = decoder_geometry(load_sae(run_dir / "final"))  # a row from before --suite geometry
+                reused.update({key: geometry[key] for key, _, _ in GEOMETRY_TABLE})
             rows[point.name] = reused
         elif trained is not None:
             to_evaluate.append((point, load_sae(run_dir / "final"), trained))
@@ -218,11 +232,14 @@ def _evaluate_together(data: TrainingData, to_evaluate: list[tuple], scfg: Sweep
     rows = {}
     for (point, sae, trained), metrics in zip(to_evaluate, evaluated):
         metrics.pop("error_by_position", None)
+        if "geometry" in parse_list(scfg.suite):
+            geometry = decoder_geometry(sae)
+            metrics.update({key: geometry[key] for key, _, _ in GEOMETRY_TABLE})
         save_evaluated(point.cfg, sae, metrics, trained)
         row = {"architecture": point.architecture, "sparsity_setting": point.label,
                "l0": metrics.get("l0"), "explained_variance": metrics.get("explained_variance"),
                "ce_loss_score": metrics.get("ce_loss_score"), "kl_score": metrics.get("kl_score"),
-               **{key: metrics.get(key) for key, _, _ in GROUND_TRUTH_TABLE if key in metrics},
+               **{key: metrics.get(key) for key, _, _ in (*GROUND_TRUTH_TABLE, *GEOMETRY_TABLE) if key in metrics},
                "dead_fraction": trained["dead_fraction"], "eval_dead_fraction": metrics.get("dead_fraction"),
                "train_seconds": trained["train_seconds"], "eval_seconds": eval_seconds,
                "wall_seconds": trained["train_seconds"] + eval_seconds, "dead_latent_remedy": point.cfg.remedy,
@@ -266,7 +283,8 @@ def write_table(rows: list[dict], csv_path, md_path) -> None:
             writer.writerow({key: "" if row.get(key) is None else row[key] for key in columns})
     lines = ["| " + " | ".join(header for _, header, _ in table) + " |", "|" + "|".join("---" for _ in table) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(row[key] if digits is None else _num(row.get(key), digits)
+        lines.append("| " + " | ".join(row[key] if digits is None else f"{row[key]:,}" if digits == 0 and
+                                       row.get(key) is not None else _num(row.get(key), digits)
                                        for key, _, digits in table) + " |")
     notes = ("L0 and explained variance (1 - FVU) on held-out text; CE-loss recovered = (CE zero-ablated - CE with "
              "the SAE) / (CE zero-ablated - clean CE); dead fraction = latents silent over the last dead window of "
@@ -276,6 +294,10 @@ def write_table(rows: list[dict], csv_path, md_path) -> None:
                   "decoder rows and true directions after optimal matching; F1 = of each matched latent's firing "
                   "against its feature's; uniqueness = distinct true features that are a live latent's best match, "
                   "per live latent; shrinkage = mean ||x_hat - b|| / ||x - b||.")
+    if any(column[0] == "near_duplicate_latents" for column in table):
+        notes += (" Geometry (evals/geometry.py): max decoder cos = each latent's largest decoder cosine with another, "
+                  "averaged; near-duplicates = latents whose largest is above 0.9; enc/dec cos = mean cosine of a "
+                  "latent's encoder column and decoder row.")
     Path(md_path).write_text("\n".join(lines) + "\n\n" + notes + "\n")
 
 
@@ -285,10 +307,10 @@ def _table_for(rows: list[dict]) -> tuple:
     downstream = {"ce_loss_score", "kl_score"}
     table = TABLE if any(row.get(key) is not None for row in rows for key in downstream) else \
         tuple(column for column in TABLE if column[0] not in downstream)
-    if not any(row.get("mcc") is not None for row in rows):
-        return table
     at = [column for column, _, _ in table].index("explained_variance") + 1
-    return table[:at] + GROUND_TRUTH_TABLE + table[at:]
+    extra = tuple(part for part in (GROUND_TRUTH_TABLE, GEOMETRY_TABLE)
+                  if any(row.get(part[0][0]) is not None for row in rows))
+    return table[:at] + sum(extra, ()) + table[at:]
 
 
 def _positive(values: list) -> list:
