@@ -84,13 +84,14 @@ class RemoteFolder:
     def exists(self, relative: str = "") -> bool:
         return self._call("read", relative, self.fs.exists, self._remote(relative))
 
-    def files(self, under: str = "") -> list[str]:
-        """Every file below ``under`` (relative paths)."""
+    def files(self, under: str = "") -> dict[str, dict]:
+        """Every file below ``under``: its relative path and what the store says of it (size, ETag, ...), from
+        one listing."""
         base = self._remote(under)
         if not self._call("read", under, self.fs.exists, base):
-            return []
-        found = self._call("list", under, self.fs.find, base)
-        return sorted(str(path)[len(self.root) + 1:] for path in found)
+            return {}
+        found = self._call("list", under, self.fs.find, base, detail=True)
+        return {str(path)[len(self.root) + 1:]: info for path, info in sorted(found.items())}
 
     def fetch(self, relative: str, local: Path | None = None) -> Path:
         """Download one file (to its place in the staging copy, unless ``local`` says where); its local path."""
@@ -106,10 +107,10 @@ class RemoteFolder:
         URL's: a file already fetched is downloaded again only when it changed there; the staging copy."""
         skipped = tuple(f"{name.rstrip('/')}/" for name in skip)
         fetched = self._fetched()
-        for relative in self.files(under):
+        for relative, info in self.files(under).items():
             if relative.startswith(skipped):
                 continue
-            version = self._version(relative)
+            version = _version(info)
             if fetched.get(relative) != version or not (self.local / relative).exists():
                 self.fetch(relative)
                 fetched[relative] = version
@@ -120,12 +121,6 @@ class RemoteFolder:
         """Empty the staging copy (a run starting afresh must not upload what an earlier one left there)."""
         shutil.rmtree(self.local, ignore_errors=True)
         self.local.mkdir(parents=True, exist_ok=True)
-
-    def _version(self, relative: str) -> str:
-        info = self._call("read", relative, self.fs.info, self._remote(relative))
-        stamp = next((info[key] for key in ("ETag", "etag", "LastModified", "last_modified", "mtime", "created")
-                      if key in info), "")
-        return f"{info.get('size')}:{stamp}"
 
     def _fetched(self) -> dict:
         path = self.local / FETCHED_FILE
@@ -149,6 +144,12 @@ class RemoteFolder:
         folder = self.local / under
         self.push(path for path in sorted(folder.rglob("*")) if path.is_file() and ".tmp" not in path.name
                   and path.name != FETCHED_FILE)
+
+    def move(self, source: str, target: str) -> None:
+        """Rename a file at the URL, if there (on an object store a copy made by the store itself: nothing
+        crosses the network again)."""
+        if self.exists(source):
+            self._call("write", source, self.fs.mv, self._remote(source), self._remote(target))
 
     def remove(self, relative: str = "") -> None:
         """Delete a file or a folder at the URL, if there."""
@@ -198,15 +199,23 @@ class ShardFetcher:
         return path
 
     def _get(self, name: str) -> Path | None:
-        if not self.folder.exists(name):  # read-ahead past the last file
+        try:
+            return self.folder.fetch(name, self._download / name)
+        except FileNotFoundError:  # read-ahead past the last file
             return None
-        return self.folder.fetch(name, self._download / name)
 
     def _forget(self, name: str) -> None:
         with self._lock:
             future = self._pending.pop(name, None)
         if future is not None and future.done() and future.exception() is None and future.result() is not None:
             future.result().unlink(missing_ok=True)
+
+
+def _version(info: dict) -> str:
+    """What tells one version of a stored file from another: its size and the store's ETag or time stamp."""
+    stamp = next((info[key] for key in ("ETag", "etag", "LastModified", "last_modified", "mtime", "created")
+                  if key in info), "")
+    return f"{info.get('size')}:{stamp}"
 
 
 def _filesystem(url: str):

@@ -20,9 +20,9 @@ import torch
 from saelab.data.sources import TrainingData
 from saelab.evals.held_out import evaluate_held_out
 from saelab.evals.report import format_table
+from saelab.distributed import DataParallel, data_parallel_from_env, round_robin
 from saelab.files import folder_lock, read_json, write_json
 from saelab.log import say
-from saelab.distributed import DataParallel, data_parallel_from_env, round_robin
 from saelab.sae import SAE
 from saelab.storage import RemoteFolder, is_url, join
 from saelab.training.config import TrainConfig, check_shared, list_fields, sparsity_label
@@ -130,7 +130,7 @@ def _train(configs: list[TrainConfig], dp: DataParallel, spread: bool, resume: b
         trainers.append(Trainer(cfg, view, cfg.out, metadata=data.metadata(cfg.hook), buffer=view,
                                 data_parallel=dp, tracker=tracker))
         if cfg.out in folders:
-            trainers[-1].on_checkpoint = folders[cfg.out].push
+            trainers[-1].on_checkpoint = _uploader(folders[cfg.out])
     say(_what_trains(configs, trainers, data))
     if resume:
         resume = _resume_at_a_common_step(trainers)
@@ -154,6 +154,17 @@ def _train(configs: list[TrainConfig], dp: DataParallel, spread: bool, resume: b
         evaluated = dict(zip(finished, metrics))
     return [_finish(cfg, result, evaluated.get(i), tracker, evaluate)
             for i, (cfg, result, tracker) in enumerate(zip(configs, results, trackers))]
+
+
+def _uploader(folder: RemoteFolder):
+    """What a trainer calls after each checkpoint of a run folder at a URL: the checkpoint there becomes the
+    previous one (renamed by the store, not uploaded again), then the new checkpoint and the log go up."""
+    def upload(run_dir: Path) -> None:
+        run = run_dir.relative_to(folder.local).as_posix()
+        names = [join(run, name) if run != "." else name for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE)]
+        folder.move(*names)
+        folder.push([run_dir / CHECKPOINT_FILE, run_dir / METRICS_FILE])
+    return upload
 
 
 def _resume_at_a_common_step(trainers: list[Trainer]) -> bool:

@@ -103,8 +103,9 @@ class Trainer:
         self._checkpoint_step: int | None = None
         self.resume_step: int | None = None  # resume from the checkpoint of this step (default: the newest)
         self.resampled = 0   # latents re-initialised so far (dead_latent_remedy resample)
-        # Called with the files of each checkpoint once written (a run folder at a URL uploads them).
-        self.on_checkpoint: Callable[[list[Path]], None] | None = None
+        # Called with the run folder once a checkpoint is written (checkpoint.pt, the previous one renamed to
+        # checkpoint.prev.pt, metrics.jsonl): a run folder at a URL uploads them.
+        self.on_checkpoint: Callable[[Path], None] | None = None
         self._stop_requested = False
         self._session: _Session | None = None
 
@@ -376,8 +377,7 @@ class Trainer:
             os.replace(path, self.run_dir / PREVIOUS_CHECKPOINT_FILE)
         os.replace(tmp, path)  # atomic: an interrupted write leaves the previous checkpoints intact
         if self.on_checkpoint is not None:
-            self.on_checkpoint([p for p in (self.run_dir / PREVIOUS_CHECKPOINT_FILE, path, self.run_dir / METRICS_FILE)
-                                if p.exists()])
+            self.on_checkpoint(self.run_dir)
 
     def _buffer_positions(self) -> list[dict]:
         """Every rank's buffer position (each reads its own shard of the data), in rank order."""
