@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from saelab.cli import main
+from saelab.data.activations import shard_of
 from saelab.data.synthetic import SYNTH_16K, SyntheticConfig, SyntheticFeatures, SyntheticSource
 from saelab.evals.ground_truth import ground_truth_metrics
 from saelab.sae import SAEConfig, create_sae
@@ -106,6 +107,7 @@ def test_the_data_is_regenerated_from_the_saved_config_one_unit_at_a_time(tmp_pa
     first = SyntheticFeatures(cfg)
     assert torch.equal(first.directions, again.directions)
     assert torch.equal(list(SyntheticSource(first, 4).units(0))[3], next(SyntheticSource(again, 4).units(3)))
+    assert torch.equal(next(shard_of(SyntheticSource(again, 4), 1, 2).units(1)), first.sample(3)[0])  # unit 1 + 2
     assert not torch.equal(first.sample(0)[0], first.sample(0, split="eval")[0])
     assert float(first.bias.norm()) == pytest.approx(2.0)
     (tmp_path / "bad.json").write_text(json.dumps({"d_in": 4, "n_featurez": 3}))

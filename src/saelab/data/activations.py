@@ -70,6 +70,19 @@ class UnitShard:
         return UnitShard(self.index + index * self.count, self.count * count)
 
 
+class ShardableSource:
+    """A source that computes or reads only its own units when sharded: ``part`` says which (all, by
+    default); ``units`` starts at global unit ``part.first(start)`` and steps ``part.count``."""
+
+    part: UnitShard = UnitShard()
+
+    def shard(self, index: int, count: int):
+        """A copy of this source over its units ``index::count``."""
+        part = copy.copy(self)
+        part.part = self.part.within(index, count)
+        return part
+
+
 class _EveryNthUnit:
     def __init__(self, source: ActivationSource, index: int, count: int):
         self.source, self.d_in, self.part = source, source.d_in, UnitShard(index, count)
@@ -79,7 +92,7 @@ class _EveryNthUnit:
         yield from islice(self.source.units(self.part.first(start)), 0, None, self.part.count)
 
 
-class LMActivationSource:
+class LMActivationSource(ShardableSource):
     """Activations of one or more hook points of a language model, over packed contexts of a text source.
 
     With several hooks, one forward pass (stopped after the deepest of them) gives all of them, and a unit
@@ -97,7 +110,6 @@ class LMActivationSource:
         self.exclude_special_tokens = exclude_special_tokens
         self.skip_contexts, self.max_contexts = skip_contexts, max_contexts
         self._special = special_ids(tokenizer)
-        self.part = UnitShard()  # all units; shard() gives a copy that runs the model on its own units only
         self.device = next(model.parameters()).device
         widths = hook_widths(model, self.hooks, self._special[0].item())
         self.columns: dict[str, slice] = {}
@@ -126,14 +138,8 @@ class LMActivationSource:
             return torch.ones_like(tokens, dtype=torch.bool)
         return ~torch.isin(tokens, self._special)
 
-    def shard(self, index: int, count: int) -> LMActivationSource:
-        """This source over units ``index::count`` only: every process tokenises the whole text (cheap) and
-        runs the model on its own batches of contexts (the cost)."""
-        part = copy.copy(self)
-        part.part = self.part.within(index, count)
-        return part
-
     def units(self, start: int) -> Iterator[torch.Tensor]:
+        # Sharded, every process tokenises the whole text (cheap) and runs the model on its own batches only.
         on_gpu = self.device.type == "cuda"
         # bf16 autocast on a GPU (on a CPU bf16 matmuls are far slower than fp32).
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else nullcontext()
@@ -215,19 +221,13 @@ def prefetched(items: Iterable, depth: int) -> Iterator:
         thread.join()
 
 
-class TensorSource:
+class TensorSource(ShardableSource):
     """Activations already in memory (tests, synthetic data, rows collected once from a model). ``columns``:
     which columns belong to which hook, when several sit side by side."""
 
     def __init__(self, data: torch.Tensor, rows_per_unit: int = 4096, columns: dict[str, slice] | None = None):
         self.data, self.rows_per_unit, self.d_in = data, rows_per_unit, data.shape[-1]
         self.columns = columns or {}
-        self.part = UnitShard()
-
-    def shard(self, index: int, count: int) -> TensorSource:
-        part = copy.copy(self)
-        part.part = self.part.within(index, count)
-        return part
 
     def units(self, start: int) -> Iterator[torch.Tensor]:
         step = self.part.count * self.rows_per_unit

@@ -24,7 +24,6 @@ progress/ is removed.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import shutil
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saelab.data.activations import LMActivationSource, UnitShard, text_activations
+from saelab.data.activations import LMActivationSource, ShardableSource, text_activations
 from saelab.data.options import TextOptions
 from saelab.data.text import describe_source
 from saelab.distributed import DataParallel, data_parallel_from_env
@@ -208,10 +207,10 @@ def _write_shards(out: Path, metadata: dict, cfg: CacheConfig, model, hooks: lis
             with writing(out, f"shard {index} of the cache", "the shards written before are intact: free some disk "
                          "space and run the same command again to continue",
                          leftovers=out.rglob(f"shard_{index:05d}.tmp.npy")):
-                rows = _write_shard(out, index, shard, model, hooks, reader.keep_mask, widths, metadata["dtype"],
-                                    bar.update)
+                rows, files = _write_shard(out, index, shard, model, hooks, reader.keep_mask, widths,
+                                           metadata["dtype"], bar.update)
                 if remote:  # the shard's files, uploaded, need no room here
-                    remote.push([p for p in out.rglob(f"shard_{index:05d}.npy")], remove=True)
+                    remote.push(files, remove=True)
                 _progress_path(out, index).parent.mkdir(exist_ok=True)
                 write_json(_progress_path(out, index), {"contexts": sum(len(b) for b in shard), "rows": rows})
                 if remote:
@@ -303,9 +302,10 @@ def _new_metadata(cfg: CacheConfig, tokenizer, hooks: list[HookPoint], widths: d
 
 
 def _write_shard(out: Path, index: int, batches: list[torch.Tensor], model, hooks: list[HookPoint], keep_mask,
-                 widths: dict[str, int], dtype: str, on_batch) -> int:
+                 widths: dict[str, int], dtype: str, on_batch) -> tuple[int, list[Path]]:
     """One shard: token ids, keep mask and every hook's rows, each written to a temporary file (activations
-    through a memory map, one forward batch at a time) and renamed once all are complete."""
+    through a memory map, one forward batch at a time) and renamed once all are complete; its rows per hook
+    and its files."""
     tokens = torch.cat(batches)
     keep = keep_mask(tokens)
     rows = int(keep.sum())
@@ -335,7 +335,7 @@ def _write_shard(out: Path, index: int, batches: list[torch.Tensor], model, hook
     del arrays
     for tmp, final in renames:
         os.replace(tmp, final)
-    return rows
+    return rows, [final for _, final in renames]
 
 
 def _open_rows(path: Path, rows: int, d_in: int, dtype: str) -> np.ndarray:
@@ -465,14 +465,14 @@ class ActivationCache:
         """The local path of a shard file: in the folder, or downloaded (with the next ones coming) from the URL."""
         try:
             if self.fetcher is not None:
-                return self.fetcher.path(kind, index, lambda i: f"{kind}/shard_{i:05d}.npy")
+                return self.fetcher.path(kind, index, lambda i: shard_name(kind, i))
             path = shard_path(self.path, kind, index)
             if not path.exists():
                 raise FileNotFoundError(path)
             return path
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"activation cache {self.path} is damaged: {str(err).split(' does not')[0]} is "
-                                    "missing. Write it again with `saelab cache ... --overwrite`.") from None
+        except FileNotFoundError:
+            raise FileNotFoundError(f"activation cache {self.path} is damaged: {shard_name(kind, index)} is missing. "
+                                    "Write it again with `saelab cache ... --overwrite`.") from None
 
     def _tensor(self, rows: np.ndarray) -> torch.Tensor:
         rows = np.array(rows)  # a copy: only these rows leave the memory map
@@ -481,7 +481,7 @@ class ActivationCache:
         return torch.from_numpy(rows).float()
 
 
-class CachedActivationSource:
+class CachedActivationSource(ShardableSource):
     """Hooks of an activation cache as an ``ActivationSource``, over its first ``stop`` contexts (default: all).
     Units are the cache's forward batches, read through memory maps, so ``ActivationBuffer`` shuffles it in
     bounded memory and resumes exactly, as it does the model. Several hooks sit side by side in each unit
@@ -499,16 +499,9 @@ class CachedActivationSource:
         if not 0 < self.stop <= cache.n_contexts:
             raise ValueError(f"activation cache {cache.path} has {cache.n_contexts} contexts; cannot train on the "
                              f"first {self.stop}")
-        self.part = UnitShard()
 
     def rows(self) -> int:
         return self.cache.row_count(self.stop)
-
-    def shard(self, index: int, count: int) -> CachedActivationSource:
-        """This source over forward batches ``index::count`` only: each process reads just its own rows."""
-        part = copy.copy(self)
-        part.part = self.part.within(index, count)
-        return part
 
     def units(self, start: int) -> Iterator[torch.Tensor]:
         first = self.part.first(start) * self.cache.metadata["lm_batch_size"]
@@ -527,5 +520,10 @@ def _read_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
                          "again with `saelab cache ... --overwrite`.") from None
 
 
+def shard_name(kind: str, index: int) -> str:
+    """A shard file's path inside a cache folder, e.g. ``hooks/blocks.6.hook_resid_post/shard_00003.npy``."""
+    return f"{kind}/shard_{index:05d}.npy"
+
+
 def shard_path(folder: Path, kind: str, index: int) -> Path:
-    return Path(folder) / kind / f"shard_{index:05d}.npy"
+    return Path(folder) / shard_name(kind, index)

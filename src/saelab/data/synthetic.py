@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from saelab.data.activations import ShardableSource
 from saelab.files import read_json, write_json
 from saelab.options import check_fields, option
 
@@ -174,15 +175,16 @@ class SyntheticFeatures:
         return fires
 
 
-class SyntheticSource:
-    """``units`` of ``SyntheticFeatures`` as an ActivationSource (``units`` units of ``rows_per_unit`` rows)."""
+class SyntheticSource(ShardableSource):
+    """``units`` of ``SyntheticFeatures`` as an ActivationSource (``units`` units of ``rows_per_unit`` rows);
+    sharded, each process generates only its own units."""
 
     def __init__(self, features: SyntheticFeatures, units: int):
         self.features, self.n_units, self.d_in = features, units, features.d_in
         self.columns: dict = {}
 
     def units(self, start: int) -> Iterator[torch.Tensor]:
-        for unit in range(start, self.n_units):
+        for unit in range(self.part.first(start), self.n_units, self.part.count):
             yield self.features.sample(unit)[0]
 
 
