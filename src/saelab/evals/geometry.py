@@ -33,7 +33,7 @@ GEOMETRY_KEYS = ("max_decoder_cosine_mean", "near_duplicate_latents", "encoder_d
 def decoder_geometry(sae: SAE, chunk: int = 4096) -> dict:
     """Decoder-row and encoder/decoder cosines (per latent and summarised), in chunks of ``chunk`` rows so
     that a wide dictionary needs ``chunk x d_sae`` floats, not ``d_sae^2``."""
-    decoder = _unit(sae.W_dec.detach().float().cpu())
+    decoder = unit_rows(sae.W_dec.detach().float().cpu())
     d_sae = len(decoder)
     best = torch.full((d_sae,), -1.0)
     for start in range(0, d_sae, chunk):
@@ -41,7 +41,7 @@ def decoder_geometry(sae: SAE, chunk: int = 4096) -> dict:
         rows = torch.arange(start, min(start + chunk, d_sae))
         block[rows - start, rows] = -2.0  # a row's cosine with itself does not count
         best[rows] = block.max(dim=1).values
-    encoder = _unit(sae.W_enc.detach().float().cpu().T)
+    encoder = unit_rows(sae.W_enc.detach().float().cpu().T)
     alignment = (encoder * decoder).sum(dim=1)
     return {"max_decoder_cosine": best, "encoder_decoder_cosine": alignment,
             "max_decoder_cosine_mean": float(best.mean()) if d_sae > 1 else math.nan,
@@ -106,5 +106,6 @@ def geometry_metrics(sae: SAE, firing_frequency: torch.Tensor | None = None,
     return result
 
 
-def _unit(rows: torch.Tensor) -> torch.Tensor:
+def unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its norm (a zero row stays zero)."""
     return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)

@@ -21,6 +21,7 @@ import math
 import torch
 
 from saelab.data.synthetic import SyntheticFeatures
+from saelab.evals.geometry import unit_rows
 from saelab.sae import SAE
 
 GROUND_TRUTH_KEYS = ("mcc", "mean_max_cosine", "uniqueness", "duplicate_latents", "f1", "precision", "recall",
@@ -34,7 +35,7 @@ def ground_truth_metrics(sae: SAE, features: SyntheticFeatures, samples: int = 1
 
     sae = sae.eval()
     decoder = sae.W_dec.detach().float().cpu()
-    cosine = _unit(decoder) @ _unit(features.directions).T           # [d_sae, n_features]
+    cosine = unit_rows(decoder) @ unit_rows(features.directions).T           # [d_sae, n_features]
     latents, truths = linear_sum_assignment(cosine.numpy(), maximize=True)
     latents, truths = torch.as_tensor(latents), torch.as_tensor(truths)
     n_features = features.cfg.n_features
@@ -99,10 +100,6 @@ class _Counts:
     def fvu(self) -> float:
         variance = self.x_sq - float(self.x_sum.pow(2).sum()) / self.samples  # sum ||x - mean||^2
         return self.sq_err / variance if variance > 0 else math.nan
-
-
-def _unit(rows: torch.Tensor) -> torch.Tensor:
-    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def _mean(values: torch.Tensor) -> float:

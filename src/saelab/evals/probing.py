@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from itertools import islice
 
 import torch
 
@@ -104,8 +105,7 @@ def token_labels(tokenizer, token_ids: torch.Tensor) -> torch.Tensor:
     for index, token in enumerate(token_ids.tolist()):
         if token not in cache:
             text = tokenizer.decode([token]).strip()
-            cache[token] = 1 if any(c.isdigit() for c in text) and text.replace(",", "").replace(".", "").isdigit() \
-                else 0 if text.isalpha() else -1
+            cache[token] = 1 if text.replace(",", "").replace(".", "").isdigit() else 0 if text.isalpha() else -1
         labels[index] = cache[token]
     return labels
 
@@ -211,28 +211,30 @@ def _pooled(model, hook, sae, sequences: list[list[int]], skip: int, batch: int 
     return torch.stack(acts), torch.stack(latents)
 
 
-def _digit_tokens(model, tokenizer, hook, sae, per_class: int, bos: list[int], special: torch.Tensor):
+def _digit_tokens(model, tokenizer, hook, sae, per_class: int, bos: list[int], special: torch.Tensor,
+                  batch: int = 16, most: int = 400):
     """Token rows of python-docs passages labelled number (1) or word (0), balanced, until each class has
-    ``per_class`` (or 400 passages are read)."""
+    ``per_class`` (or ``most`` passages are read); the passages run through the model ``batch`` at a time."""
     from saelab.data.text import iter_documents
 
-    acts, latents, labels, counts, passages = [], [], [], [0, 0], 0
-    for document in iter_documents("python-docs"):
-        ids = tokenizer(document, add_special_tokens=False)["input_ids"]
-        for start in range(0, len(ids) - PASSAGE_TOKENS + 1, PASSAGE_TOKENS):
-            tokens = torch.tensor([bos + ids[start:start + PASSAGE_TOKENS]])
-            x = _activations(model, hook, tokens)[0, len(bos):]
-            label = token_labels(tokenizer, tokens[0, len(bos):])
-            keep = (label >= 0) & ~torch.isin(tokens[0, len(bos):], special)
-            acts.append(x[keep])
-            latents.append(sae.encode(x[keep]))
-            labels.append(label[keep])
-            counts = [counts[0] + int((label[keep] == 0).sum()), counts[1] + int((label[keep] == 1).sum())]
-            passages += 1
-            if min(counts) >= per_class or passages >= 400:
-                break
-        if min(counts) >= per_class or passages >= 400:
-            break
+    def passages():
+        for document in iter_documents("python-docs"):
+            ids = tokenizer(document, add_special_tokens=False)["input_ids"]
+            for start in range(0, len(ids) - PASSAGE_TOKENS + 1, PASSAGE_TOKENS):
+                yield bos + ids[start:start + PASSAGE_TOKENS]
+
+    acts, latents, labels, counts = [], [], [], torch.zeros(2, dtype=torch.long)
+    stream = islice(passages(), most)
+    while min(counts) < per_class and (chunk := list(islice(stream, batch))):
+        tokens = torch.tensor(chunk)[:, len(bos):]
+        x = _activations(model, hook, torch.tensor(chunk))[:, len(bos):]
+        label = token_labels(tokenizer, tokens.flatten())
+        keep = (label >= 0) & ~torch.isin(tokens.flatten(), special)
+        rows = x.reshape(-1, x.shape[-1])[keep]
+        acts.append(rows)
+        latents.append(sae.encode(rows))
+        labels.append(label[keep])
+        counts += torch.bincount(label[keep], minlength=2)
     labels = torch.cat(labels)
     chosen = balanced(labels, per_class)
     return torch.cat(acts)[chosen], torch.cat(latents)[chosen], labels[chosen]

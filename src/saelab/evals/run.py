@@ -19,6 +19,7 @@ from saelab.evals.report import write_report
 from saelab.models.hooks import capture
 from saelab.options import option
 from saelab.sae import load_sae
+from saelab.sae.format import read_sae_config
 from saelab.sae.neuronpedia import neuronpedia_url
 
 
@@ -109,7 +110,7 @@ def run_eval(cfg: EvalConfig, progress: bool = False, say=None) -> EvalResult:
     """Evaluate the SAE folder ``cfg.sae`` and write the report; raises ValueError & co on bad input."""
     say = say or (lambda message: None)
     folder = find_sae_folder(cfg.sae)
-    trained_on = load_sae(folder).cfg.metadata.get("synthetic_config")
+    trained_on = read_sae_config(folder).metadata.get("synthetic_config")
     if "synthetic" in cfg.suites or trained_on is not None:
         return _run_synthetic_eval(cfg, folder, trained_on, say)
     loaded = load_sae_and_model(cfg.sae, cfg.model, cfg.hook, cfg.device)

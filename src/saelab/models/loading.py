@@ -45,9 +45,7 @@ class ModelLoadError(RuntimeError):
     pass
 
 
-def cache_dir() -> Path:
-    """Where saelab keeps dequantised models (saelab.storage.saelab_cache_dir)."""
-    return saelab_cache_dir()
+cache_dir = saelab_cache_dir  # where saelab keeps dequantised models (and downloaded wheels)
 
 
 def default_device() -> torch.device:

@@ -121,12 +121,21 @@ def _replace_folder(new: Path, target: Path) -> None:
         os.replace(new, target)
 
 
-def load_sae(folder, device: str | torch.device = "cpu") -> nn.Module:
-    folder = Path(folder)
+def _config_json(folder: Path) -> dict:
     if not (folder / CONFIG_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
         raise SAEFormatError(f"{folder} is not an SAE folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "
                              "(a run folder keeps its SAE in <run>/final)")
-    raw = read_json(folder / CONFIG_FILE, "Save or download the SAE folder again.")
+    return read_json(folder / CONFIG_FILE, "Save or download the SAE folder again.")
+
+
+def read_sae_config(folder) -> SAEConfig:
+    """An SAE folder's config (cfg.json), without reading its weights."""
+    return config_from_json(_config_json(Path(folder)), str(folder))
+
+
+def load_sae(folder, device: str | torch.device = "cpu") -> nn.Module:
+    folder = Path(folder)
+    raw = _config_json(folder)
     cfg = config_from_json(raw, str(folder))
     tensors = read_safetensors(folder / WEIGHTS_FILE, "Save or download the SAE folder again.")
     saved_as = cfg.architecture
