@@ -387,6 +387,17 @@ def test_a_latent_that_is_the_label_probes_perfectly_at_k_1():
         probe_accuracies(activations[:10], latents[:10], torch.zeros(10, dtype=torch.long))
 
 
+def test_probing_many_saes_in_one_pass_equals_each_alone(lm):
+    from saelab.evals.probing import probing_metrics
+
+    saes = [make_sae("topk", k=4, seed=1), make_sae("standard", seed=2)]
+    args = (lm["model"], lm["tokenizer"], lm["hook"])
+    together = probing_metrics(*args, saes, ["corpus", "digits"], examples=60)
+    for sae, result in zip(saes, together):
+        assert probing_metrics(*args, [sae], ["corpus", "digits"], examples=60)[0] == result
+    assert together[0]["tasks"]["corpus"]["top_latents"] != together[1]["tasks"]["corpus"]["top_latents"]
+
+
 def test_eval_suite_probing_on_a_builtin_task_and_a_labelled_file(eval_inputs, capsys):
     from pydoc_data.topics import topics
 
@@ -408,3 +419,24 @@ def test_eval_suite_probing_on_a_builtin_task_and_a_labelled_file(eval_inputs, c
     rc, _, err = cli(["eval", str(eval_inputs["sae"]), "--suite", "probing", "--probe-tasks", "none",
                       "--probe-dataset", str(labelled), "--probe-label-column", "nope"], capsys)
     assert rc == 2 and "no label column 'nope'" in err
+
+
+def test_eval_suite_absorption_writes_its_section_and_plot(eval_inputs, capsys):
+    report = eval_inputs["root"] / "report-absorption"
+    rc, out, err = cli(["eval", str(eval_inputs["sae"]), "--dataset", str(eval_inputs["text"]), "--tokens", "128",
+                        "--no-downstream", "--suite", "absorption", "--absorption-words", "300",
+                        "--out", str(report)], capsys)
+    assert rc == 0, err
+    assert "first-letter absorption" in out and "letters_scored" in out
+    absorption = json.loads((report / "metrics.json").read_text())["absorption"]
+    assert [row["first_letter"] for row in absorption["letters"]] == list("abcdefghijklmnopqrstuvwxyz")
+    # the tiny random model does not know spelling (its probes detect nothing on test words); the computation
+    # itself is checked on planted data in test_absorption.py
+    assert absorption["letters_scored"] == sum(row["scored"] for row in absorption["letters"])
+    assert sum(row["num_probe_true_positives"] for row in absorption["letters"]) <= 18  # 20% of its 86 words
+    for row in absorption["letters"]:
+        assert 1 <= row["num_split_features"] <= 10 and len(row["k_sparse_f1"]) == 10
+        if row["num_probe_true_positives"]:
+            assert 0 <= row["mean_absorption_fraction"] <= 1 and 0 <= row["full_absorption_rate"] <= 1
+    assert "## Feature absorption (first letter)" in (report / "summary.md").read_text()
+    assert (report / "absorption.png").stat().st_size > 10_000

@@ -101,7 +101,23 @@ def test_sweep_end_to_end_collects_activations_once(tiny_model_dir, text_file, t
         assert -1 <= float(row["max_decoder_cosine_mean"]) <= 1 and int(row["near_duplicate_latents"]) >= 0
         assert -1 <= float(row["encoder_decoder_cosine_mean"]) <= 1
     assert "near-duplicates" in (out / "results.md").read_text()
-    assert main([*sweep_args(tiny_model_dir, text_file, out), "--suite", "probing"]) == 2
+
+    # --suite absorption,probing: their columns for the finished rows (the model loaded, no training pass).
+    assert main([*sweep_args(tiny_model_dir, text_file, out), "--suite", "geometry,absorption,probing"]) == 0
+    assert count_forwards["units"] == 0
+    with open(out / "results.csv") as handle:
+        judged = list(csv.DictReader(handle))
+    for before, row in zip(with_geometry, judged):
+        assert row["max_decoder_cosine_mean"] == before["max_decoder_cosine_mean"]  # kept, not recomputed
+        assert 0.3 <= float(row["sae_top_1_test_accuracy"]) <= 1 and 0.3 <= float(row["sae_top_5_test_accuracy"]) <= 1
+        # the tiny random model does not spell: no letter is scored (empty cells), see test_absorption.py
+        assert row["mean_num_split_features"] == "" or 1 <= float(row["mean_num_split_features"]) <= 10
+        saved = json.loads((out / row["run"] / "sweep_row.json").read_text())["row"]
+        assert "sae_top_1_test_accuracy" in saved and "mean_absorption_fraction_score" in saved
+    md = (out / "results.md").read_text()
+    assert "probe top-1" in md and "absorption" in md
+    assert set(json.loads((out / "sweep.json").read_text())["suite_seconds_per_sae"]) == {"absorption", "probing"}
+    assert main([*sweep_args(tiny_model_dir, text_file, out), "--suite", "spelling"]) == 2
 
 
 def test_grid_and_defaults():

@@ -331,6 +331,11 @@ def _eval(args) -> int:
             from saelab.evals.report import probing_markdown
 
             print("sparse probing (test accuracy):\n" + probing_markdown(result.metrics["probing"]))
+        if "absorption" in result.metrics:
+            from saelab.evals.report import ABSORPTION_KEYS
+
+            print(format_table(result.metrics["absorption"], title="first-letter absorption (per letter in "
+                               "summary.md):", keys=ABSORPTION_KEYS))
     if result.info.get("neuronpedia") and not args.json:
         print(f"Neuronpedia: {result.info['neuronpedia']}")
     say(f"report written to {result.report_dir}")

@@ -154,6 +154,17 @@ class TrainingData:
         self.source = TensorSource(torch.cat(chunks), columns=self.columns)
         return rows, time.perf_counter() - t0
 
+    def language_model(self):
+        """``(model, tokenizer, {hook name: HookPoint})``, the model loaded now if the data came from a cache;
+        synthetic data has none (ValueError)."""
+        if self.synthetic is not None:
+            raise ValueError("synthetic activations come from no language model: the suites that run prompts "
+                             "through one (absorption, probing) need text or a cache of a model's activations")
+        if self.model is None:
+            self.model, self.tokenizer = load_model(self.cfg.model, self.cfg.device)
+            self.hooks = {name: resolve_hook(self.model, name) for name in self.hook_names}
+        return self.model, self.tokenizer, self.hooks
+
     def held_out(self) -> HeldOut | None:
         """The held-out data (built on first use; loads the model when a cache run names --eval-dataset);
         None when the run evaluates nothing (eval_tokens 0)."""
@@ -169,9 +180,7 @@ class TrainingData:
                 self._held_out = HeldOut(f"{cfg.activations} (last {contexts} contexts, held out)",
                                          contexts * cfg.context_size, cache=self.cache, cache_start=self.eval_start)
             else:
-                if self.model is None:  # a cache run evaluated on text: the model is loaded for that alone
-                    self.model, self.tokenizer = load_model(cfg.model, cfg.device)
-                    self.hooks = {name: resolve_hook(self.model, name) for name in self.hook_names}
+                self.language_model()  # a cache run evaluated on text: the model is loaded for that alone
                 dataset = cfg.eval_dataset or cfg.dataset
                 reader = text_activations(self.model, self.tokenizer, list(self.hooks.values())[0], cfg, dataset,
                                           max_contexts=held_out_contexts(cfg))

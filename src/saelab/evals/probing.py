@@ -24,6 +24,7 @@ from itertools import islice
 import torch
 
 PROBE_KS = (1, 2, 5, 10, 20)
+DEFAULT_EXAMPLES = 1000     # examples per task (saelab eval --probe-examples)
 PASSAGE_TOKENS = 64
 BUILTIN_TASKS = {
     "corpus": "Python language reference (0) vs standard-library docstrings (1), one 64-token passage each",
@@ -54,27 +55,87 @@ def probe_accuracies(activations: torch.Tensor, latents: torch.Tensor, labels: t
     return result
 
 
-def _probe(features: torch.Tensor, labels: torch.Tensor, train: torch.Tensor, test: torch.Tensor,
-           weight_decay: float = 1e-3, steps: int = 100) -> float:
-    """Test accuracy of an L2-regularised logistic regression fit (L-BFGS) on standardised features."""
+def _probe(features: torch.Tensor, labels: torch.Tensor, train: torch.Tensor, test: torch.Tensor) -> float:
+    """Test accuracy of a logistic-regression probe fit on the train rows."""
+    weights, bias = fit_logistic(features[train], labels[train])
+    predicted = (features[test].double() @ weights + bias) > 0
+    return float((predicted == labels[test].bool()).double().mean())
+
+
+def fit_logistic(features: torch.Tensor, labels: torch.Tensor, weight_decay: float = 1e-3, balanced: bool = False,
+                 steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """An L2-regularised logistic regression of 0/1 ``labels`` [..., n] on ``features`` [..., n, m], fit
+    (L-BFGS) on standardised features and returned as ``(weights [..., m], bias [...])`` of the raw features
+    (float64): a row's score is ``row @ weights + bias``. Leading dimensions are independent problems fit
+    together (their losses summed). ``balanced`` weighs each class by the inverse of its share."""
     x = features.double()
-    mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-8)
+    mean = x.mean(-2, keepdim=True)
+    std = x.std(-2, keepdim=True).clamp_min(1e-8) if x.shape[-2] > 1 else torch.ones_like(mean)
     x = (x - mean) / std
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    y = labels[train].double()
+    y = labels.double()
+    positives = y.mean(-1, keepdim=True).clamp(1e-6, 1 - 1e-6)
+    sample_weight = torch.where(y > 0, 0.5 / positives, 0.5 / (1 - positives)) if balanced else torch.ones_like(y)
+    if x.shape[-1] <= NEWTON_FEATURES:
+        w, b = _newton(x, y, sample_weight, weight_decay, steps)
+    else:
+        w, b = _lbfgs(x, y, sample_weight, weight_decay, steps)
+    weights = w / std.squeeze(-2)
+    return weights, b - (mean.squeeze(-2) * weights).sum(-1)
+
+
+NEWTON_FEATURES = 64     # up to this many features the exact Hessian is cheap: Newton's method, else L-BFGS
+
+
+def _logistic_loss(x, y, sample_weight, weight_decay, w, b):
+    """The objective of every problem ([...]): weighted mean cross-entropy plus the L2 penalty on w."""
+    logits = (x @ w.unsqueeze(-1)).squeeze(-1) + b.unsqueeze(-1)
+    per_row = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none") * sample_weight
+    return per_row.mean(-1) + weight_decay * w.pow(2).sum(-1)
+
+
+def _lbfgs(x, y, sample_weight, weight_decay, steps):
+    w = torch.zeros(x.shape[:-2] + x.shape[-1:], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(x.shape[:-2], dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
 
     def loss():
         optimizer.zero_grad()
-        value = torch.nn.functional.binary_cross_entropy_with_logits(x[train] @ w + b, y) + weight_decay * w.pow(2).sum()
+        value = _logistic_loss(x, y, sample_weight, weight_decay, w, b).sum()
         value.backward()
         return value
 
-    optimizer.step(loss)
-    with torch.no_grad():
-        predicted = (x[test] @ w + b) > 0
-    return float((predicted == labels[test].bool()).double().mean())
+    with torch.enable_grad():  # callers may be under no_grad
+        optimizer.step(loss)
+    return w.detach(), b.detach()
+
+
+def _newton(x, y, sample_weight, weight_decay, steps, tolerance=1e-10):
+    """Newton's method on all problems at once, each step halved (up to five times) until its loss falls."""
+    n, m = x.shape[-2], x.shape[-1]
+    with_bias = torch.cat([x, torch.ones_like(x[..., :1])], -1)                  # [..., n, m + 1]
+    penalty = torch.full((m + 1,), 2 * weight_decay, dtype=x.dtype)
+    penalty[-1] = 1e-9                                                           # keeps the bias row regular
+    theta = torch.zeros(x.shape[:-2] + (m + 1,), dtype=x.dtype)
+    loss = _logistic_loss(x, y, sample_weight, weight_decay, theta[..., :m], theta[..., m])
+    for _ in range(steps):
+        p = torch.sigmoid((with_bias @ theta.unsqueeze(-1)).squeeze(-1))
+        gradient = (with_bias.transpose(-1, -2) @ (sample_weight * (p - y)).unsqueeze(-1)).squeeze(-1) / n
+        gradient = gradient + penalty * theta
+        curvature = sample_weight * p * (1 - p) / n
+        hessian = with_bias.transpose(-1, -2) @ (with_bias * curvature.unsqueeze(-1)) + torch.diag(penalty)
+        step = torch.linalg.solve(hessian, gradient.unsqueeze(-1)).squeeze(-1)
+        best, best_loss = theta, loss
+        for size in (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125):
+            candidate = theta - size * step
+            candidate_loss = _logistic_loss(x, y, sample_weight, weight_decay, candidate[..., :m], candidate[..., m])
+            better = candidate_loss < best_loss
+            best = torch.where(better.unsqueeze(-1), candidate, best)
+            best_loss = torch.where(better, candidate_loss, best_loss)
+        moved = (best - theta).abs().max()
+        theta, loss = best, best_loss
+        if moved < tolerance:
+            break
+    return theta[..., :m], theta[..., m]
 
 
 # --- examples --------------------------------------------------------------------------------------------
@@ -142,28 +203,34 @@ def mean_or_nan(values) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-# --- running the tasks through a model and an SAE ------------------------------------------------------------
+# --- running the tasks through a model and its SAEs ------------------------------------------------------------
 @torch.no_grad()
-def probing_metrics(model, tokenizer, hook, sae, tasks: list[str], examples: int = 1000,
+def probing_metrics(model, tokenizer, hook, saes: list, tasks: list[str], examples: int = DEFAULT_EXAMPLES,
                     dataset: str | None = None, split: str = "train", text_column: str | None = None,
-                    label_column: str = "label", prepend_bos: bool = True, progress=None) -> dict:
-    """Every task's probe accuracies (``tasks``: built-in names; ``dataset``: a labelled dataset, each label
-    against the rest), and their means over the tasks (``mean``)."""
+                    label_column: str = "label", prepend_bos: bool = True, progress=None, seed: int = 0) -> list[dict]:
+    """For each SAE of ``saes`` (all reading ``hook``; the model runs once for all of them): every task's
+    probe accuracies (``tasks``: built-in names; ``dataset``: a labelled dataset, each label against the
+    rest) and their means over the tasks (``mean``)."""
     from saelab.data.tokens import bos_id, special_ids
 
     say = progress or (lambda message: None)
     bos = [bos_id(tokenizer)] if prepend_bos else []
     special = special_ids(tokenizer)
-    results: dict[str, dict] = {}
+    results: list[dict[str, dict]] = [{} for _ in saes]
+
+    def probe_all(name, acts, latents, labels):
+        for result, sae_latents in zip(results, latents):
+            result[name] = probe_accuracies(acts, sae_latents, labels, seed=seed)
+
     for task in tasks:
         say(f"probing: {task} ({BUILTIN_TASKS[task]})")
         if task == "corpus":
             passages, labels = corpus_passages(tokenizer, examples // 2)
-            acts, latents = _pooled(model, hook, sae, [bos + p for p in passages], len(bos))
-            results[task] = probe_accuracies(acts, latents, torch.tensor(labels))
+            acts, latents = _pooled(model, hook, saes, [bos + p for p in passages], len(bos))
+            probe_all(task, acts, latents, torch.tensor(labels))
         elif task == "digits":
-            acts, latents, labels = _digit_tokens(model, tokenizer, hook, sae, examples // 2, bos, special)
-            results[task] = probe_accuracies(acts, latents, labels)
+            acts, latents, labels = _digit_tokens(model, tokenizer, hook, saes, examples // 2, bos, special, seed=seed)
+            probe_all(task, acts, latents, labels)
     if dataset is not None:
         rows = list(labelled_texts(dataset, split, text_column, label_column, examples))
         classes = sorted({str(label) for _, label in rows})
@@ -172,13 +239,12 @@ def probing_metrics(model, tokenizer, hook, sae, tasks: list[str], examples: int
                              "label(s); probing needs two or more")
         say(f"probing: {dataset} ({len(rows)} texts, labels {', '.join(classes[:10])})")
         ids = [bos + tokenizer(text, add_special_tokens=False)["input_ids"][:PASSAGE_TOKENS * 2] for text, _ in rows]
-        acts, latents = _pooled(model, hook, sae, ids, len(bos))
+        acts, latents = _pooled(model, hook, saes, ids, len(bos))
         for name in classes[:10]:
-            labels = torch.tensor([int(str(label) == name) for _, label in rows])
-            results[f"{label_column}={name}"] = probe_accuracies(acts, latents, labels)
+            probe_all(f"{label_column}={name}", acts, latents, torch.tensor([int(str(label) == name) for _, label in rows]))
     summary_keys = ["llm_test_accuracy", "sae_test_accuracy", *(f"sae_top_{k}_test_accuracy" for k in PROBE_KS)]
-    return {"tasks": results,
-            "mean": {key: mean_or_nan(r.get(key) for r in results.values()) for key in summary_keys}}
+    return [{"tasks": result, "mean": {key: mean_or_nan(r.get(key) for r in result.values()) for key in summary_keys}}
+            for result in results]
 
 
 def _activations(model, hook, token_ids: torch.Tensor) -> torch.Tensor:
@@ -188,31 +254,33 @@ def _activations(model, hook, token_ids: torch.Tensor) -> torch.Tensor:
     return capture(model, token_ids.to(device), [hook])[hook.name].float().cpu()
 
 
-def _pooled(model, hook, sae, sequences: list[list[int]], skip: int, batch: int = 16):
-    """Mean over each sequence's tokens (after the first ``skip``, the BOS) of the activation and of the
-    SAE's latents; sequences of equal length run in batches, the others one at a time."""
-    acts, latents = [], []
+def _encode(sae, x: torch.Tensor) -> torch.Tensor:
+    return sae.encode(x.to(sae.W_dec.device, sae.W_dec.dtype)).float().cpu()
+
+
+def _pooled(model, hook, saes: list, sequences: list[list[int]], skip: int, batch: int = 16):
+    """Mean over each sequence's tokens (after the first ``skip``, the BOS) of the activation and of each
+    SAE's latents (``[n, d_in]`` and one ``[n, d_sae]`` per SAE); sequences of equal length run in batches."""
     by_length: dict[int, list[int]] = {}
     for index, sequence in enumerate(sequences):
         by_length.setdefault(len(sequence), []).append(index)
-    pooled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    pooled: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
     for length, indices in by_length.items():
         if length <= skip:
             raise ValueError("a probing text gave no token after BOS; drop empty texts")
         for start in range(0, len(indices), batch):
             chosen = indices[start:start + batch]
             x = _activations(model, hook, torch.tensor([sequences[i] for i in chosen]))[:, skip:]
-            codes = sae.encode(x)
+            codes = [_encode(sae, x) for sae in saes]
             for row, i in enumerate(chosen):
-                pooled[i] = (x[row].mean(0), codes[row].mean(0))
-    for index in range(len(sequences)):
-        acts.append(pooled[index][0])
-        latents.append(pooled[index][1])
-    return torch.stack(acts), torch.stack(latents)
+                pooled[i] = (x[row].mean(0), [c[row].mean(0) for c in codes])
+    order = range(len(sequences))
+    return (torch.stack([pooled[i][0] for i in order]),
+            [torch.stack([pooled[i][1][s] for i in order]) for s in range(len(saes))])
 
 
-def _digit_tokens(model, tokenizer, hook, sae, per_class: int, bos: list[int], special: torch.Tensor,
-                  batch: int = 16, most: int = 400):
+def _digit_tokens(model, tokenizer, hook, saes: list, per_class: int, bos: list[int], special: torch.Tensor,
+                  batch: int = 16, most: int = 400, seed: int = 0):
     """Token rows of python-docs passages labelled number (1) or word (0), balanced, until each class has
     ``per_class`` (or ``most`` passages are read); the passages run through the model ``batch`` at a time."""
     from saelab.data.text import iter_documents
@@ -223,7 +291,7 @@ def _digit_tokens(model, tokenizer, hook, sae, per_class: int, bos: list[int], s
             for start in range(0, len(ids) - PASSAGE_TOKENS + 1, PASSAGE_TOKENS):
                 yield bos + ids[start:start + PASSAGE_TOKENS]
 
-    acts, latents, labels, counts = [], [], [], torch.zeros(2, dtype=torch.long)
+    acts, latents, labels, counts = [], [[] for _ in saes], [], torch.zeros(2, dtype=torch.long)
     stream = islice(passages(), most)
     while min(counts) < per_class and (chunk := list(islice(stream, batch))):
         tokens = torch.tensor(chunk)[:, len(bos):]
@@ -232,9 +300,10 @@ def _digit_tokens(model, tokenizer, hook, sae, per_class: int, bos: list[int], s
         keep = (label >= 0) & ~torch.isin(tokens.flatten(), special)
         rows = x.reshape(-1, x.shape[-1])[keep]
         acts.append(rows)
-        latents.append(sae.encode(rows))
+        for codes, sae in zip(latents, saes):
+            codes.append(_encode(sae, rows))
         labels.append(label[keep])
         counts += torch.bincount(label[keep], minlength=2)
     labels = torch.cat(labels)
-    chosen = balanced(labels, per_class)
-    return torch.cat(acts)[chosen], torch.cat(latents)[chosen], labels[chosen]
+    chosen = balanced(labels, per_class, seed)
+    return torch.cat(acts)[chosen], [torch.cat(codes)[chosen] for codes in latents], labels[chosen]

@@ -86,6 +86,8 @@ def write_report(report_dir, metrics: dict, info: dict) -> dict[str, Path]:
                            fvu=metrics.get("fvu"))
     if "geometry" in metrics:
         paths["geometry.png"] = plot_geometry(metrics["geometry"], report_dir / "geometry.png")
+    if "absorption" in metrics:
+        paths["absorption.png"] = plot_absorption(metrics["absorption"], report_dir / "absorption.png")
     return paths
 
 
@@ -100,6 +102,54 @@ def probing_markdown(probing: dict) -> str:
         lines.append(f"| {task} | {result.get('examples', '')} | " + " | ".join(_value(result.get(key)) for key in keys)
                      + " |")
     return "\n".join(lines)
+
+
+ABSORPTION_KEYS = ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features",
+                   "letters_scored")
+
+
+def absorption_markdown(absorption: dict) -> str:
+    """The mean scores, then one row per letter (those not scored marked), with fully absorbed words."""
+    lines = ["| score | value |", "|---|---|"]
+    lines += [f"| `{key}` | {_value(absorption.get(key))} |" for key in ABSORPTION_KEYS]
+    lines += ["", "| letter | probe F1 | words detected | main latents | absorption fraction | full absorption "
+              "| fully absorbed (absorbing latent) |", "|---|---|---|---|---|---|---|"]
+    for row in absorption["letters"]:
+        examples = ", ".join(f"`{e['word'].strip()}` ({e['absorbing_latent']})" for e in row["absorbed_examples"])
+        mark = "" if row["scored"] else " (not scored)"
+        lines.append(f"| {row['first_letter']}{mark} | {_value(row['probe_f1'])} | {row['num_probe_true_positives']} "
+                     f"| {', '.join(map(str, row['main_latents']))} | {_value(row['mean_absorption_fraction'])} "
+                     f"| {_value(row['full_absorption_rate'])} | {examples} |")
+    return "\n".join(lines)
+
+
+def plot_absorption(absorption: dict, out_path) -> Path:
+    """Per letter: the absorption fraction and full-absorption rate (bars) and the number of main latents."""
+    plt = _pyplot()
+    rows = absorption["letters"]
+    letters = [row["first_letter"] for row in rows]
+    positions = list(range(len(rows)))
+
+    def values(key):
+        return [row[key] if row["scored"] and row[key] is not None else float("nan") for row in rows]
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True)
+    top.bar([p - 0.2 for p in positions], values("mean_absorption_fraction"), width=0.4, label="absorption fraction")
+    top.bar([p + 0.2 for p in positions], values("full_absorption_rate"), width=0.4, label="full absorption rate")
+    top.set_ylabel("rate")
+    top.set_title(f"first-letter absorption: mean fraction {_value(absorption['mean_absorption_fraction_score'])}, "
+                  f"full {_value(absorption['mean_full_absorption_score'])} over {absorption['letters_scored']} "
+                  "letters (gaps: not scored)")
+    top.legend(fontsize=8)
+    bottom.bar(positions, [row["num_split_features"] for row in rows], color="tab:green")
+    bottom.set_ylabel("main latents")
+    bottom.set_xticks(positions, letters)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return Path(out_path)
 
 
 def plot_geometry(geometry: dict, out_path) -> Path:
@@ -128,8 +178,9 @@ def report_json(metrics: dict, info: dict) -> dict:
     out = {key: metrics[key] for key in dict.fromkeys((*METRIC_KEYS, *GROUND_TRUTH_KEYS)) if key in metrics}
     if "error_by_position" in metrics:
         out["error_by_position"] = metrics["error_by_position"]
-    if "probing" in metrics:
-        out["probing"] = metrics["probing"]
+    for suite in ("probing", "absorption"):
+        if suite in metrics:
+            out[suite] = metrics[suite]
     if "geometry" in metrics:  # the summaries; the per-latent values are in geometry.png
         out["geometry"] = {key: value for key, value in metrics["geometry"].items()
                            if not isinstance(value, torch.Tensor)}
@@ -167,6 +218,9 @@ def summary_markdown(metrics: dict, info: dict) -> str:
         lines += ["", "![geometry](geometry.png)"]
     if "probing" in metrics:
         lines += ["", "## Sparse probing (test accuracy)", "", probing_markdown(metrics["probing"])]
+    if "absorption" in metrics:
+        lines += ["", "## Feature absorption (first letter)", "", absorption_markdown(metrics["absorption"]), "",
+                  "![absorption](absorption.png)"]
     lines += ["", "The SAE is spliced in, and zero-ablation applied, only at the evaluated positions; CE and KL "
               "are averaged over next-token predictions whose target is such a position.", "",
               "![latent density](density_histogram.png)", "", "![error by position](error_by_position.png)", ""]

@@ -9,12 +9,13 @@ from pathlib import Path
 
 from saelab.data.text import BUILTIN_CORPORA, describe_source
 from saelab.data.synthetic import SyntheticConfig, SyntheticFeatures
+from saelab.evals.absorption import DEFAULT_WORDS as ABSORPTION_WORDS, absorption_metrics, letter_probes, spelling_set
 from saelab.evals.geometry import geometry_metrics
 from saelab.evals.ground_truth import ground_truth_metrics
 from saelab.evals.loading import corpus_source, find_sae_folder, load_sae_and_model
 from saelab.evals.metrics import evaluate
 from saelab.evals.options import CorpusOptions, SAEOptions
-from saelab.evals.probing import BUILTIN_TASKS, probing_metrics
+from saelab.evals.probing import BUILTIN_TASKS, DEFAULT_EXAMPLES as PROBE_EXAMPLES, probing_metrics
 from saelab.evals.report import write_report
 from saelab.models.hooks import capture
 from saelab.options import option
@@ -44,8 +45,13 @@ class EvalConfig(SAEOptions, CorpusOptions):
                                        "dataset or hub id) with a text column (--text-column) and --probe-label-"
                                        "column; each label is probed against the rest.")
     probe_label_column: str = option("label", "probing suite: the label column of --probe-dataset.")
-    probe_examples: int = option(1000, "probing suite: examples per task (half of each class for the built-in "
+    probe_examples: int = option(PROBE_EXAMPLES, "probing suite: examples per task (half of each class for the built-in "
                                  "ones), 80% to fit the probes, 20% to test them.", positive=True)
+    absorption_words: int = option(ABSORPTION_WORDS, "absorption suite: words drawn from the model's vocabulary (one prompt "
+                                   "each, 80% to fit the probes, 20% on which absorption is measured); more words "
+                                   "score rare letters too, at ~90 tokens of model time each.", positive=True)
+    seed: int = option(0, "Seed of the probing and absorption suites' draws (train/test splits, balanced "
+                       "examples, which words and which solved examples precede them).")
 
     def __post_init__(self):
         unknown = [name for name in self.suites if name not in SUITES]
@@ -71,6 +77,9 @@ SUITES = {
     "core": "reconstruction (L0, FVU, cosine), CE/KL with the SAE spliced in, dead and dense latents",
     "geometry": "decoder-row cosines (near-duplicates), encoder/decoder alignment, firing-frequency buckets, "
                 "latents that fire on one token id only",
+    "absorption": "feature absorption on first-letter spelling (SAEBench's): letter probes on vocabulary words, "
+                  "each letter's main latents by k-sparse probing, how often another latent takes the letter's "
+                  "direction (absorption fraction, full absorption rate) and feature splitting",
     "probing": "sparse probing: logistic-regression probes on the top 1-20 latents (by class-mean difference) "
                "against a probe on the full activation, on built-in tasks and --probe-dataset",
     "synthetic": "for an SAE trained on synthetic data: MCC, F1, uniqueness and shrinkage against the true "
@@ -161,8 +170,15 @@ def run_eval(cfg: EvalConfig, progress: bool = False, say=None) -> EvalResult:
         metrics["geometry"] = geometry_metrics(sae, metrics["firing_frequency"], _hook_rows(loaded, source))
     if "probing" in cfg.suites:
         metrics["probing"] = probing_metrics(
-            loaded.model, loaded.tokenizer, loaded.hook, sae, cfg.probe_task_names, cfg.probe_examples,
-            cfg.probe_dataset, cfg.dataset_split, cfg.text_column, cfg.probe_label_column, prepend_bos, say)
+            loaded.model, loaded.tokenizer, loaded.hook, [sae], cfg.probe_task_names, cfg.probe_examples,
+            cfg.probe_dataset, cfg.dataset_split, cfg.text_column, cfg.probe_label_column, prepend_bos, say,
+            cfg.seed)[0]
+    if "absorption" in cfg.suites:
+        say(f"absorption: first-letter prompts for {cfg.absorption_words:,} vocabulary words, letter probes, "
+            "k-sparse probes on the latents")
+        spelling = spelling_set(model, loaded.tokenizer, loaded.hook, cfg.absorption_words, cfg.seed,
+                                prepend_bos=prepend_bos, progress=progress)
+        metrics["absorption"] = absorption_metrics(sae, spelling, letter_probes(spelling))
     report_dir = Path(cfg.out).expanduser() if cfg.out else default_report_dir(folder, cfg.dataset)
     files = write_report(report_dir, metrics, info)
     return EvalResult(metrics, info, report_dir, files)

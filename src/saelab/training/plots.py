@@ -38,8 +38,9 @@ def plot_training_curves(metrics_path, out_path) -> Path | None:
 
 
 def plot_pareto(rows: list[dict], path, title: str = "") -> Path:
-    """Explained variance against L0 (log scale), one line per architecture; CE-loss recovered beside it
-    when measured, and on synthetic data F1 and MCC against the true features."""
+    """Explained variance against L0 (log scale), one line per architecture; beside it, each measured of:
+    CE-loss recovered, F1 and MCC against the true features (synthetic data), first-letter absorption and
+    split features (--suite absorption), top-1 sparse-probing accuracy (--suite probing); three panels a row."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,9 +52,18 @@ def plot_pareto(rows: list[dict], path, title: str = "") -> Path:
         panels.append(("ce_loss_score", "CE-loss recovered"))
     if any(row.get("mcc") is not None for row in rows):  # synthetic data: how well the true features were found
         panels += [("f1", "F1 of firing (matched true features)"), ("mcc", "MCC (decoder vs true directions)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    if any(row.get("mean_absorption_fraction_score") is not None for row in rows):
+        panels += [("mean_absorption_fraction_score", "first-letter absorption fraction (lower is better)"),
+                   ("mean_num_split_features", "main latents per letter (feature splitting)")]
+    if any(row.get("sae_top_1_test_accuracy") is not None for row in rows):
+        panels.append(("sae_top_1_test_accuracy", "sparse probing accuracy, top-1 latent"))
+    columns = min(3, len(panels))
+    lines = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(6.5 * columns, 5 * lines), squeeze=False)
+    for ax in axes.flatten()[len(panels):]:
+        ax.set_visible(False)
     architectures = list(dict.fromkeys(row["architecture"] for row in rows))
-    for ax, (key, label) in zip(axes[0], panels):
+    for ax, (key, label) in zip(axes.flatten(), panels):
         for arch in architectures:
             points = sorted((row["l0"], row[key], row["sparsity_setting"]) for row in rows
                             if row["architecture"] == arch and finite(row.get("l0")) and row["l0"] > 0

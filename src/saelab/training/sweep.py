@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 from saelab.data.sources import TrainingData
+from saelab.evals.absorption import DEFAULT_WORDS as ABSORPTION_WORDS, absorption_metrics, letter_probes, spelling_set
 from saelab.evals.geometry import decoder_geometry
+from saelab.evals.probing import BUILTIN_TASKS, DEFAULT_EXAMPLES as PROBE_EXAMPLES, probing_metrics
 from saelab.evals.held_out import evaluate_held_out
 from saelab.files import folder_lock, read_json, write_json
 from saelab.log import say
@@ -43,6 +45,11 @@ COLUMNS = tuple(column for column, _, _ in TABLE)
 # On synthetic data (--synthetic): the scores against the true features, after explained variance.
 GEOMETRY_TABLE = (("max_decoder_cosine_mean", "max decoder cos", 3), ("near_duplicate_latents", "near-duplicates", 0),
                   ("encoder_decoder_cosine_mean", "enc/dec cos", 3))
+# --suite absorption and probing (means over the letters and over the built-in probing tasks).
+ABSORPTION_TABLE = (("mean_absorption_fraction_score", "absorption", 4), ("mean_full_absorption_score",
+                    "full absorption", 4), ("mean_num_split_features", "split features", 2))
+PROBING_TABLE = (("sae_top_1_test_accuracy", "probe top-1", 4), ("sae_top_5_test_accuracy", "probe top-5", 4))
+SUITE_TABLES = {"geometry": GEOMETRY_TABLE, "absorption": ABSORPTION_TABLE, "probing": PROBING_TABLE}
 GROUND_TRUTH_TABLE = (("mcc", "MCC", 4), ("f1", "F1", 4), ("uniqueness", "uniqueness", 4), ("true_l0", "true L0", 2),
                       ("shrinkage", "shrinkage", 4))
 
@@ -63,16 +70,19 @@ class SweepConfig:
                                            positive=True)
     downstream: bool = option(True, "Also measure CE-loss and KL recovered with each SAE spliced into the "
                               "model on the held-out text (--no-downstream: reconstruction metrics only).")
-    suite: str = option("core", "Evaluations whose figures become columns, comma-separated: core (always), "
-                        "geometry (mean max decoder cosine, near-duplicate latents, encoder/decoder cosine). "
-                        "Synthetic data always adds its ground-truth scores; for probing, run `saelab eval "
-                        "RUN --suite probing` on the grid points.")
+    suite: str = option("core", "Evaluations whose figures become columns (and Pareto panels), comma-separated: "
+                        "core (always); geometry (mean max decoder cosine, near-duplicate latents, encoder/decoder "
+                        "cosine); absorption (first-letter absorption fraction, full absorption rate, split "
+                        "features: `saelab eval --suite absorption` at its defaults, the prompts run once for all "
+                        "SAEs); probing (top-1 and top-5 sparse-probing accuracy, mean over the built-in tasks, "
+                        "one model pass for all SAEs). Synthetic data always adds its ground-truth scores. "
+                        "Finished grid points get the columns they lack without retraining.")
 
     def __post_init__(self):
-        unknown = set(parse_list(self.suite)) - {"core", "geometry"}
+        unknown = set(parse_list(self.suite)) - {"core", *SUITE_TABLES}
         if unknown:
-            raise ValueError(f"invalid sweep config: --suite {', '.join(sorted(unknown))}: the sweep's suites are core "
-                             "and geometry (probing and the others: `saelab eval RUN --suite ...`)")
+            raise ValueError(f"invalid sweep config: --suite {', '.join(sorted(unknown))}: the sweep's suites are "
+                             f"core, {', '.join(SUITE_TABLES)}")
         try:
             names = (parse_list(self.architectures) if self.architectures is not None
                      else [arch.name for arch in all_architectures() if arch.in_default_sweep])
@@ -166,6 +176,9 @@ def _sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool) -> SweepResult
     torch.manual_seed(base.seed)
     data = TrainingData(base, [base.hook])
     base = data.fixed(base)
+    if data.synthetic is not None and {"absorption", "probing"} & set(parse_list(scfg.suite)):
+        raise ValueError("--suite absorption and probing run prompts through the language model; synthetic data "
+                         "has none (its ground-truth scores are always measured)")
     points = grid(scfg, base)
     rows: dict[str, dict] = {}          # grid point name -> its table row
     to_evaluate: list[tuple] = []       # (point, sae, training figures): trained, evaluated together at the end
@@ -175,9 +188,6 @@ def _sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool) -> SweepResult
         reused = None if overwrite else _saved_for(run_dir / ROW_FILE, point.cfg, "row")
         trained = None if overwrite or reused else _saved_for(run_dir / TRAINED_FILE, point.cfg, "trained")
         if reused is not None:
-            if "geometry" in parse_list(scfg.suite) and reused.get("near_duplicate_latents") is None:
-                geometry = decoder_geometry(load_sae(run_dir / "final"))  # a row from before --suite geometry
-                reused.update({key: geometry[key] for key, _, _ in GEOMETRY_TABLE})
             rows[point.name] = reused
         elif trained is not None:
             to_evaluate.append((point, load_sae(run_dir / "final"), trained))
@@ -204,6 +214,7 @@ def _sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool) -> SweepResult
                 to_evaluate.append((point, summary.sae, summary.training))
     if completed and to_evaluate:
         rows.update(_evaluate_together(data, to_evaluate, scfg, base))
+    suite_seconds = _add_suite_columns(rows, points, scfg, data, base)
     rows = [rows[point.name] for point in points if point.name in rows]
 
     write_table(rows, out / "results.csv", out / "results.md")
@@ -213,7 +224,7 @@ def _sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool) -> SweepResult
     write_json(out / "sweep.json", {
         "sweep": asdict(scfg), "shared": {k: v for k, v in asdict(base).items() if k not in per_point},
         "activation_rows": activation_rows, "collect_seconds": collect_seconds,
-        "completed": completed, "rows": rows})
+        "completed": completed, "suite_seconds_per_sae": suite_seconds, "rows": rows})
     say(f"results in {out / 'results.md'} (and .csv); Pareto plot in {out / 'pareto.png'}")
     return SweepResult(out, rows, completed, collect_seconds)
 
@@ -232,14 +243,11 @@ def _evaluate_together(data: TrainingData, to_evaluate: list[tuple], scfg: Sweep
     rows = {}
     for (point, sae, trained), metrics in zip(to_evaluate, evaluated):
         metrics.pop("error_by_position", None)
-        if "geometry" in parse_list(scfg.suite):
-            geometry = decoder_geometry(sae)
-            metrics.update({key: geometry[key] for key, _, _ in GEOMETRY_TABLE})
         save_evaluated(point.cfg, sae, metrics, trained)
         row = {"architecture": point.architecture, "sparsity_setting": point.label,
                "l0": metrics.get("l0"), "explained_variance": metrics.get("explained_variance"),
                "ce_loss_score": metrics.get("ce_loss_score"), "kl_score": metrics.get("kl_score"),
-               **{key: metrics.get(key) for key, _, _ in (*GROUND_TRUTH_TABLE, *GEOMETRY_TABLE) if key in metrics},
+               **{key: metrics.get(key) for key, _, _ in GROUND_TRUTH_TABLE if key in metrics},
                "dead_fraction": trained["dead_fraction"], "eval_dead_fraction": metrics.get("dead_fraction"),
                "train_seconds": trained["train_seconds"], "eval_seconds": eval_seconds,
                "wall_seconds": trained["train_seconds"] + eval_seconds, "dead_latent_remedy": point.cfg.remedy,
@@ -251,6 +259,52 @@ def _evaluate_together(data: TrainingData, to_evaluate: list[tuple], scfg: Sweep
         say(f"  {point.name}: L0 {_num(row['l0'])}, explained variance {_num(row['explained_variance'])}, "
             f"{scores}, dead {row['dead_fraction']:.3f}")
     return rows
+
+
+def _add_suite_columns(rows: dict[str, dict], points: list[GridPoint], scfg: SweepConfig, data: TrainingData,
+                       base: TrainConfig) -> dict[str, float]:
+    """The --suite columns for every finished grid point that lacks them (new ones, and rows from an earlier
+    sweep without that suite), each suite's model work done once for all of them; the rows are saved again.
+    Returns each suite's seconds per SAE."""
+    seconds = {}
+    for suite in (name for name in parse_list(scfg.suite) if name in SUITE_TABLES):
+        table = SUITE_TABLES[suite]
+        missing = [point for point in points if point.name in rows and table[0][0] not in rows[point.name]]
+        if not missing:
+            continue
+        say(f"{suite}: {len(missing)} SAE{'s' if len(missing) > 1 else ''}")
+        t0 = time.perf_counter()
+        saes = [load_sae(Path(point.cfg.out) / "final") for point in missing]
+        figures = SUITE_COLUMNS[suite](saes, data, base)
+        seconds[suite] = (time.perf_counter() - t0) / len(missing)
+        for point, found in zip(missing, figures):
+            row = rows[point.name]
+            row.update({key: found[key] if finite(found.get(key)) else None for key, _, _ in table})
+            write_json(Path(point.cfg.out) / ROW_FILE, {"config": point.cfg.as_dict(), "row": row})
+        say(f"{suite}: {seconds[suite]:.1f} s per SAE")
+    return seconds
+
+
+def _geometry_columns(saes, data, base) -> list[dict]:
+    return [decoder_geometry(sae) for sae in saes]
+
+
+def _absorption_columns(saes, data, base) -> list[dict]:
+    model, tokenizer, hooks = data.language_model()
+    spelling = spelling_set(model, tokenizer, hooks[base.hook], ABSORPTION_WORDS, base.seed,
+                            prepend_bos=base.prepend_bos, progress=base.progress)
+    probes = letter_probes(spelling)
+    return [absorption_metrics(sae, spelling, probes) for sae in saes]
+
+
+def _probing_columns(saes, data, base) -> list[dict]:
+    model, tokenizer, hooks = data.language_model()
+    results = probing_metrics(model, tokenizer, hooks[base.hook], saes, list(BUILTIN_TASKS), PROBE_EXAMPLES,
+                              prepend_bos=base.prepend_bos, progress=say, seed=base.seed)
+    return [result["mean"] for result in results]
+
+
+SUITE_COLUMNS = {"geometry": _geometry_columns, "absorption": _absorption_columns, "probing": _probing_columns}
 
 
 def _saved_for(path: Path, cfg: TrainConfig, key: str):
@@ -294,6 +348,14 @@ def write_table(rows: list[dict], csv_path, md_path) -> None:
                   "decoder rows and true directions after optimal matching; F1 = of each matched latent's firing "
                   "against its feature's; uniqueness = distinct true features that are a live latent's best match, "
                   "per live latent; shrinkage = mean ||x_hat - b|| / ||x - b||.")
+    if any(column[0] == "mean_absorption_fraction_score" for column in table):
+        notes += (" First-letter absorption (evals/absorption.py, SAEBench's definition, means over the letters "
+                  "whose probe reaches F1 0.6): absorption = mean absorption fraction, full absorption = share of "
+                  "detected words whose main latents are silent while one other latent carries the letter, "
+                  "split features = main latents per letter.")
+    if any(column[0] == "sae_top_1_test_accuracy" for column in table):
+        notes += (" Sparse probing (evals/probing.py): test accuracy of a probe on the top 1 / 5 latents, mean over "
+                  "the built-in tasks (" + ", ".join(BUILTIN_TASKS) + ").")
     if any(column[0] == "near_duplicate_latents" for column in table):
         notes += (" Geometry (evals/geometry.py): max decoder cos = each latent's largest decoder cosine with another, "
                   "averaged; near-duplicates = latents whose largest is above 0.9; enc/dec cos = mean cosine of a "
@@ -308,8 +370,8 @@ def _table_for(rows: list[dict]) -> tuple:
     table = TABLE if any(row.get(key) is not None for row in rows for key in downstream) else \
         tuple(column for column in TABLE if column[0] not in downstream)
     at = [column for column, _, _ in table].index("explained_variance") + 1
-    extra = tuple(part for part in (GROUND_TRUTH_TABLE, GEOMETRY_TABLE)
-                  if any(row.get(part[0][0]) is not None for row in rows))
+    extra = tuple(part for part in (GROUND_TRUTH_TABLE, *SUITE_TABLES.values())
+                  if any(part[0][0] in row for row in rows))
     return table[:at] + sum(extra, ()) + table[at:]
 
 
