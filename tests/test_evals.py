@@ -387,15 +387,49 @@ def test_a_latent_that_is_the_label_probes_perfectly_at_k_1():
         probe_accuracies(activations[:10], latents[:10], torch.zeros(10, dtype=torch.long))
 
 
+def test_code_labels_mark_interactive_lines_after_their_prompt():
+    from saelab.evals.probing import code_labels, code_passages
+
+    document = "Some prose here.\n\n   >>> x = 1\n   ... y\n   output\nMore prose.\n"
+    labels = code_labels(document)
+    assert len(labels) == len(document)
+    by_char = dict(zip(range(len(document)), labels))
+    assert {by_char[i] for i in range(len("Some prose here."))} == {0}
+    code_start = document.index("x = 1")
+    assert {by_char[i] for i in range(document.index(">>>"), code_start)} == {-1}   # indent and prompt
+    assert {by_char[i] for i in range(code_start, code_start + 5)} == {1}
+    assert by_char[document.index("y\n")] == 1 and by_char[document.index("output")] == -1
+    assert by_char[document.index("More")] == 0
+    tokenizer = make_tokenizer()
+    ids, passage_labels = next(code_passages(tokenizer))
+    assert len(ids) == len(passage_labels) == 64 and set(passage_labels) <= {-1, 0, 1}
+
+
 def test_probing_many_saes_in_one_pass_equals_each_alone(lm):
     from saelab.evals.probing import probing_metrics
 
     saes = [make_sae("topk", k=4, seed=1), make_sae("standard", seed=2)]
     args = (lm["model"], lm["tokenizer"], lm["hook"])
-    together = probing_metrics(*args, saes, ["corpus", "digits"], examples=60)
+    together = probing_metrics(*args, saes, ["corpus", "digits", "code"], examples=60)
     for sae, result in zip(saes, together):
-        assert probing_metrics(*args, [sae], ["corpus", "digits"], examples=60)[0] == result
+        assert probing_metrics(*args, [sae], ["corpus", "digits", "code"], examples=60)[0] == result
+        assert {task: r["examples"] for task, r in result["tasks"].items()} == {"corpus": 60, "digits": 60, "code": 60}
     assert together[0]["tasks"]["corpus"]["top_latents"] != together[1]["tasks"]["corpus"]["top_latents"]
+
+
+def test_standardized_ranking_is_not_crowded_out_by_a_loud_latent():
+    from saelab.evals.probing import probe_accuracies
+
+    g = torch.Generator().manual_seed(0)
+    labels = (torch.rand(600, generator=g) < 0.5).long()
+    latents = torch.zeros(600, 10)
+    latents[:, 3] = labels * 1.0                                           # the label, quietly
+    loud = torch.rand(600, generator=g) < 0.05                             # rare, huge, a little more on class 1
+    latents[:, 7] = loud * (30.0 + 30.0 * labels)
+    activations = torch.randn(600, 4, generator=g)
+    assert probe_accuracies(activations, latents, labels)["top_latents"][0] == 7          # SAEBench's rule
+    standardized = probe_accuracies(activations, latents, labels, ranking="standardized")
+    assert standardized["top_latents"][0] == 3 and standardized["sae_top_1_test_accuracy"] == 1.0
 
 
 def test_eval_suite_probing_on_a_builtin_task_and_a_labelled_file(eval_inputs, capsys):

@@ -11,6 +11,9 @@ Built-in tasks, all from text every Python install has (no download):
   docstrings (1)? (the two halves of the ``python-docs`` corpus; one label per passage)
 - ``digits``: is a token a number (contains a digit) or a word (letters only)? (tokens of ``python-docs``;
   one label per token, classes balanced)
+- ``code``: is a token inside Python code (an interactive line after its ``>>> `` or ``... `` prompt, the
+  prompt itself left out) or in prose (a line of running text)? (the python-docs documents holding such
+  examples; one label per token, classes balanced)
 Any labelled dataset works too: a local .jsonl/.parquet file, saved dataset or hub id with a text and a
 label column; each distinct label is probed against the rest.
 """
@@ -29,12 +32,22 @@ PASSAGE_TOKENS = 64
 BUILTIN_TASKS = {
     "corpus": "Python language reference (0) vs standard-library docstrings (1), one 64-token passage each",
     "digits": "number tokens (contain a digit, 1) vs word tokens (letters only, 0)",
+    "code": "tokens of interactive Python lines after the >>> / ... prompt (1) vs tokens of prose lines (0)",
+}
+CODE_PROMPTS = (">>> ", "... ")
+
+
+RANKINGS = {
+    "difference": "by the absolute difference of the class means (SAEBench's)",
+    "standardized": "by that difference over the latent's standard deviation (large-magnitude latents that "
+                    "fire on both classes do not crowd out the informative ones)",
 }
 
 
 def probe_accuracies(activations: torch.Tensor, latents: torch.Tensor, labels: torch.Tensor,
-                     ks=PROBE_KS, test_fraction: float = 0.2, seed: int = 0) -> dict:
-    """The probes above on examples ``activations`` [n, d_in], ``latents`` [n, d_sae] with 0/1 ``labels`` [n]."""
+                     ks=PROBE_KS, test_fraction: float = 0.2, seed: int = 0, ranking: str = "difference") -> dict:
+    """The probes above on examples ``activations`` [n, d_in], ``latents`` [n, d_sae] with 0/1 ``labels`` [n];
+    the latents ranked as ``ranking`` (a key of RANKINGS) says."""
     labels = labels.long()
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=g)
@@ -43,8 +56,10 @@ def probe_accuracies(activations: torch.Tensor, latents: torch.Tensor, labels: t
     if len(labels[train].unique()) < 2 or len(labels[test].unique()) < 2:
         raise ValueError(f"a probing task needs both classes in its train and test splits ({len(labels)} examples, "
                          f"{int(labels.sum())} positive): give more examples")
-    difference = latents[train][labels[train] == 1].mean(0) - latents[train][labels[train] == 0].mean(0)
-    ranked = difference.abs().argsort(descending=True)
+    difference = (latents[train][labels[train] == 1].mean(0) - latents[train][labels[train] == 0].mean(0)).abs()
+    if ranking == "standardized":
+        difference = difference / latents[train].std(0).clamp_min(1e-8)
+    ranked = difference.argsort(descending=True)
     result = {"examples": len(labels), "positives": int(labels.sum()),
               "llm_test_accuracy": _probe(activations, labels, train, test),
               "sae_test_accuracy": _probe(latents, labels, train, test)}
@@ -68,7 +83,7 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, weight_decay: flo
     (L-BFGS) on standardised features and returned as ``(weights [..., m], bias [...])`` of the raw features
     (float64): a row's score is ``row @ weights + bias``. Leading dimensions are independent problems fit
     together (their losses summed). ``balanced`` weighs each class by the inverse of its share."""
-    x = features.double()
+    x = features.detach().double()
     mean = x.mean(-2, keepdim=True)
     std = x.std(-2, keepdim=True).clamp_min(1e-8) if x.shape[-2] > 1 else torch.ones_like(mean)
     x = (x - mean) / std
@@ -171,6 +186,52 @@ def token_labels(tokenizer, token_ids: torch.Tensor) -> torch.Tensor:
     return labels
 
 
+def code_labels(document: str) -> list[int]:
+    """The ``code`` task's label of each character of ``document``: 1 in an interactive Python line after its
+    prompt, 0 in a prose line (not indented, not blank), -1 elsewhere (prompts, other indented lines)."""
+    labels = []
+    for line in document.splitlines(keepends=True):
+        stripped = line.lstrip(" ")
+        if stripped.startswith(CODE_PROMPTS):
+            prompt = len(line) - len(stripped) + len(CODE_PROMPTS[0])
+            labels += [-1] * prompt + [1] * (len(line) - prompt)
+        elif line.strip() and not line[0].isspace():
+            labels += [0] * len(line)
+        else:
+            labels += [-1] * len(line)
+    return labels
+
+
+def code_passages(tokenizer):
+    """``(token ids, labels)`` passages of PASSAGE_TOKENS tokens of the python-docs documents with interactive
+    examples; a token's label is that of its first non-space character (``code_labels``)."""
+    from saelab.data.text import iter_documents
+
+    for document in iter_documents("python-docs"):
+        if not any(prompt in document for prompt in CODE_PROMPTS):
+            continue
+        characters = code_labels(document)
+        encoded = tokenizer(document, add_special_tokens=False, return_offsets_mapping=True)
+        labels = []
+        for start, end in encoded["offset_mapping"]:
+            inside = [i for i in range(start, end) if not document[i].isspace()]
+            labels.append(characters[inside[0]] if inside else -1)
+        ids = encoded["input_ids"]
+        for start in range(0, len(ids) - PASSAGE_TOKENS + 1, PASSAGE_TOKENS):
+            yield ids[start:start + PASSAGE_TOKENS], labels[start:start + PASSAGE_TOKENS]
+
+
+def digit_passages(tokenizer):
+    """``(token ids, labels)`` passages of PASSAGE_TOKENS tokens of python-docs, labelled by ``token_labels``."""
+    from saelab.data.text import iter_documents
+
+    for document in iter_documents("python-docs"):
+        ids = tokenizer(document, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids) - PASSAGE_TOKENS + 1, PASSAGE_TOKENS):
+            passage = ids[start:start + PASSAGE_TOKENS]
+            yield passage, token_labels(tokenizer, torch.tensor(passage)).tolist()
+
+
 def labelled_texts(dataset: str, split: str, text_column: str | None, label_column: str,
                    limit: int) -> Iterator[tuple[str, object]]:
     """``(text, label)`` rows of a labelled dataset (at most ``limit``)."""
@@ -207,7 +268,8 @@ def mean_or_nan(values) -> float:
 @torch.no_grad()
 def probing_metrics(model, tokenizer, hook, saes: list, tasks: list[str], examples: int = DEFAULT_EXAMPLES,
                     dataset: str | None = None, split: str = "train", text_column: str | None = None,
-                    label_column: str = "label", prepend_bos: bool = True, progress=None, seed: int = 0) -> list[dict]:
+                    label_column: str = "label", prepend_bos: bool = True, progress=None, seed: int = 0,
+                    ranking: str = "difference") -> list[dict]:
     """For each SAE of ``saes`` (all reading ``hook``; the model runs once for all of them): every task's
     probe accuracies (``tasks``: built-in names; ``dataset``: a labelled dataset, each label against the
     rest) and their means over the tasks (``mean``)."""
@@ -220,7 +282,7 @@ def probing_metrics(model, tokenizer, hook, saes: list, tasks: list[str], exampl
 
     def probe_all(name, acts, latents, labels):
         for result, sae_latents in zip(results, latents):
-            result[name] = probe_accuracies(acts, sae_latents, labels, seed=seed)
+            result[name] = probe_accuracies(acts, sae_latents, labels, seed=seed, ranking=ranking)
 
     for task in tasks:
         say(f"probing: {task} ({BUILTIN_TASKS[task]})")
@@ -228,8 +290,10 @@ def probing_metrics(model, tokenizer, hook, saes: list, tasks: list[str], exampl
             passages, labels = corpus_passages(tokenizer, examples // 2)
             acts, latents = _pooled(model, hook, saes, [bos + p for p in passages], len(bos))
             probe_all(task, acts, latents, torch.tensor(labels))
-        elif task == "digits":
-            acts, latents, labels = _digit_tokens(model, tokenizer, hook, saes, examples // 2, bos, special, seed=seed)
+        else:  # a label per token
+            passages = digit_passages(tokenizer) if task == "digits" else code_passages(tokenizer)
+            acts, latents, labels = _labelled_tokens(model, hook, saes, passages, examples // 2, bos, special,
+                                                     seed=seed)
             probe_all(task, acts, latents, labels)
     if dataset is not None:
         rows = list(labelled_texts(dataset, split, text_column, label_column, examples))
@@ -279,24 +343,17 @@ def _pooled(model, hook, saes: list, sequences: list[list[int]], skip: int, batc
             [torch.stack([pooled[i][1][s] for i in order]) for s in range(len(saes))])
 
 
-def _digit_tokens(model, tokenizer, hook, saes: list, per_class: int, bos: list[int], special: torch.Tensor,
-                  batch: int = 16, most: int = 400, seed: int = 0):
-    """Token rows of python-docs passages labelled number (1) or word (0), balanced, until each class has
+def _labelled_tokens(model, hook, saes: list, passages, per_class: int, bos: list[int], special: torch.Tensor,
+                     batch: int = 16, most: int = 400, seed: int = 0):
+    """Token rows of ``(ids, labels)`` passages labelled 1 or 0 (-1: left out), balanced, until each class has
     ``per_class`` (or ``most`` passages are read); the passages run through the model ``batch`` at a time."""
-    from saelab.data.text import iter_documents
-
-    def passages():
-        for document in iter_documents("python-docs"):
-            ids = tokenizer(document, add_special_tokens=False)["input_ids"]
-            for start in range(0, len(ids) - PASSAGE_TOKENS + 1, PASSAGE_TOKENS):
-                yield bos + ids[start:start + PASSAGE_TOKENS]
-
     acts, latents, labels, counts = [], [[] for _ in saes], [], torch.zeros(2, dtype=torch.long)
-    stream = islice(passages(), most)
+    stream = islice(passages, most)
     while min(counts) < per_class and (chunk := list(islice(stream, batch))):
-        tokens = torch.tensor(chunk)[:, len(bos):]
-        x = _activations(model, hook, torch.tensor(chunk))[:, len(bos):]
-        label = token_labels(tokenizer, tokens.flatten())
+        tokens = torch.tensor([ids for ids, _ in chunk])
+        label = torch.tensor([passage_labels for _, passage_labels in chunk]).flatten()
+        x = _activations(model, hook, torch.cat([torch.tensor([bos] * len(chunk), dtype=torch.long), tokens], 1)
+                         )[:, len(bos):]
         keep = (label >= 0) & ~torch.isin(tokens.flatten(), special)
         rows = x.reshape(-1, x.shape[-1])[keep]
         acts.append(rows)

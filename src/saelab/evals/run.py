@@ -15,7 +15,7 @@ from saelab.evals.ground_truth import ground_truth_metrics
 from saelab.evals.loading import corpus_source, find_sae_folder, load_sae_and_model
 from saelab.evals.metrics import evaluate
 from saelab.evals.options import CorpusOptions, SAEOptions
-from saelab.evals.probing import BUILTIN_TASKS, DEFAULT_EXAMPLES as PROBE_EXAMPLES, probing_metrics
+from saelab.evals.probing import BUILTIN_TASKS, DEFAULT_EXAMPLES as PROBE_EXAMPLES, RANKINGS, probing_metrics
 from saelab.evals.report import write_report
 from saelab.models.hooks import capture
 from saelab.options import option
@@ -38,7 +38,7 @@ class EvalConfig(SAEOptions, CorpusOptions):
         f"{name} = {meaning}" for name, meaning in SUITES.items()) + ".")
     synthetic: str | None = option(None, "synthetic suite: the synthetic-data config to score against (default: "
                                    "the one the SAE's metadata records, for an SAE trained with --synthetic).")
-    probe_tasks: str = option("corpus,digits", lambda: "probing suite: built-in tasks, comma-separated (none: only "
+    probe_tasks: str = option(",".join(BUILTIN_TASKS), lambda: "probing suite: built-in tasks, comma-separated (none: only "
                               "--probe-dataset): " + "; ".join(f"{name} = {what}" for name, what in
                                                                 BUILTIN_TASKS.items()) + ".")
     probe_dataset: str | None = option(None, "probing suite: also a labelled dataset (.jsonl/.parquet file, saved "
@@ -47,6 +47,8 @@ class EvalConfig(SAEOptions, CorpusOptions):
     probe_label_column: str = option("label", "probing suite: the label column of --probe-dataset.")
     probe_examples: int = option(PROBE_EXAMPLES, "probing suite: examples per task (half of each class for the built-in "
                                  "ones), 80% to fit the probes, 20% to test them.", positive=True)
+    probe_ranking: str = option("difference", lambda: "probing suite: how the top-k latents are chosen: " + "; ".join(
+        f"{name} = {what}" for name, what in RANKINGS.items()) + ".", choices=tuple(RANKINGS))
     absorption_words: int = option(ABSORPTION_WORDS, "absorption suite: words drawn from the model's vocabulary (one prompt "
                                    "each, 80% to fit the probes, 20% on which absorption is measured); more words "
                                    "score rare letters too, at ~90 tokens of model time each.", positive=True)
@@ -172,7 +174,7 @@ def run_eval(cfg: EvalConfig, progress: bool = False, say=None) -> EvalResult:
         metrics["probing"] = probing_metrics(
             loaded.model, loaded.tokenizer, loaded.hook, [sae], cfg.probe_task_names, cfg.probe_examples,
             cfg.probe_dataset, cfg.dataset_split, cfg.text_column, cfg.probe_label_column, prepend_bos, say,
-            cfg.seed)[0]
+            cfg.seed, cfg.probe_ranking)[0]
     if "absorption" in cfg.suites:
         say(f"absorption: first-letter prompts for {cfg.absorption_words:,} vocabulary words, letter probes, "
             "k-sparse probes on the latents")
