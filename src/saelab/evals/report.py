@@ -139,11 +139,16 @@ def plot_absorption(absorption: dict, out_path) -> Path:
     top.set_ylabel("rate")
     top.set_title(f"first-letter absorption: mean fraction {_value(absorption['mean_absorption_fraction_score'])}, "
                   f"full {_value(absorption['mean_full_absorption_score'])} over {absorption['letters_scored']} "
-                  "letters (gaps: not scored)")
+                  "letters")
     top.legend(fontsize=8)
-    bottom.bar(positions, [row["num_split_features"] for row in rows], color="tab:green")
+    bottom.bar(positions, [row["num_split_features"] for row in rows],
+               color=["tab:green" if row["scored"] else "lightgrey" for row in rows])
     bottom.set_ylabel("main latents")
+    bottom.yaxis.get_major_locator().set_params(integer=True)
     bottom.set_xticks(positions, letters)
+    for label, row in zip(bottom.get_xticklabels(), rows):
+        label.set_color("black" if row["scored"] else "grey")
+    bottom.set_xlabel("first letter (grey: not scored: probe F1 under 0.6 or no test word detected)")
     for ax in (top, bottom):
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
