@@ -155,3 +155,25 @@ def test_eval_scores_an_sae_against_the_data_it_was_trained_on(tmp_path, capsys)
     data = json.loads(capsys.readouterr().out)
     assert data["mcc"] > 0.8 and "f1" in data and data["geometry"]["near_duplicate_latents"] >= 0
     assert data["eval"]["model"] == "synthetic"
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "gated", "standard"])
+def test_a_fitted_start_is_sane_at_two_widths(architecture, tmp_path):
+    """--fit-init: every architecture's first steps reconstruct with FVU below 1 at 8x and 64x, and JumpReLU
+    starts at its target L0 (a fixed starting threshold gives it hundreds of latents at 64x)."""
+    from saelab.training import TrainConfig, train
+    from saelab.training.trainer import read_metrics
+
+    path = tmp_path / "synthetic.json"
+    SyntheticConfig(d_in=32, n_features=256, mean_l0=6, rows_per_unit=1024).save(path)
+    sparsity = {"target_l0": 8} if architecture == "jumprelu" else {"k": 8} if "topk" in architecture else {}
+    for width in (8, 64):
+        out = tmp_path / f"{architecture}-{width}"
+        train(TrainConfig(synthetic=str(path), hook="synthetic", architecture=architecture, expansion=width,
+                          tokens=1024 * 10, batch_size=1024, log_every=1, eval_tokens=0, progress=False,
+                          fit_init=True, out=str(out), **sparsity))
+        first = [row for row in read_metrics(out / "metrics.jsonl") if "fvu" in row][:5]
+        assert len(first) == 5
+        assert max(row["fvu"] for row in first) < 1, (width, [row["fvu"] for row in first])
+        if architecture == "jumprelu":
+            assert 4 <= sum(row["l0"] for row in first) / 5 <= 16, (width, [row["l0"] for row in first])

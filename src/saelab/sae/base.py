@@ -91,8 +91,12 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def initialize(self, sample: torch.Tensor, b_dec_init: str, generator: torch.Generator) -> None:
-        """Random decoder directions, encoder = decoder transpose, ``b_dec`` at the sample's centre."""
+    def initialize(self, sample: torch.Tensor, b_dec_init: str, generator: torch.Generator, fit: bool = False) -> None:
+        """Random decoder directions, encoder = decoder transpose, ``b_dec`` at the sample's centre. With
+        ``fit``, the start is fitted to the sample as well: ``calibrate_sparsity`` sets what decides how many
+        latents fire (JumpReLU's thresholds), then the encoder (and every threshold with it, so the same
+        latents fire) is scaled by the least-squares factor between the sample and its reconstruction: the
+        first steps' FVU is below 1 whatever the width, where unscaled codes of many latents overshoot it."""
         directions = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=generator)
         directions *= self.decoder_init_norm / directions.norm(dim=1, keepdim=True)
         self.W_dec.copy_(directions)
@@ -107,6 +111,22 @@ class SAE(nn.Module):
             self.b_dec.zero_()
         else:
             raise ValueError(f"b_dec_init must be median, mean or zeros, not {b_dec_init!r}")
+        if fit:
+            sample = sample.to(self.W_dec.device, self.W_dec.dtype)
+            self.calibrate_sparsity(sample)
+            centred, reconstruction = sample - self.b_dec, self.encode(sample) @ self.W_dec
+            factor = (centred * reconstruction).sum() / reconstruction.pow(2).sum().clamp_min(1e-12)
+            self.scale_codes(float(factor.clamp_min(1e-6)))
+
+    def calibrate_sparsity(self, sample: torch.Tensor) -> None:
+        """Set what decides how many latents fire from ``sample`` (an architecture with thresholds does)."""
+
+    def scale_codes(self, factor: float) -> None:
+        """Multiply every code by ``factor`` > 0 (the encoder, its bias and any threshold alike; the same
+        latents fire)."""
+        self.W_enc.mul_(factor)
+        if "b_enc" in self._parameters:
+            self.b_enc.mul_(factor)
 
     def constrain_gradients(self) -> None:
         """Called after backward, before the optimiser step."""

@@ -61,11 +61,14 @@ class GatedSAE(SAE):
                            parts={"mse": normalized_error(x_hat - x, x), "l1": l1, "aux": aux})
 
     @torch.no_grad()
-    def initialize(self, sample: torch.Tensor, b_dec_init: str, generator: torch.Generator) -> None:
-        super().initialize(sample, b_dec_init, generator)
+    def initialize(self, sample: torch.Tensor, b_dec_init: str, generator: torch.Generator, fit: bool = False) -> None:
         self.b_gate.zero_()
         self.b_mag.zero_()
         self.r_mag.zero_()
+        super().initialize(sample, b_dec_init, generator, fit)
+
+    def scale_codes(self, factor: float) -> None:
+        self.W_enc.mul_(factor)   # both paths read W_enc; their biases are zero at the start
 
     # Unit-norm decoder rows (as in the paper's experiments): the norm-weighted L1 then equals the plain L1.
     constrain_gradients = TopKSAE.constrain_gradients

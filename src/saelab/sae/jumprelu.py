@@ -176,6 +176,26 @@ class JumpReLUTrainingSAE(SAE):
     def _initial_latent_value(self, name: str) -> float:
         return math.log(self.settings.jumprelu_init_threshold) / LOG_THRESHOLD_LR_SCALE if name == "log_threshold_scaled" else 0.0
 
+    @torch.no_grad()
+    def calibrate_sparsity(self, sample: torch.Tensor) -> None:
+        """With a target L0: each latent's threshold where it fires on target / d_sae of the sample's rows
+        (so the first steps' L0 is the target, not the thousands a fixed threshold gives at a large width)."""
+        target = self.settings.target_l0
+        if not target:
+            return
+        fires = max(1, min(len(sample) - 1, round(len(sample) * target / self.cfg.d_sae)))
+        sae_in = sample - self.b_dec if self.cfg.apply_b_dec_to_input else sample
+        thresholds = []
+        for start in range(0, self.cfg.d_sae, 4096):  # [rows, 4096] pre-activations at a time
+            pre = sae_in @ self.W_enc[:, start:start + 4096] + self.b_enc[start:start + 4096]
+            thresholds.append(pre.topk(fires + 1, dim=0).values[-1])
+        threshold = torch.cat(thresholds).clamp_min(1e-3)
+        self.log_threshold_scaled.copy_(threshold.log() / LOG_THRESHOLD_LR_SCALE)
+
+    def scale_codes(self, factor: float) -> None:
+        super().scale_codes(factor)
+        self.log_threshold_scaled.add_(math.log(factor) / LOG_THRESHOLD_LR_SCALE)  # the same latents fire
+
     # Unit-norm decoder rows, as for TopK: the L0 penalty cannot be dodged by rescaling, and the
     # threshold keeps one meaning per latent.
     constrain_gradients = TopKSAE.constrain_gradients

@@ -201,7 +201,7 @@ class Trainer:
             self.scale = math.sqrt(self.source.d_in) / sample.norm(dim=1).mean().clamp_min(1e-8).item()
         self.scale = self.dp.from_main(self.scale)  # rank 0's sample decides (its parameters are broadcast)
         generator = torch.Generator().manual_seed(self.cfg.seed)
-        self.sae.initialize((sample * self.scale).cpu(), self.cfg.b_dec_init, generator)
+        self.sae.initialize((sample * self.scale).cpu(), self.cfg.b_dec_init, generator, fit=self.cfg.fit_init)
 
     def _loop(self, on_step) -> bool:
         while not self.done:
