@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from saelab.evals.probing import fit_logistic
+from saelab.evals.probing import encode_rows, fit_logistic
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DEFAULT_WORDS = 3000                      # vocabulary words drawn (saelab eval --absorption-words)
@@ -94,8 +94,7 @@ class LetterResult:
 def alpha_tokens(tokenizer) -> list[tuple[int, str]]:
     """``(token id, text)`` of the vocabulary's tokens that are ASCII letters only (one leading space allowed)."""
     found = []
-    for token_id in range(len(tokenizer)):
-        text = tokenizer.decode([token_id])
+    for token_id, text in enumerate(tokenizer.batch_decode([[i] for i in range(len(tokenizer))])):
         word = text[1:] if text.startswith(" ") else text
         if word and word.isascii() and word.isalpha():
             found.append((token_id, text))
@@ -279,8 +278,7 @@ def word_absorption(x: torch.Tensor, latents: torch.Tensor, decoder: torch.Tenso
 def absorption_metrics(sae, spelling: SpellingSet, probes: LetterProbes, max_k: int = 10,
                        f1_jump: float = 0.03) -> dict:
     """Steps 3 and 4 for ``sae``: SAEBench's mean scores and one row per letter (``letters``)."""
-    device = sae.W_dec.device
-    latents = sae.encode(spelling.activations.to(device, sae.W_dec.dtype)).float().cpu()
+    latents = encode_rows(sae, spelling.activations)
     train, test = spelling.train, spelling.test
     mains = main_latents(latents[train], spelling.letters[train], latents[test], spelling.letters[test], max_k,
                          f1_jump)

@@ -154,6 +154,12 @@ def _newton(x, y, sample_weight, weight_decay, steps, tolerance=1e-10):
 
 
 # --- examples --------------------------------------------------------------------------------------------
+def windows(items: list) -> Iterator[list]:
+    """Consecutive whole PASSAGE_TOKENS-long slices of ``items`` (a shorter tail is left out)."""
+    for start in range(0, len(items) - PASSAGE_TOKENS + 1, PASSAGE_TOKENS):
+        yield items[start:start + PASSAGE_TOKENS]
+
+
 def corpus_passages(tokenizer, per_class: int) -> tuple[list[list[int]], list[int]]:
     """The ``corpus`` task: ``per_class`` passages of PASSAGE_TOKENS tokens from each half of python-docs."""
     from saelab.data.text import iter_documents
@@ -162,9 +168,8 @@ def corpus_passages(tokenizer, per_class: int) -> tuple[list[list[int]], list[in
     for label, corpus in enumerate(("python-reference", "python-docstrings")):
         taken = 0
         for document in iter_documents(corpus):
-            ids = tokenizer(document, add_special_tokens=False)["input_ids"]
-            for start in range(0, len(ids) - PASSAGE_TOKENS + 1, PASSAGE_TOKENS):
-                passages.append(ids[start:start + PASSAGE_TOKENS])
+            for passage in windows(tokenizer(document, add_special_tokens=False)["input_ids"]):
+                passages.append(passage)
                 labels.append(label)
                 taken += 1
                 if taken >= per_class:
@@ -216,9 +221,7 @@ def code_passages(tokenizer):
         for start, end in encoded["offset_mapping"]:
             inside = [i for i in range(start, end) if not document[i].isspace()]
             labels.append(characters[inside[0]] if inside else -1)
-        ids = encoded["input_ids"]
-        for start in range(0, len(ids) - PASSAGE_TOKENS + 1, PASSAGE_TOKENS):
-            yield ids[start:start + PASSAGE_TOKENS], labels[start:start + PASSAGE_TOKENS]
+        yield from zip(windows(encoded["input_ids"]), windows(labels))
 
 
 def digit_passages(tokenizer):
@@ -226,9 +229,7 @@ def digit_passages(tokenizer):
     from saelab.data.text import iter_documents
 
     for document in iter_documents("python-docs"):
-        ids = tokenizer(document, add_special_tokens=False)["input_ids"]
-        for start in range(0, len(ids) - PASSAGE_TOKENS + 1, PASSAGE_TOKENS):
-            passage = ids[start:start + PASSAGE_TOKENS]
+        for passage in windows(tokenizer(document, add_special_tokens=False)["input_ids"]):
             yield passage, token_labels(tokenizer, torch.tensor(passage)).tolist()
 
 
@@ -318,7 +319,8 @@ def _activations(model, hook, token_ids: torch.Tensor) -> torch.Tensor:
     return capture(model, token_ids.to(device), [hook])[hook.name].float().cpu()
 
 
-def _encode(sae, x: torch.Tensor) -> torch.Tensor:
+def encode_rows(sae, x: torch.Tensor) -> torch.Tensor:
+    """The SAE's latents of activation rows ``x`` (moved to the SAE's device and dtype), as float32 on the CPU."""
     return sae.encode(x.to(sae.W_dec.device, sae.W_dec.dtype)).float().cpu()
 
 
@@ -335,7 +337,7 @@ def _pooled(model, hook, saes: list, sequences: list[list[int]], skip: int, batc
         for start in range(0, len(indices), batch):
             chosen = indices[start:start + batch]
             x = _activations(model, hook, torch.tensor([sequences[i] for i in chosen]))[:, skip:]
-            codes = [_encode(sae, x) for sae in saes]
+            codes = [encode_rows(sae, x) for sae in saes]
             for row, i in enumerate(chosen):
                 pooled[i] = (x[row].mean(0), [c[row].mean(0) for c in codes])
     order = range(len(sequences))
@@ -358,7 +360,7 @@ def _labelled_tokens(model, hook, saes: list, passages, per_class: int, bos: lis
         rows = x.reshape(-1, x.shape[-1])[keep]
         acts.append(rows)
         for codes, sae in zip(latents, saes):
-            codes.append(_encode(sae, rows))
+            codes.append(encode_rows(sae, rows))
         labels.append(label[keep])
         counts += torch.bincount(label[keep], minlength=2)
     labels = torch.cat(labels)

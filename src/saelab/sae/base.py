@@ -72,10 +72,13 @@ class SAE(nn.Module):
             raise ValueError(f"this SAE takes vectors of size d_in={self.cfg.d_in}, got {x.shape[-1]}: "
                              "it was trained on another hook point or model (see its cfg.json metadata)")
 
-    def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
+    def sae_in(self, x: torch.Tensor) -> torch.Tensor:
+        """What the encoder reads: ``x``, less ``b_dec`` when ``apply_b_dec_to_input``."""
         self.check_width(x)
-        sae_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
-        return sae_in @ self.W_enc + self.b_enc
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+
+    def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sae_in(x) @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -30,22 +30,18 @@ class GatedSAE(SAE):
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
         self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae))
 
-    def _sae_in(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_width(x)
-        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
-
     def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
         """The gate's pre-activation."""
-        return self._sae_in(x) @ self.W_enc + self.b_gate
+        return self.sae_in(x) @ self.W_enc + self.b_gate
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        sae_in = self._sae_in(x)
+        sae_in = self.sae_in(x)
         gate = (sae_in @ self.W_enc + self.b_gate) > 0
         magnitude = (sae_in @ (self.W_enc * self.r_mag.exp()) + self.b_mag).relu()
         return magnitude * gate
 
     def training_forward(self, x: torch.Tensor, step: TrainStep) -> TrainOutput:
-        sae_in = self._sae_in(x)
+        sae_in = self.sae_in(x)
         projected = sae_in @ self.W_enc  # one product for both paths: (sae_in @ W_enc) * exp(r_mag) is the magnitude's
         pre_gate = projected + self.b_gate
         magnitude = (projected * self.r_mag.exp() + self.b_mag).relu()

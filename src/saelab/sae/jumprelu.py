@@ -184,7 +184,7 @@ class JumpReLUTrainingSAE(SAE):
         if not target:
             return
         fires = max(1, min(len(sample) - 1, round(len(sample) * target / self.cfg.d_sae)))
-        sae_in = sample - self.b_dec if self.cfg.apply_b_dec_to_input else sample
+        sae_in = self.sae_in(sample)
         thresholds = []
         for start in range(0, self.cfg.d_sae, 4096):  # [rows, 4096] pre-activations at a time
             pre = sae_in @ self.W_enc[:, start:start + 4096] + self.b_enc[start:start + 4096]

@@ -36,7 +36,7 @@ class StandardSAE(SAE):
         parts = {"mse": mse, "l1": l1}
         dead = step.dead() if step.remedy == "ghost_grads" else None
         if dead is not None:
-            sae_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+            sae_in = self.sae_in(x)
             parts["ghost_grads"] = ghost_grads_loss(sae_in, self.W_enc, self.b_enc, self.W_dec, x - x_hat,
                                                     dead, per_token_error)
             loss = loss + parts["ghost_grads"]

@@ -60,7 +60,7 @@ class TopKSAE(SAE):
                    data_parallel=None) -> torch.Tensor:
         """The dead latents' top pre-activations reconstruct what the live ones missed (normalised MSE)."""
         k_aux = min(self.settings.aux_k or self.cfg.d_in // 2, len(dead))
-        sae_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+        sae_in = self.sae_in(x)
         dead_pre = torch.addmm(self.b_enc[dead], sae_in, self.W_enc[:, dead])
         values, positions = dead_pre.topk(k_aux, dim=-1, sorted=False)
         residual_hat = sparse_decode(dead[positions], values.relu(), self.W_dec)
