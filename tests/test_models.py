@@ -154,7 +154,9 @@ def test_resid_mid_is_resid_pre_plus_attn_out(family, ids):
     model = tiny(family)
     names = [f"blocks.{layer}.{kind}" for layer in range(N_LAYERS)
              for kind in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")]
-    assert hook_names(model) == names
+    mlp_names = [f"blocks.{layer}.{kind}" for layer in range(N_LAYERS)
+                 for kind in ("hook_mlp_in", "ln2.hook_normalized", "mlp.hook_post")]
+    assert sorted(hook_names(model)) == sorted(names + mlp_names)
     acts = capture(model, ids, [resolve_hook(model, n) for n in names])
     for layer in range(N_LAYERS):
         a = {kind: acts[f"blocks.{layer}.hook_{kind}"] for kind in ("resid_pre", "resid_mid", "resid_post",
@@ -163,11 +165,55 @@ def test_resid_mid_is_resid_pre_plus_attn_out(family, ids):
         torch.testing.assert_close(a["resid_post"], a["resid_mid"] + a["mlp_out"])
 
 
+def _mlp_norm_and_projection(model, block):
+    sandwich = hasattr(block, "pre_feedforward_layernorm")
+    norm = next(getattr(block, n) for n in ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2")
+                if hasattr(block, n))
+    projection = next(getattr(block.mlp, n) for n in H.MLP_OUTPUT_PROJECTIONS if hasattr(block.mlp, n))
+    return norm, projection, (block.post_feedforward_layernorm if sandwich else None)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mlp_hooks_match_a_direct_computation(family, ids):
+    """hook_mlp_in -> the norm -> ln2.hook_normalized -> the MLP -> (Gemma 2/3: its post-norm) -> hook_mlp_out, and
+    the MLP's output projection applied to mlp.hook_post gives the MLP's output: each step computed by hand."""
+    model = tiny(family)
+    kinds = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_mlp_in", "ln2.hook_normalized", "mlp.hook_post")
+    acts = capture(model, ids, [tl(model, layer, kind) for layer in range(N_LAYERS) for kind in kinds])
+    sequential = FAMILIES[family][3]
+    for layer, block in enumerate(blocks(model)):
+        a = {kind: acts[f"blocks.{layer}.{kind}"] for kind in kinds}
+        norm, projection, post_norm = _mlp_norm_and_projection(model, block)
+        with torch.no_grad():
+            torch.testing.assert_close(a["ln2.hook_normalized"], norm(a["hook_mlp_in"]))
+            raw = block.mlp(a["ln2.hook_normalized"])
+            torch.testing.assert_close(projection(a["mlp.hook_post"]), raw)
+            torch.testing.assert_close(a["hook_mlp_out"], raw if post_norm is None else post_norm(raw))
+        assert a["mlp.hook_post"].shape[-1] == projection.weight.shape[1 if isinstance(projection, nn.Linear) else 0]
+        if sequential:  # the MLP reads the residual after attention; parallel blocks read the block's input
+            torch.testing.assert_close(a["hook_mlp_in"] + a["hook_mlp_out"], a["hook_resid_post"])
+        else:
+            torch.testing.assert_close(a["hook_mlp_in"], a["hook_resid_pre"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "gemma2"])
+def test_replacing_the_mlp_input_changes_only_the_mlp_branch(family, ids):
+    model = tiny(family)
+    clean = capture(model, ids, [tl(model, 1, k) for k in ("hook_resid_post", "hook_mlp_out")])
+    for kind in ("hook_mlp_in", "ln2.hook_normalized"):
+        with hooked(model, tl(model, 1, kind), lambda act: act * 0.5):
+            edited = capture(model, ids, [tl(model, 1, k) for k in ("hook_resid_post", "hook_mlp_out")])
+        assert not torch.allclose(edited["blocks.1.hook_mlp_out"], clean["blocks.1.hook_mlp_out"])
+        # the residual stream carries on unchanged but for the MLP's new output
+        torch.testing.assert_close(edited["blocks.1.hook_resid_post"] - edited["blocks.1.hook_mlp_out"],
+                                   clean["blocks.1.hook_resid_post"] - clean["blocks.1.hook_mlp_out"])
+
+
 def test_parallel_neox_has_no_resid_mid_but_adds_both_branches(ids):
     model = tiny("gpt_neox")
     assert model.config.use_parallel_residual
     names = hook_names(model)
-    assert len(names) == 4 * N_LAYERS and not any("resid_mid" in n for n in names)
+    assert len(names) == 7 * N_LAYERS and not any("resid_mid" in n for n in names)
     with pytest.raises(HookNameError) as err:
         resolve_hook(model, "blocks.0.hook_resid_mid")
     assert "hook_resid_post" in str(err.value) and "hook_resid_mid" not in str(err.value).split("Valid names")[1]

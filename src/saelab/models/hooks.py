@@ -3,6 +3,17 @@
 Names follow TransformerLens (``blocks.6.hook_resid_post``) and are mapped onto the module tree of
 Hugging Face models of the Llama (Llama, SmolLM, Qwen, Mistral), GPT-2, GPT-NeoX (Pythia) and Gemma
 families. A raw module path (``model.layers.6.mlp``) names that module's output.
+
+Around each MLP (what transcoders read and write), as in TransformerLens:
+- ``blocks.L.hook_mlp_in``: the residual stream the MLP's norm reads (resid_mid in sequential blocks, resid_pre
+  in parallel ones such as Pythia's); replacing it changes the MLP's input only, not the residual stream;
+- ``blocks.L.ln2.hook_normalized``: that norm's output, the vector the MLP itself reads (Gemma 2/3: after
+  ``pre_feedforward_layernorm``);
+- ``blocks.L.mlp.hook_post``: the MLP's hidden layer, after its activation function (``d_mlp`` wide), the input
+  of its output projection;
+- ``blocks.L.hook_mlp_out``: what the block adds to the residual stream from its MLP (Gemma 2/3: after the
+  ``post_feedforward_layernorm`` that follows the MLP, so a transcoder from ``ln2.hook_normalized`` to it
+  includes that norm).
 """
 
 from __future__ import annotations
@@ -23,8 +34,11 @@ BLOCK_LIST_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.d
                     "transformer.layers", "model.language_model.layers")
 ATTENTION_NAMES = ("self_attn", "attn", "attention")
 MLP_NAMES = ("mlp", "feed_forward")
-TL_KINDS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
-_TL_NAME = re.compile(r"^blocks\.(\d+)\.(hook_\w+)$")
+TL_KINDS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+            "hook_mlp_in", "ln2.hook_normalized", "mlp.hook_post")
+# Where each family's MLP keeps its output projection (whose input is the hidden layer, mlp.hook_post).
+MLP_OUTPUT_PROJECTIONS = ("down_proj", "c_proj", "dense_4h_to_h", "fc2")
+_TL_NAME = re.compile(r"^blocks\.(\d+)\.((?:ln2\.|mlp\.)?hook_\w+)$")
 
 
 class HookNameError(ValueError):
@@ -117,12 +131,19 @@ def _tl_hook(model: nn.Module, name: str, layer: int, kind: str) -> HookPoint | 
     if kind == "hook_resid_post":
         return HookPoint(name, block_path)
     sandwich = hasattr(block, "pre_feedforward_layernorm")  # Gemma 2/3: norms after attention and MLP
+    mlp = _first_child(block, MLP_NAMES)
     if kind == "hook_attn_out":
         child = "post_attention_layernorm" if sandwich else _first_child(block, ATTENTION_NAMES)
     elif kind == "hook_mlp_out":
-        child = "post_feedforward_layernorm" if sandwich else _first_child(block, MLP_NAMES)
-    else:  # hook_resid_mid: the input of the norm in front of the MLP, when blocks are sequential
-        if getattr(model.config, "use_parallel_residual", False) or getattr(model.config, "parallel_attn", False):
+        child = "post_feedforward_layernorm" if sandwich else mlp
+    elif kind == "ln2.hook_normalized":  # the MLP's own input
+        return HookPoint(name, f"{block_path}.{mlp}", reads_input=True) if mlp else None
+    elif kind == "mlp.hook_post":
+        projection = _first_child(getattr(block, mlp), MLP_OUTPUT_PROJECTIONS) if mlp else None
+        return HookPoint(name, f"{block_path}.{mlp}.{projection}", reads_input=True) if projection else None
+    else:  # hook_resid_mid and hook_mlp_in: the input of the norm in front of the MLP
+        parallel = getattr(model.config, "use_parallel_residual", False) or getattr(model.config, "parallel_attn", False)
+        if parallel and kind == "hook_resid_mid":  # no residual stream between attention and MLP
             return None
         child = _first_child(block, ("pre_feedforward_layernorm",) if sandwich else ("post_attention_layernorm", "ln_2"))
         return HookPoint(name, f"{block_path}.{child}", reads_input=True) if child else None
