@@ -10,7 +10,10 @@ to ``job["out"]`` (safetensors), plus what SAELens made of the config to ``job["
 - ``{"mode": "load", "folder": ...}``: load a folder (e.g. one saelab saved) with ``SAE.load_from_disk``.
 - ``{"mode": "create", "folder": ..., "architecture": "standard" | "topk" | "jumprelu" | "gated", "d_in", "d_sae",
   "k", "seed", "rescale_acts_by_decoder_norm": bool, "metadata": {...}}``: build a SAELens SAE with random weights
-  (non-trivial biases), save it with SAELens's own ``save_model`` and report its outputs.
+  (non-trivial biases), save it with SAELens's own ``save_model`` and report its outputs. The transcoder family
+  (``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``, ``jumprelu_skip_transcoder``) takes ``d_out`` too.
+
+Every job also writes ``call`` = sae(x) (a skip transcoder's forward adds its skip term to the decoding).
 """
 
 from __future__ import annotations
@@ -24,6 +27,30 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def _create_transcoder(job: dict, common: dict):
+    from sae_lens import (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig, JumpReLUTranscoder,
+                          JumpReLUTranscoderConfig, SkipTranscoder, SkipTranscoderConfig, Transcoder, TranscoderConfig)
+
+    classes = {"transcoder": (Transcoder, TranscoderConfig), "skip_transcoder": (SkipTranscoder, SkipTranscoderConfig),
+               "jumprelu_transcoder": (JumpReLUTranscoder, JumpReLUTranscoderConfig),
+               "jumprelu_skip_transcoder": (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig)}
+    module, config = classes[job["architecture"]]
+    sae = module(config(**{**common, "apply_b_dec_to_input": False}, d_out=job["d_out"]))
+    g = torch.Generator().manual_seed(job.get("seed", 0))
+    d_in, d_sae, d_out = job["d_in"], job["d_sae"], job["d_out"]
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
+        sae.W_dec.copy_(torch.randn(d_sae, d_out, generator=g) * (0.5 + torch.rand(d_sae, 1, generator=g)))
+        sae.b_enc.copy_(0.3 * torch.randn(d_sae, generator=g))
+        sae.b_dec.copy_(torch.randn(d_out, generator=g))
+        if hasattr(sae, "threshold"):
+            sae.threshold.copy_(0.5 * torch.rand(d_sae, generator=g))
+        if hasattr(sae, "W_skip"):
+            sae.W_skip.copy_(torch.randn(d_out, d_in, generator=g) / d_in**0.5)
+    sae.save_model(job["folder"])
+    return sae
+
+
 def _create(job: dict):
     from sae_lens import (GatedSAE, GatedSAEConfig, JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig,
                           TopKSAE, TopKSAEConfig)
@@ -32,6 +59,8 @@ def _create(job: dict):
     metadata = SAEMetadata(**job.get("metadata", {}))
     common = {"d_in": job["d_in"], "d_sae": job["d_sae"], "dtype": "float32", "device": "cpu",
               "apply_b_dec_to_input": job.get("apply_b_dec_to_input", True), "metadata": metadata}
+    if job["architecture"].endswith("transcoder"):
+        return _create_transcoder(job, common)
     if job["architecture"] == "standard":
         sae = StandardSAE(StandardSAEConfig(**common))
     elif job["architecture"] == "topk":
@@ -75,7 +104,7 @@ def _run(job: dict) -> None:
     inputs = load_file(job["inputs"])
     with torch.no_grad():
         encoded = sae.encode(inputs["x"])
-        out = {"encode": encoded, "decode": sae.decode(inputs["f"]), "forward": sae.decode(encoded)}
+        out = {"encode": encoded, "decode": sae.decode(inputs["f"]), "forward": sae.decode(encoded), "call": sae(inputs["x"])}
     save_file({k: v.detach().float().contiguous() for k, v in out.items()}, job["out"])
     cfg = sae.cfg.to_dict()
     info = {"class": type(sae).__name__, "cfg": cfg}

@@ -140,6 +140,75 @@ def test_saelens_folder_loads_in_saelab(interop, name):
         assert sae.cfg.k == K
 
 
+# --- the transcoder family, both ways ----------------------------------------------------------------
+
+D_OUT = 24
+TRANSCODERS = {"transcoder": ("standard", "transcoder"), "skip_transcoder": ("standard", "skip_transcoder"),
+               "jumprelu_transcoder": ("jumprelu", "transcoder"),
+               "jumprelu_skip_transcoder": ("jumprelu", "skip_transcoder")}
+TRANSCODER_METADATA = {**METADATA, "hook_name": "blocks.3.ln2.hook_normalized", "hook_name_out": "blocks.3.hook_mlp_out"}
+
+
+def random_saelab_transcoder(folder_name: str, seed: int) -> SAE:
+    architecture, kind = TRANSCODERS[folder_name]
+    sae = create_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=architecture, kind=kind, d_out=D_OUT,
+                               metadata=dict(TRANSCODER_METADATA)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(D_IN, D_SAE, generator=g) / D_IN**0.5)
+        sae.W_dec.copy_(torch.randn(D_SAE, D_OUT, generator=g) * (0.5 + torch.rand(D_SAE, 1, generator=g)))
+        sae.b_enc.copy_(0.3 * torch.randn(D_SAE, generator=g))
+        sae.b_dec.copy_(torch.randn(D_OUT, generator=g))
+        if architecture == "jumprelu":
+            sae.threshold.copy_(0.5 * torch.rand(D_SAE, generator=g))
+        if kind == "skip_transcoder":
+            sae.W_skip.copy_(torch.randn(D_OUT, D_IN, generator=g) / D_IN**0.5)
+    return sae.eval()
+
+
+@pytest.fixture(scope="module")
+def transcoder_interop(saelens, tmp_path_factory):
+    root = tmp_path_factory.mktemp("saelens_transcoders")
+    inputs = make_inputs()
+    save_file(inputs, root / "inputs.safetensors")
+    jobs, ours = [], {}
+    for i, name in enumerate(TRANSCODERS):
+        ours[name] = random_saelab_transcoder(name, seed=30 + i)
+        ours[name].save(root / f"saelab_{name}")
+        jobs.append({"mode": "load", "folder": str(root / f"saelab_{name}"), "inputs": str(root / "inputs.safetensors"),
+                     "out": str(root / f"saelab_{name}.out")})
+        jobs.append({"mode": "create", "architecture": name, "d_in": D_IN, "d_sae": D_SAE, "d_out": D_OUT,
+                     "seed": 40 + i, "metadata": TRANSCODER_METADATA, "folder": str(root / f"saelens_{name}"),
+                     "inputs": str(root / "inputs.safetensors"), "out": str(root / f"saelens_{name}.out")})
+    saelens.run(jobs, root, timeout=900)
+    return root, inputs, ours
+
+
+@torch.no_grad()
+def transcoder_outputs(sae: SAE, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    encoded = sae.encode(inputs["x"])
+    return {"encode": encoded, "decode": sae.decode(inputs["f"]), "call": sae(inputs["x"])}
+
+
+@pytest.mark.saelens
+@pytest.mark.subprocess
+@pytest.mark.parametrize("name", TRANSCODERS)
+def test_saelab_transcoders_load_in_saelens_and_saelens_transcoders_load_here(transcoder_interop, name):
+    root, inputs, ours = transcoder_interop
+    theirs = load_file(root / f"saelab_{name}.out")
+    info = json.loads((root / f"saelab_{name}.out.json").read_text())
+    assert info["cfg"]["architecture"] == name and info["cfg"]["d_out"] == D_OUT
+    assert info["cfg"]["metadata"]["hook_name_out"] == "blocks.3.hook_mlp_out"
+    for key, value in transcoder_outputs(ours[name], inputs).items():
+        assert_agree(theirs[key], value, f"SAELens on saelab's {name}, {key}")
+    sae = SAE.load(root / f"saelens_{name}")  # and a folder SAELens wrote
+    assert (sae.cfg.architecture, sae.cfg.kind) == TRANSCODERS[name] and sae.cfg.output_size == D_OUT
+    assert sae.cfg.metadata["hook_name_out"] == "blocks.3.hook_mlp_out"
+    theirs = load_file(root / f"saelens_{name}.out")
+    for key, value in transcoder_outputs(sae, inputs).items():
+        assert_agree(value, theirs[key], f"saelab on SAELens's {name}, {key}")
+
+
 # --- saelab alone: the folder format -------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["standard", "topk"])

@@ -124,11 +124,14 @@ class TrainingData:
         text and packing (the fields declared ``cached``); on the model, ``cfg`` as it is."""
         return replace(cfg, **{name: getattr(self.cfg, name) for name in fields_with(type(cfg), "cached")})
 
-    def metadata(self, hook: str) -> dict:
+    def metadata(self, hook: str, hook_out: str | None = None) -> dict:
+        """What a dictionary reading ``hook`` (and predicting ``hook_out``, a transcoder) records about its data."""
+        out = {} if hook_out is None else {"hook_name_out": hook_out, "hook_head_index_out": None,
+                                           "hook_module_path_out": self.module_paths[hook_out]}
         if self.synthetic is not None:
             return {"model_name": "synthetic", "hook_name": hook, "dataset_path": self.dataset_path,
-                    "synthetic_config": asdict(self.synthetic.cfg), "saelab_version": __version__}
-        return sae_metadata(self.cfg, hook, self.module_paths[hook], self.dataset_path)
+                    "synthetic_config": asdict(self.synthetic.cfg), "saelab_version": __version__, **out}
+        return {**sae_metadata(self.cfg, hook, self.module_paths[hook], self.dataset_path), **out}
 
     def keep_in_memory(self, max_rows: int, progress: bool = False) -> tuple[int, float]:
         """Read the first ``max_rows`` rows of the source once (one pass of the model) and train on them from

@@ -22,10 +22,19 @@ def evaluate_held_out(held_out: HeldOut, saes: Sequence[tuple[SAE, str]], downst
         return [{**ground_truth_metrics(sae, held_out.synthetic, held_out.tokens), "eval_dataset": held_out.description}
                 for sae, _ in saes]
     if held_out.cache is not None:
-        return [{**evaluate_activations(sae, held_out.cache.activations(hook, held_out.cache_start)),
-                 "eval_dataset": held_out.description} for sae, hook in saes]
+        return [{**evaluate_activations(sae, _cached_batches(held_out, sae, hook)), "eval_dataset": held_out.description}
+                for sae, hook in saes]
     batches = tqdm(held_out.token_batches, unit="batch", leave=False, disable=not progress,
                    desc=f"evaluating {len(saes)} SAE{'s' if len(saes) > 1 else ''}")
     results = evaluate_many(held_out.model, [(sae, held_out.hooks[hook]) for sae, hook in saes], batches,
                             held_out.keep_mask, downstream=downstream)
     return [{**metrics, "eval_dataset": held_out.description} for metrics in results]
+
+
+def _cached_batches(held_out: HeldOut, sae: SAE, hook: str):
+    """The held-out contexts of the cache at ``hook`` as (act, keep), with a transcoder's target as (act, keep, y)."""
+    inputs = held_out.cache.activations(hook, held_out.cache_start)
+    if not sae.cfg.separate_output:
+        return inputs
+    targets = held_out.cache.activations(sae.cfg.metadata["hook_name_out"], held_out.cache_start)
+    return ((act, keep, target) for (act, keep), (target, _) in zip(inputs, targets))

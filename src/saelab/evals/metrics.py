@@ -40,6 +40,17 @@ def sae_hook(model, sae: SAE, hook: HookPoint | str | None = None) -> HookPoint:
     return resolve_hook(model, hook)
 
 
+def output_hook(model, sae: SAE, hook: HookPoint) -> HookPoint:
+    """Where the dictionary's output goes: the hook it reads for an SAE, a transcoder's ``hook_name_out``."""
+    if not sae.cfg.separate_output:
+        return hook
+    name = sae.cfg.metadata.get("hook_name_out")
+    if not name:
+        raise HookNameError(f"this {sae.cfg.kind}'s cfg.json metadata names no hook_name_out, the hook point it "
+                            "predicts; add it to the metadata (e.g. blocks.6.hook_mlp_out)")
+    return resolve_hook(model, name)
+
+
 @contextmanager
 def splice(model, sae: SAE, hook: HookPoint | str | None = None, keep: torch.Tensor | None = None,
            error_term: bool = False, intervene: Callable[[torch.Tensor], torch.Tensor | None] | None = None):
@@ -50,11 +61,15 @@ def splice(model, sae: SAE, hook: HookPoint | str | None = None, keep: torch.Ten
     edit the ``[batch, seq, d_sae]`` latents (return the edited tensor, or edit in place and return None).
     With ``error_term=True`` the SAE's reconstruction error is added back, so the output is exactly the
     clean output unless ``intervene`` changes the latents; then only the decoded change is applied.
+
+    A transcoder reads ``hook`` and its output replaces the activation at its ``hook_name_out`` (the MLP runs
+    as usual; its output is what is replaced).
     """
     hook = sae_hook(model, sae, hook)
+    out_hook = output_hook(model, sae, hook)
 
-    def replace(act: torch.Tensor) -> torch.Tensor:
-        x = act.float()
+    def replace(x_act: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        x = x_act.float()
         latents = sae.encode(x)
         edited = latents
         if intervene is not None:
@@ -62,16 +77,22 @@ def splice(model, sae: SAE, hook: HookPoint | str | None = None, keep: torch.Ten
             returned = intervene(edited)
             edited = edited if returned is None else returned
         if error_term:
-            # x + (decode(edited) - decode(latents)): untouched latents give back x itself, bit for bit.
+            # act + (decode(edited) - decode(latents)): untouched latents give back act itself, bit for bit.
             if edited is latents:
                 return act
-            new = x + (sae.decode(edited) - sae.decode(latents))
+            new = act.float() + (sae.decode(edited) - sae.decode(latents))
         else:
-            new = sae.decode(edited)
+            new = sae.reconstruction(x, edited)
         new = new.to(act.dtype)
         return new if keep is None else torch.where(keep[..., None].to(act.device), new, act)
 
-    with hooked(model, hook, replace):
+    if out_hook.name == hook.name:
+        with hooked(model, hook, lambda act: replace(act, act)):
+            yield
+        return
+    inputs: list[torch.Tensor] = []  # the input hook fires before the output hook in each forward pass
+    with hooked(model, hook, lambda act: inputs.append(act) or None), \
+            hooked(model, out_hook, lambda act: replace(inputs.pop(), act)):
         yield
 
 
@@ -147,17 +168,21 @@ def evaluate_many(model, saes: Sequence[tuple[SAE, HookPoint | str | None]], tok
     that SAE alone). The model's clean pass runs once per batch and the zero-ablated pass once per distinct
     hook; only the spliced pass runs once per SAE (a sweep of 18 SAEs: 20 passes per batch, not 54)."""
     device = next(model.parameters()).device
-    pairs = [(sae.to(device), sae_hook(model, sae, hook)) for sae, hook in saes]
-    hooks = list({hook.name: hook for _, hook in pairs}.values())
-    totals = [_Totals(sae.cfg.d_in, sae.cfg.d_sae) for sae, _ in pairs]
+    triples = []
+    for sae, hook in saes:
+        hook = sae_hook(model, sae, hook)
+        triples.append((sae.to(device), hook, output_hook(model, sae, hook)))
+    hooks = list({h.name: h for _, hook, out in triples for h in (hook, out)}.values())
+    outputs = list({out.name: out for _, _, out in triples}.values())  # what is zero-ablated
+    totals = [_Totals(sae.cfg.output_size, sae.cfg.d_sae) for sae, _, _ in triples]
     for tokens in token_batches:
         tokens = tokens.to(device)
         keep = (torch.ones_like(tokens, dtype=torch.bool) if keep_mask is None
                 else keep_mask(tokens.cpu()).to(device))
         if not downstream:
             acts = capture(model, tokens, hooks)
-            for total, (sae, hook) in zip(totals, pairs):
-                _add_reconstruction(total, sae, acts[hook.name], keep)
+            for total, (sae, hook, out) in zip(totals, triples):
+                _add_reconstruction(total, sae, acts[hook.name], keep, acts[out.name])
             continue
         acts = {}
         with ExitStack() as stack:
@@ -165,31 +190,36 @@ def evaluate_many(model, saes: Sequence[tuple[SAE, HookPoint | str | None]], tok
                 stack.enter_context(hooked(model, hook, lambda act, name=hook.name: acts.__setitem__(name, act.detach())))
             clean = _NextTokenReference(lm_logits(model, tokens), tokens, keep)
         zero = {}
-        for hook in hooks:
-            with zero_ablate(model, hook, keep):
-                zero[hook.name] = clean.ce_and_kl(lm_logits(model, tokens))
-        for total, (sae, hook) in zip(totals, pairs):
-            _add_reconstruction(total, sae, acts[hook.name], keep)
+        for out in outputs:
+            with zero_ablate(model, out, keep):
+                zero[out.name] = clean.ce_and_kl(lm_logits(model, tokens))
+        for total, (sae, hook, out) in zip(totals, triples):
+            _add_reconstruction(total, sae, acts[hook.name], keep, acts[out.name])
             with splice(model, sae, hook, keep):
                 with_sae = clean.ce_and_kl(lm_logits(model, tokens))
-            total.add_downstream(clean, with_sae, zero[hook.name])
+            total.add_downstream(clean, with_sae, zero[out.name])
     return [_summarise(total, downstream) for total in totals]
 
 
 @torch.no_grad()
-def evaluate_activations(sae: SAE, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+def evaluate_activations(sae: SAE, batches: Iterable[tuple[torch.Tensor, ...]]) -> dict:
     """The reconstruction metrics of ``evaluate`` (no CE/KL) over activations already computed, e.g. read
-    from an activation cache: ``(act [batch, seq, d_in], keep [batch, seq])`` pairs."""
-    totals = _Totals(sae.cfg.d_in, sae.cfg.d_sae)
-    for act, keep in batches:
-        _add_reconstruction(totals, sae, act, keep)
+    from an activation cache: ``(act [batch, seq, d_in], keep [batch, seq])`` pairs, for a transcoder
+    ``(act, keep, target [batch, seq, d_out])``."""
+    totals = _Totals(sae.cfg.output_size, sae.cfg.d_sae)
+    for act, keep, *target in batches:
+        _add_reconstruction(totals, sae, act, keep, target[0] if target else None)
     return _summarise(totals, downstream=False)
 
 
-def _add_reconstruction(totals: _Totals, sae: SAE, act: torch.Tensor, keep: torch.Tensor) -> None:
-    x = act[keep].float()
-    f = sae.encode(x)
-    x_hat = sae.decode(f)
+def _add_reconstruction(totals: _Totals, sae: SAE, act: torch.Tensor, keep: torch.Tensor,
+                        target: torch.Tensor | None = None) -> None:
+    """Add one batch: ``act`` what the dictionary reads, ``target`` what it should output (default ``act``);
+    the reconstruction figures below (x, x_hat) are of the target."""
+    inputs = act[keep].float()
+    x = inputs if target is None else target[keep].float()
+    f = sae.encode(inputs)
+    x_hat = sae.reconstruction(inputs, f)
     sq_err = (x - x_hat).double().pow(2).sum(-1)
     totals.tokens += len(x)
     totals.sums["l0"] += (f != 0).sum().item()

@@ -195,12 +195,15 @@ def report_json(metrics: dict, info: dict) -> dict:
 
 def summary_markdown(metrics: dict, info: dict) -> str:
     lines = ["# SAE evaluation", ""]
-    described = [("SAE", "sae"), ("architecture", "architecture"), ("d_in -> d_sae", "shape"), ("model", "model"),
-                 ("hook", "hook"),
+    described = [("SAE", "sae"), ("architecture", "architecture"), ("kind", "kind"), ("d_in -> d_sae", "shape"),
+                 ("model", "model"), ("hook", "hook"), ("output hook (what it predicts)", "hook_out"),
                  ("dataset", "dataset"), ("split", "dataset_split"), ("context size", "context_size"),
                  ("tokens requested", "tokens_requested"), ("contexts", "contexts"),
                  ("special tokens", "special_tokens"), ("device", "device"), ("Neuronpedia", "neuronpedia")]
     info = {**info, "shape": f"{info['d_in']} -> {info['d_sae']}" if "d_in" in info and "d_sae" in info else None}
+    if info.get("hook_out"):  # a transcoder's shape includes its output
+        described[3] = ("d_in -> d_sae -> d_out", "shape")
+        info["shape"] += f" -> {info['d_out']}"
     for label, key in described:
         if info.get(key) is not None:
             lines.append(f"- **{label}**: `{info[key]}`")

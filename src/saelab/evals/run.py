@@ -124,6 +124,10 @@ def run_eval(cfg: EvalConfig, progress: bool = False, say=None) -> EvalResult:
     trained_on = read_sae_config(folder).metadata.get("synthetic_config")
     if "synthetic" in cfg.suites or trained_on is not None:
         return _run_synthetic_eval(cfg, folder, trained_on, say)
+    if "absorption" in cfg.suites and read_sae_config(folder).separate_output:
+        raise ValueError(f"--suite absorption is for SAEs: it compares decoder rows with probes of the hook the "
+                         f"dictionary reads, and a {read_sae_config(folder).kind}'s decoder writes another hook; "
+                         "leave absorption out of --suite")
     loaded = load_sae_and_model(cfg.sae, cfg.model, cfg.hook, cfg.device)
     sae, model, folder = loaded.sae, loaded.model, loaded.folder
     model_name, hook_name = loaded.model_name, loaded.hook.name
@@ -132,8 +136,11 @@ def run_eval(cfg: EvalConfig, progress: bool = False, say=None) -> EvalResult:
     context_size, contexts = source.packing.context_size, source.max_contexts
 
     model_device = next(model.parameters()).device
-    say(f"evaluating {folder} ({sae.cfg.architecture}, {sae.cfg.d_in} -> {sae.cfg.d_sae}) on {model_name} "
-        f"{hook_name}, {contexts * context_size:,} tokens of {cfg.dataset} on {model_device}")
+    hook_out = sae.cfg.metadata.get("hook_name_out") if sae.cfg.separate_output else None
+    shape = f"{sae.cfg.d_in} -> {sae.cfg.d_sae}" + (f" -> {sae.cfg.output_size}" if hook_out else "")
+    kind = f" {sae.cfg.kind}" if hook_out else ""
+    say(f"evaluating {folder} ({sae.cfg.architecture}{kind}, {shape}) on {model_name} {hook_name}"
+        f"{f' -> {hook_out}' if hook_out else ''}, {contexts * context_size:,} tokens of {cfg.dataset} on {model_device}")
     seen = {"contexts": 0}
 
     def batches():
@@ -156,8 +163,10 @@ def run_eval(cfg: EvalConfig, progress: bool = False, say=None) -> EvalResult:
             f"({seen['contexts'] * context_size:,} tokens, fewer than the {cfg.tokens:,} asked for)")
 
     info = {
-        "sae": str(folder.resolve()), "architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in,
-        "d_sae": sae.cfg.d_sae, "model": model_name, "hook": hook_name, "dataset": describe_source(cfg.dataset),
+        "sae": str(folder.resolve()), "architecture": sae.cfg.architecture, "kind": sae.cfg.kind,
+        "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, **({"d_out": sae.cfg.output_size, "hook_out": hook_out}
+                                                         if hook_out else {}),
+        "model": model_name, "hook": hook_name, "dataset": describe_source(cfg.dataset),
         "dataset_split": None if cfg.dataset in BUILTIN_CORPORA or Path(cfg.dataset).expanduser().is_file()
         else cfg.dataset_split,
         "context_size": context_size, "prepend_bos": prepend_bos, "tokens_requested": cfg.tokens,

@@ -97,11 +97,12 @@ class BatchTopKSAE(TopKSAE):
         return batch_topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, self.cfg.apply_b_dec_to_input,
                                  data_parallel)
 
-    def training_forward(self, x: torch.Tensor, step: TrainStep) -> TrainOutput:
+    def training_forward(self, x: torch.Tensor, step: TrainStep, target: torch.Tensor | None = None) -> TrainOutput:
+        target = x if target is None else target
         values, indices = self._encode_sparse(x, step.data_parallel)
-        x_hat = sparse_decode(indices, values, self.W_dec) + self.b_dec
-        parts = {"mse": normalized_error(x_hat - x, x, step.data_parallel)}
-        loss = parts["mse"] + self._auxk_term(x, x_hat, step, parts)
+        x_hat = sparse_decode(indices, values, self.W_dec) + self.b_dec + self.skip(x)
+        parts = {"mse": normalized_error(x_hat - target, target, step.data_parallel)}
+        loss = parts["mse"] + self._auxk_term(x, target - x_hat, step, parts)
         return self._output(loss, x_hat, values, indices, parts)
 
     def _output(self, loss, x_hat, values, indices, parts) -> TrainOutput:

@@ -15,7 +15,7 @@ from torch import nn
 from safetensors.torch import save_file
 
 from saelab.files import FileFormatError, read_json, read_safetensors, writing
-from saelab.sae.config import SAEConfig
+from saelab.sae.config import KINDS, SAEConfig
 from saelab.sae.registry import architecture, create_sae
 
 
@@ -37,10 +37,31 @@ class SAEFormatError(FileFormatError):
     pass
 
 
+def folder_architecture(cfg: SAEConfig) -> str:
+    """The ``architecture`` a folder records: an SAE's own name; a transcoder's as SAELens names them, the
+    activation rule before the kind (``jumprelu_skip_transcoder``; ReLU + L1 is plain ``transcoder``)."""
+    if not cfg.separate_output:
+        return cfg.architecture
+    rule = "" if cfg.architecture == "standard" else f"{cfg.architecture}_"
+    return rule + cfg.kind
+
+
+def parse_folder_architecture(name: str) -> tuple[str, str]:
+    """``(architecture, kind)`` from a folder's ``architecture``: the inverse of ``folder_architecture``."""
+    for kind in sorted((k for k in KINDS.values() if k.separate_output), key=lambda k: -len(k.name)):
+        if name == kind.name:
+            return "standard", kind.name
+        if name.endswith("_" + kind.name):
+            return name[:-len(kind.name) - 1], kind.name
+    return name, "sae"
+
+
 def config_to_json(cfg: SAEConfig) -> dict:
     out = {"d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": cfg.apply_b_dec_to_input, "normalize_activations": "none",
-           "reshape_activations": "none", "architecture": cfg.architecture}
+           "reshape_activations": "none", "architecture": folder_architecture(cfg)}
+    if cfg.separate_output:
+        out["d_out"] = cfg.output_size
     if cfg.k is not None:
         out["k"] = cfg.k
     out["metadata"] = {"hook_head_index": None, "model_class_name": "AutoModelForCausalLM",
@@ -62,7 +83,7 @@ def config_from_json(raw: dict, where: str) -> SAEConfig:
         d_in, d_sae = int(raw["d_in"]), int(raw["d_sae"])
     except KeyError as err:
         raise SAEFormatError(f"{where}: cfg.json lacks {err.args[0]!r}; is this an SAE folder?") from None
-    architecture = raw.get("architecture") or "standard"
+    architecture, kind = parse_folder_architecture(raw.get("architecture") or "standard")
     # Pre-6.0: a TopK SAE was architecture "standard" with activation_fn(_str) "topk".
     activation = raw.get("activation_fn", raw.get("activation_fn_str"))
     if activation == "topk" and architecture == "standard":
@@ -82,8 +103,13 @@ def config_from_json(raw: dict, where: str) -> SAEConfig:
         if new not in metadata and old in metadata:
             metadata[new] = metadata[old]
     k = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
+    d_out = raw.get("d_out") if kind != "sae" else None
+    for key in ("hook_name_out", "hook_head_index_out"):  # transcoders of older SAELens keep them at the top
+        if key in raw and key not in metadata:
+            metadata[key] = raw[key]
     return SAEConfig(d_in=d_in, d_sae=d_sae, architecture=architecture, k=int(k) if k is not None else None,
-                     apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)), metadata=metadata)
+                     apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)), metadata=metadata,
+                     kind=kind, d_out=int(d_out) if d_out is not None else None)
 
 
 def save_sae(sae: nn.Module, folder, sparsity: torch.Tensor | None = None, runner_cfg: dict | None = None) -> None:
@@ -156,7 +182,9 @@ def load_sae(folder, device: str | torch.device = "cpu") -> nn.Module:
             raise SAEFormatError(f"{folder}/{WEIGHTS_FILE} lacks tensor {name!r} needed by a {cfg.architecture} SAE")
         if tuple(tensors[name].shape) != shape:
             raise SAEFormatError(f"{folder}: tensor {name} has shape {tuple(tensors[name].shape)} but cfg.json "
-                                 f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) needs {shape}; the folder is inconsistent")
+                                 f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}"
+                                 f"{f', d_out={cfg.output_size}' if cfg.separate_output else ''}) needs {shape}; "
+                                 "the folder is inconsistent")
     state = {name: tensors[name].float() for name in expected}
     if "scaling_factor" in tensors:  # pre-6.0 fine-tuning: x_hat = (f * scaling_factor) @ W_dec + b_dec
         scale = tensors["scaling_factor"].float()

@@ -40,28 +40,31 @@ class GatedSAE(SAE):
         magnitude = (sae_in @ (self.W_enc * self.r_mag.exp()) + self.b_mag).relu()
         return magnitude * gate
 
-    def training_forward(self, x: torch.Tensor, step: TrainStep) -> TrainOutput:
+    def training_forward(self, x: torch.Tensor, step: TrainStep, target: torch.Tensor | None = None) -> TrainOutput:
+        target = x if target is None else target
         sae_in = self.sae_in(x)
         projected = sae_in @ self.W_enc  # one product for both paths: (sae_in @ W_enc) * exp(r_mag) is the magnitude's
         pre_gate = projected + self.b_gate
         magnitude = (projected * self.r_mag.exp() + self.b_mag).relu()
         f = magnitude * (pre_gate > 0)
-        x_hat = self.decode(f)
-        squared_error = (x_hat - x).pow(2).sum(-1).mean()
+        skip = self.skip(x)
+        x_hat = self.decode(f) + skip
+        squared_error = (x_hat - target).pow(2).sum(-1).mean()
         gate_acts = pre_gate.relu()
         l1 = (gate_acts * self.W_dec.norm(dim=1)).sum(-1).mean()
-        via_gate = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
-        aux = (via_gate - x).pow(2).sum(-1).mean()
+        via_gate = gate_acts @ self.W_dec.detach() + self.b_dec.detach() + (skip.detach() if self.cfg.skip else 0.0)
+        aux = (via_gate - target).pow(2).sum(-1).mean()
         loss = squared_error + self.settings.l1_coefficient * step.penalty_scale * l1 + aux
         return TrainOutput(loss=loss, x_hat=x_hat, fired=(f > 0).sum(0),
-                           parts={"mse": normalized_error(x_hat - x, x), "l1": l1, "aux": aux})
+                           parts={"mse": normalized_error(x_hat - target, target), "l1": l1, "aux": aux})
 
     @torch.no_grad()
-    def initialize(self, sample: torch.Tensor, b_dec_init: str, generator: torch.Generator, fit: bool = False) -> None:
+    def initialize(self, sample: torch.Tensor, b_dec_init: str, generator: torch.Generator, fit: bool = False,
+                   target: torch.Tensor | None = None) -> None:
         self.b_gate.zero_()
         self.b_mag.zero_()
         self.r_mag.zero_()
-        super().initialize(sample, b_dec_init, generator, fit)
+        super().initialize(sample, b_dec_init, generator, fit, target)
 
     def scale_codes(self, factor: float) -> None:
         self.W_enc.mul_(factor)   # both paths read W_enc; their biases are zero at the start

@@ -79,7 +79,7 @@ class JumpReLUSAE(SAE):
         pre = self.encode_pre(x)
         return pre.relu() * (pre > self.threshold)
 
-    def training_forward(self, x: torch.Tensor, step: TrainStep) -> TrainOutput:
+    def training_forward(self, x: torch.Tensor, step: TrainStep, target: torch.Tensor | None = None) -> TrainOutput:
         raise TypeError("a loaded JumpReLU SAE is for inference; train one with architecture='jumprelu' "
                         "through saelab.training (it uses JumpReLUTrainingSAE, which learns log-thresholds)")
 
@@ -147,17 +147,18 @@ class JumpReLUTrainingSAE(SAE):
         pre = self.encode_pre(x)
         return pre.relu() * (pre > self.threshold)
 
-    def training_forward(self, x: torch.Tensor, step: TrainStep) -> TrainOutput:
+    def training_forward(self, x: torch.Tensor, step: TrainStep, target: torch.Tensor | None = None) -> TrainOutput:
+        target = x if target is None else target
         pre = self.encode_pre(x)
         threshold, bandwidth = self.threshold, self.settings.jumprelu_bandwidth
         f = _JumpReLU.apply(pre, threshold, bandwidth)  # threshold > 0, so this is relu(pre) * gate
-        x_hat = self.decode(f)
-        squared_error = (x_hat - x).pow(2).sum(-1).mean()
+        x_hat = self.reconstruction(x, f)
+        squared_error = (x_hat - target).pow(2).sum(-1).mean()
         l0 = _Step.apply(pre, threshold, bandwidth).sum(-1).mean()
         coefficient = self.settings.l0_coefficient * step.penalty_scale * self.l0_scale
         loss = squared_error + coefficient * l0
         return TrainOutput(loss=loss, x_hat=x_hat, fired=(f > 0).sum(0),
-                           parts={"mse": normalized_error(x_hat - x, x), "l0_penalty": l0.detach(),
+                           parts={"mse": normalized_error(x_hat - target, target), "l0_penalty": l0.detach(),
                                   "l0_coefficient": coefficient.detach(),
                                   "threshold_median": threshold.detach().median()})
 

@@ -76,16 +76,17 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         super().__init__(cfg, settings or MatryoshkaSettings())
         self.widths = resolve_widths(self.settings.matryoshka_widths, cfg.d_sae)
 
-    def training_forward(self, x: torch.Tensor, step: TrainStep) -> TrainOutput:
+    def training_forward(self, x: torch.Tensor, step: TrainStep, target: torch.Tensor | None = None) -> TrainOutput:
+        target = x if target is None else target
         values, indices = self._encode_sparse(x, step.data_parallel)
-        parts, loss = {}, 0.0
+        parts, loss, skip = {}, 0.0, self.skip(x)
         for width in self.widths:
             kept = values if width == self.cfg.d_sae else values * (indices < width)
-            x_hat = sparse_decode(indices, kept, self.W_dec) + self.b_dec
-            parts[f"mse_{width}"] = normalized_error(x_hat - x, x, step.data_parallel)
+            x_hat = sparse_decode(indices, kept, self.W_dec) + self.b_dec + skip
+            parts[f"mse_{width}"] = normalized_error(x_hat - target, target, step.data_parallel)
             loss = loss + parts[f"mse_{width}"]
         parts["mse"] = parts[f"mse_{self.cfg.d_sae}"]  # x_hat is now the whole dictionary's reconstruction
-        loss = loss + self._auxk_term(x, x_hat, step, parts)
+        loss = loss + self._auxk_term(x, target - x_hat, step, parts)
         return self._output(loss, x_hat, values, indices, parts)
 
 

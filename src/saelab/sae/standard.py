@@ -25,19 +25,20 @@ class StandardSAE(SAE):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode_pre(x).relu()
 
-    def training_forward(self, x: torch.Tensor, step: TrainStep) -> TrainOutput:
+    def training_forward(self, x: torch.Tensor, step: TrainStep, target: torch.Tensor | None = None) -> TrainOutput:
+        target = x if target is None else target
         f = self.encode(x)
-        x_hat = self.decode(f)
+        x_hat = self.reconstruction(x, f)
         # Weighting by decoder norm stops the SAE from shrinking codes and growing rows to dodge the L1.
         l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
-        mse = normalized_error(x_hat - x, x)
-        per_token_error = (x_hat - x).pow(2).sum(-1)
+        mse = normalized_error(x_hat - target, target)
+        per_token_error = (x_hat - target).pow(2).sum(-1)
         loss = per_token_error.mean() + self.settings.l1_coefficient * step.penalty_scale * l1
         parts = {"mse": mse, "l1": l1}
         dead = step.dead() if step.remedy == "ghost_grads" else None
         if dead is not None:
             sae_in = self.sae_in(x)
-            parts["ghost_grads"] = ghost_grads_loss(sae_in, self.W_enc, self.b_enc, self.W_dec, x - x_hat,
+            parts["ghost_grads"] = ghost_grads_loss(sae_in, self.W_enc, self.b_enc, self.W_dec, target - x_hat,
                                                     dead, per_token_error)
             loss = loss + parts["ghost_grads"]
         return TrainOutput(loss=loss, x_hat=x_hat, fired=(f > 0).sum(0), parts=parts)

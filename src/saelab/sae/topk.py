@@ -37,23 +37,25 @@ class TopKSAE(SAE):
         values, indices = pre.topk(self.cfg.k, dim=-1)
         return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 
-    def training_forward(self, x: torch.Tensor, step: TrainStep) -> TrainOutput:
+    def training_forward(self, x: torch.Tensor, step: TrainStep, target: torch.Tensor | None = None) -> TrainOutput:
         self.check_width(x)
+        target = x if target is None else target
         # Only k of d_sae codes are non-zero: gradients and decoding touch only those.
         values, indices = topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, self.cfg.apply_b_dec_to_input)
-        x_hat = sparse_decode(indices, values, self.W_dec) + self.b_dec
-        parts = {"mse": normalized_error(x_hat - x, x, step.data_parallel)}
-        loss = parts["mse"] + self._auxk_term(x, x_hat, step, parts)
+        x_hat = sparse_decode(indices, values, self.W_dec) + self.b_dec + self.skip(x)
+        parts = {"mse": normalized_error(x_hat - target, target, step.data_parallel)}
+        loss = parts["mse"] + self._auxk_term(x, target - x_hat, step, parts)
         fired = count_fired(indices, values, self.cfg.d_sae)
         return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, parts=parts)
 
-    def _auxk_term(self, x, x_hat, step: TrainStep, parts: dict) -> torch.Tensor | float:
-        """The weighted AuxK loss when it is the remedy in effect and some latents are dead (else 0)."""
+    def _auxk_term(self, x, residual, step: TrainStep, parts: dict) -> torch.Tensor | float:
+        """The weighted AuxK loss when it is the remedy in effect and some latents are dead (else 0);
+        ``residual``: target - reconstruction."""
         coefficient = self.settings.aux_coefficient if step.remedy == "auxk" else 0.0
         dead = step.dead() if coefficient > 0 else None
         if dead is None:
             return 0.0
-        parts["auxk"] = self._auxk_loss(x, (x - x_hat).detach(), dead, step.data_parallel)
+        parts["auxk"] = self._auxk_loss(x, residual.detach(), dead, step.data_parallel)
         return coefficient * parts["auxk"]
 
     def _auxk_loss(self, x: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor,

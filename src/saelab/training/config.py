@@ -10,6 +10,7 @@ architecture's typed settings out as ``cfg.settings``.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, fields, replace
 from itertools import product
 from pathlib import Path
@@ -17,6 +18,14 @@ from pathlib import Path
 from saelab.data.options import DataOptions
 from saelab.options import check_fields, fields_with, option
 from saelab.sae import DEFAULT_ARCHITECTURE, Architecture, Settings, all_architectures, architecture, settings_fields
+from saelab.sae.config import KINDS, Kind
+
+# Where each kind of dictionary reads by default (--hook not given), and what a transcoder predicts from a hook
+# it may read (--hook-out not given): the MLP's output of the same block.
+DEFAULT_HOOK = {"sae": "blocks.6.hook_resid_post", "transcoder": "blocks.6.ln2.hook_normalized",
+                "skip_transcoder": "blocks.6.ln2.hook_normalized"}
+MLP_INPUT_KINDS = ("ln2.hook_normalized", "hook_mlp_in", "hook_resid_mid")
+_MLP_INPUT = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in MLP_INPUT_KINDS) + ")$")
 
 
 def _architecture_help() -> str:
@@ -32,9 +41,15 @@ class TrainConfig(DataOptions):
     typed, ``cfg.settings.k``."""
 
     # --- what to read -----------------------------------------------------------------------------
-    hook: str = option("blocks.6.hook_resid_post", "Hook point: a TransformerLens-style name "
-                       "(blocks.L.hook_resid_pre|resid_mid|resid_post|attn_out|mlp_out) or a module path "
-                       "(model.layers.6.mlp = that module's output).", per_sae=True)
+    kind: str = option("sae", lambda: "What the dictionary reads and writes: " + "; ".join(
+                       f"{k.name}: {k.summary}" for k in KINDS.values()) + ". Every architecture works with each.", choices=tuple(KINDS), fixed_on_resume=True)
+    hook: str | None = option(None, "Hook point read: a TransformerLens-style name (blocks.L.hook_resid_pre|"
+                              "resid_mid|resid_post|attn_out|mlp_out, and around the MLP blocks.L.hook_mlp_in|"
+                              "ln2.hook_normalized|mlp.hook_post) or a module path (model.layers.6.mlp = that "
+                              "module's output). Default: blocks.6.hook_resid_post for an SAE, "
+                              "blocks.6.ln2.hook_normalized (the MLP's input) for a transcoder.", per_sae=True)
+    hook_out: str | None = option(None, "Transcoders: the hook point predicted (default: blocks.L.hook_mlp_out of "
+                                  "the block whose MLP input --hook reads).", per_sae=True)
     # --- the SAE ----------------------------------------------------------------------------------
     architecture: str = option(DEFAULT_ARCHITECTURE, _architecture_help, per_sae=True, fixed_on_resume=True)
     expansion: int = option(8, "Latents per input dimension (d_sae = expansion * d_in).", positive=True,
@@ -128,6 +143,10 @@ class TrainConfig(DataOptions):
 
     def __post_init__(self):
         problems = check_fields(self)
+        if self.kind in KINDS:
+            if self.hook is None:
+                self.hook = DEFAULT_HOOK[self.kind]
+            problems += self._hook_out_problems()
         try:
             self.architecture = architecture(self.architecture).name  # aliases -> the name
         except ValueError as err:
@@ -158,6 +177,32 @@ class TrainConfig(DataOptions):
         values = dataclasses.asdict(self)
         values["sae_settings"] = {**dataclasses.asdict(self.settings), **self.sae_settings}
         return values
+
+    def _hook_out_problems(self) -> list[str]:
+        """Fill in a transcoder's default output hook; what is wrong with the pair of hooks."""
+        if not KINDS[self.kind].separate_output:
+            return [f"hook_out is for transcoders; an SAE reconstructs its --hook ({self.hook}); drop --hook-out "
+                    "or pass --kind transcoder"] if self.hook_out is not None else []
+        if self.hook_out is None:
+            match = _MLP_INPUT.match(self.hook)
+            if match is None:
+                return [f"a {self.kind} needs --hook-out, the hook point it predicts: it is the MLP output of the "
+                        f"block only when --hook is an MLP input (blocks.L.{', blocks.L.'.join(MLP_INPUT_KINDS)}), "
+                        f"not {self.hook}"]
+            self.hook_out = f"blocks.{match.group(1)}.hook_mlp_out"
+        if self.hook_out == self.hook:
+            return [f"a {self.kind} predicts another hook point than it reads (both are {self.hook}); train an SAE "
+                    "(--kind sae) to reconstruct one"]
+        return []
+
+    @property
+    def kind_facts(self) -> Kind:
+        return KINDS[self.kind]
+
+    @property
+    def hooks(self) -> list[str]:
+        """The hook points this dictionary reads and predicts (one for an SAE)."""
+        return [self.hook] if self.hook_out is None else [self.hook, self.hook_out]
 
     @property
     def arch(self) -> Architecture:

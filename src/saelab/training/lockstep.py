@@ -34,9 +34,10 @@ class SharedBuffer:
         self._views: list[BufferView] = []
         self._loaded: dict | None = None                             # the position a resume started from
 
-    def view(self, columns: slice) -> BufferView:
-        """A reader of these columns, with the ActivationBuffer interface a Trainer uses."""
-        view = BufferView(self, columns)
+    def view(self, columns: slice, target_columns: slice | None = None) -> BufferView:
+        """A reader of these columns (and a transcoder's target columns), with the ActivationBuffer interface a
+        Trainer uses."""
+        view = BufferView(self, columns, target_columns)
         self._views.append(view)
         return view
 
@@ -68,23 +69,29 @@ class SharedBuffer:
 
 
 class BufferView:
-    """One trainer's window on a SharedBuffer: its columns of every batch, and its own position."""
+    """One trainer's window on a SharedBuffer: its columns of every batch, and its own position. With
+    ``target_columns`` (a transcoder's output hook) each batch is the pair ``(input, target)``."""
 
-    def __init__(self, shared: SharedBuffer, columns: slice):
-        self.shared, self.columns = shared, columns
+    def __init__(self, shared: SharedBuffer, columns: slice, target_columns: slice | None = None):
+        self.shared, self.columns, self.target_columns = shared, columns, target_columns
         self.d_in = columns.stop - columns.start
+        self.d_out = None if target_columns is None else target_columns.stop - target_columns.start
         self.index = 0                     # batches taken
         self.position: dict | None = None  # buffer position after the last batch taken
 
-    def batches(self) -> Iterator[torch.Tensor]:
+    def batches(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         while True:
             batch, self.position = self.shared.batch(self.index)
             self.index += 1
             self.shared.release()
-            yield batch[:, self.columns].contiguous()
+            yield self._columns(batch)
 
-    def peek(self, rows: int) -> torch.Tensor:
-        return self.shared.buffer.peek(rows)[:, self.columns].contiguous()
+    def peek(self, rows: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self._columns(self.shared.buffer.peek(rows))
+
+    def _columns(self, rows: torch.Tensor):
+        x = rows[:, self.columns].contiguous()
+        return x if self.target_columns is None else (x, rows[:, self.target_columns].contiguous())
 
     def state_dict(self) -> dict:
         return dict(self.position) if self.position is not None else asdict(self.shared.buffer.position)

@@ -120,14 +120,16 @@ def _train(configs: list[TrainConfig], dp: DataParallel, spread: bool, resume: b
     torch.manual_seed(base.seed)
     group = Path(root).resolve().name if root is not None else None
     trackers = [start_tracking(cfg, cfg.out, resume, main_process=dp.is_main, group=group) for cfg in configs]
-    data = data or TrainingData(base, [cfg.hook for cfg in configs], model_and_tokenizer)
+    data = data or TrainingData(base, [hook for cfg in configs for hook in cfg.hooks], model_and_tokenizer)
     configs = [data.fixed(cfg) for cfg in configs]  # what a cache fixes, from the cache
     device = torch.device(base.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shared = SharedBuffer(training_buffer(data.source, base, dp, device))
     trainers = []
     for cfg, tracker in zip(configs, trackers):
-        view = shared.view(data.columns.get(cfg.hook, slice(0, data.source.d_in)))
-        trainers.append(Trainer(cfg, view, cfg.out, metadata=data.metadata(cfg.hook), buffer=view,
+        whole = slice(0, data.source.d_in)
+        view = shared.view(data.columns.get(cfg.hook, whole),
+                           None if cfg.hook_out is None else data.columns.get(cfg.hook_out, whole))
+        trainers.append(Trainer(cfg, view, cfg.out, metadata=data.metadata(cfg.hook, cfg.hook_out), buffer=view,
                                 data_parallel=dp, tracker=tracker))
         if cfg.out in folders:
             trainers[-1].on_checkpoint = _uploader(folders[cfg.out])

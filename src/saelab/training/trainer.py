@@ -82,13 +82,19 @@ class Trainer:
         self.buffer = buffer or training_buffer(source, cfg, self.dp, self.device)
         d_sae = cfg.d_sae or cfg.expansion * source.d_in
         settings = cfg.settings
+        # A transcoder's source (a BufferView with target columns) gives the output's width too.
+        d_out = getattr(source, "d_out", None) if cfg.kind_facts.separate_output else None
+        if cfg.kind_facts.separate_output and d_out is None:
+            raise ValueError(f"a {cfg.kind} trains on pairs of activations (its input and output hooks): give it a "
+                             "source with target columns (saelab.training.train does)")
         sae_cfg = SAEConfig(d_in=source.d_in, d_sae=d_sae, architecture=cfg.architecture, metadata=self.metadata,
-                            **settings.sae_config())
+                            kind=cfg.kind, d_out=d_out, **settings.sae_config())
         self.sae = create_sae(sae_cfg, training=True, settings=settings).to(self.device)
         self.optimizer = _adam(self.sae.parameters(), cfg.lr)
         self.total_steps = cfg.tokens // cfg.batch_size
         self.step = 0
-        self.scale = 1.0
+        self.scale = 1.0          # inputs are multiplied by this while training (normalize_activations)
+        self.target_scale = 1.0   # and a transcoder's targets by this
         self.elapsed = 0.0
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=self.device)
         self.window_fired = torch.zeros(d_sae, dtype=torch.long, device=self.device)
@@ -150,8 +156,8 @@ class Trainer:
         t_start = time.perf_counter()
         if self.step % cfg.log_every == 0:
             self._refresh_dead_latents()
-        x = next(s.batches).to(self.device, non_blocking=True) * self.scale  # this rank's share of the batch
-        parts = self._train_step(x)
+        x, target = self._scaled(next(s.batches))  # this rank's share of the batch
+        parts = self._train_step(x, target)
         self.step += 1
         if self._resample_due():
             self._resample(s.batches)
@@ -190,18 +196,29 @@ class Trainer:
     def export_sae(self) -> SAE:
         """A copy of the inference SAE (on the CPU) that takes raw activations."""
         sae = self.sae.export()
-        sae.fold_input_scale(self.scale)
+        sae.fold_input_scale(self.scale, self.target_scale)
         return sae.eval()
+
+    def _scaled(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch as ``(x, target)`` on the device in training scale: a transcoder's view gives both, an SAE's
+        its input alone (target None: the input is the target)."""
+        x, target = batch if isinstance(batch, tuple) else (batch, None)
+        x = x.to(self.device, non_blocking=True) * self.scale
+        return x, None if target is None else target.to(self.device, non_blocking=True) * self.target_scale
 
     # --- the loop ----------------------------------------------------------------------------------
     def _initialize(self) -> None:
-        sample = self.buffer.peek(INIT_SAMPLE_ROWS).to(self.device)
+        peeked = self.buffer.peek(INIT_SAMPLE_ROWS)
+        sample, target = peeked if isinstance(peeked, tuple) else (peeked, None)
         if self.cfg.normalize_activations:
-            # Mean norm sqrt(d_in) makes learning rates and loss weights transfer across models and layers.
-            self.scale = math.sqrt(self.source.d_in) / sample.norm(dim=1).mean().clamp_min(1e-8).item()
-        self.scale = self.dp.from_main(self.scale)  # rank 0's sample decides (its parameters are broadcast)
+            # Mean norm sqrt(d) makes learning rates and loss weights transfer across models and layers.
+            self.scale = _norm_scale(sample)
+            self.target_scale = self.scale if target is None else _norm_scale(target)
+        # Rank 0's sample decides (its parameters are broadcast).
+        self.scale, self.target_scale = self.dp.from_main(self.scale), self.dp.from_main(self.target_scale)
         generator = torch.Generator().manual_seed(self.cfg.seed)
-        self.sae.initialize((sample * self.scale).cpu(), self.cfg.b_dec_init, generator, fit=self.cfg.fit_init)
+        self.sae.initialize(sample.cpu() * self.scale, self.cfg.b_dec_init, generator, fit=self.cfg.fit_init,
+                            target=None if target is None else target.cpu() * self.target_scale)
 
     def _loop(self, on_step) -> bool:
         while not self.done:
@@ -212,7 +229,7 @@ class Trainer:
                 on_step(self)
         return True
 
-    def _train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _train_step(self, x: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         lr = self._lr_at(self.step)
         for group in self.optimizer.param_groups:
@@ -220,7 +237,8 @@ class Trainer:
         warmup = min(1.0, self.step / max(1.0, cfg.l1_warmup_fraction * self.total_steps))
         info = TrainStep(penalty_scale=warmup, remedy=cfg.remedy, dead_latents=self._dead_latents,
                          data_parallel=self.dp if self.dp.active else None)
-        out = self.sae.training_forward(x, info)
+        # An SAE's call leaves target out, so architectures written before transcoders (x, step) still train.
+        out = self.sae.training_forward(x, info) if target is None else self.sae.training_forward(x, info, target)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self.dp.average_gradients(self.sae.parameters())
@@ -238,7 +256,8 @@ class Trainer:
             parts["loss"] = out.loss.detach()
             self._first_nonfinite.masked_fill_((self._first_nonfinite < 0) & ~torch.isfinite(parts["loss"]), self.step)
             parts["l0"] = out.fired.sum() / batch_tokens
-            parts["fvu"] = normalized_error(out.x_hat - x, x, info.data_parallel)
+            target = x if target is None else target
+            parts["fvu"] = normalized_error(out.x_hat - target, target, info.data_parallel)
         return parts
 
     # --- resampling dead latents (Towards Monosemanticity, 2023) -------------------------------------
@@ -253,37 +272,44 @@ class Trainer:
     def _resample(self, batches) -> None:
         n_batches = max(1, math.ceil(self.cfg.resample_sample_tokens / self.cfg.batch_size))
         # Every rank draws from the same inputs (each global batch: all ranks' shares), so their SAEs stay equal.
-        sample = torch.cat([self.dp.gather(next(batches).to(self.device)) for _ in range(n_batches)]) * self.scale
-        self.resample_dead_latents(sample)
+        drawn = [self._scaled(next(batches)) for _ in range(n_batches)]
+        inputs = torch.cat([self.dp.gather(x) for x, _ in drawn])
+        targets = None if drawn[0][1] is None else torch.cat([self.dp.gather(target) for _, target in drawn])
+        self.resample_dead_latents(inputs, targets)
 
     @torch.no_grad()
-    def resample_dead_latents(self, inputs: torch.Tensor) -> int:
-        """Re-initialise the dead latents toward badly reconstructed ``inputs`` (in training scale).
+    def resample_dead_latents(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> int:
+        """Re-initialise the dead latents toward badly reconstructed ``inputs`` (in training scale; a
+        transcoder's ``targets`` too).
 
         Each dead latent takes one input, drawn with probability proportional to the square of its
-        squared reconstruction error: its decoder row becomes the input's direction, its encoder column
-        that direction times 0.2 x the mean encoder norm of live latents, its biases their initial
-        values; Adam's moments for those slices are zeroed and the latent gets a fresh dead window.
-        The draw uses a generator seeded from (seed, step), so a resumed run repeats it. Returns the
-        number of latents re-initialised.
+        squared reconstruction error: its decoder row becomes the input's direction (a transcoder's: the
+        target's), its encoder column the input's direction times 0.2 x the mean encoder norm of live
+        latents, its biases their initial values; Adam's moments for those slices are zeroed and the latent
+        gets a fresh dead window. The draw uses a generator seeded from (seed, step), so a resumed run
+        repeats it. Returns the number of latents re-initialised.
         """
         dead = (self.tokens_since_fired >= self.cfg.dead_window_tokens).nonzero().squeeze(1)
         if len(dead) == 0:
             return 0
         was_training = self.sae.training
         self.sae.eval()
-        losses = torch.cat([(self.sae(chunk) - chunk).pow(2).sum(-1) for chunk in inputs.split(4096)])
+        targets = inputs if targets is None else targets
+        losses = torch.cat([(self.sae(chunk) - wanted).pow(2).sum(-1)
+                            for chunk, wanted in zip(inputs.split(4096), targets.split(4096))])
         self.sae.train(was_training)
         weights = losses.double().pow(2).cpu()
         if not bool(weights.sum() > 0) or not bool(torch.isfinite(weights).all()):
             weights = torch.ones_like(weights)
         chosen = torch.multinomial(weights, len(dead), replacement=True, generator=self._step_generator("resample"))
-        picked = inputs[chosen.to(inputs.device)]
+        chosen = chosen.to(inputs.device)
+        picked, picked_targets = inputs[chosen], targets[chosen]
         directions = picked / picked.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        target_directions = picked_targets / picked_targets.norm(dim=1, keepdim=True).clamp_min(1e-8)
         alive = self.tokens_since_fired < self.cfg.dead_window_tokens
         encoder_norms = self.sae.W_enc.norm(dim=0)
         mean_norm = float(encoder_norms[alive].mean()) if bool(alive.any()) else float(encoder_norms.mean())
-        self.sae.reinitialize_latents(dead, directions, RESAMPLE_ENCODER_SCALE * mean_norm)
+        self.sae.reinitialize_latents(dead, target_directions, RESAMPLE_ENCODER_SCALE * mean_norm, directions)
         self._reset_optimizer_rows(dead)
         self.tokens_since_fired[dead] = 0
         self.resampled += len(dead)
@@ -363,6 +389,7 @@ class Trainer:
         state = {
             "config": self.cfg.as_dict(), "sae_config": asdict(self.sae.cfg), "sae": self.sae.state_dict(),
             "optimizer": self.optimizer.state_dict(), "step": self.step, "scale": self.scale,
+            "target_scale": self.target_scale,
             "buffer": positions[0], "world_size": self.dp.world_size,
             **({"buffer_ranks": positions} if self.dp.active else {}), "tokens_since_fired": self.tokens_since_fired,
             "window_fired": self.window_fired, "last_window": self._last_window, "dead_latents": self._dead_latents,
@@ -404,6 +431,7 @@ class Trainer:
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.scale, self.elapsed = state["step"], state["scale"], state["elapsed"]
+        self.target_scale = state.get("target_scale", self.scale)
         self._checkpoint_step = self.step
         self.resampled = state.get("resampled", 0)
         trained_by = state.get("world_size", 1)
@@ -419,6 +447,11 @@ class Trainer:
         self._dead_latents = state["dead_latents"]
         if self.dp.is_main:
             _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+
+
+def _norm_scale(sample: torch.Tensor) -> float:
+    """The factor that gives ``sample``'s rows mean norm sqrt(width)."""
+    return math.sqrt(sample.shape[1]) / sample.float().norm(dim=1).mean().clamp_min(1e-8).item()
 
 
 def training_buffer(source: ActivationSource, cfg: TrainConfig, dp: DataParallel, device) -> ActivationBuffer:
