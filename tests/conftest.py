@@ -51,8 +51,9 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
-def synthetic_activations(n: int, d_in: int, n_features: int, active: int, seed: int = 0):
-    """Rows that are sparse non-negative combinations of ``n_features`` known unit directions."""
+def synthetic_activations(n: int, d_in: int, n_features: int, active: int, seed: int = 1000):
+    """Rows that are sparse non-negative combinations of ``n_features`` known unit directions. The default seed is
+    not a trainer's (0): with the same seed the directions would be the very numbers an SAE starts from."""
     g = torch.Generator().manual_seed(seed)
     directions = torch.randn(n_features, d_in, generator=g)
     directions /= directions.norm(dim=1, keepdim=True)

@@ -51,6 +51,32 @@ def _create_transcoder(job: dict, common: dict):
     return sae
 
 
+def _create_newer(job: dict, common: dict):
+    """AbsTopK and matching pursuit (SAELens 6.5x)."""
+    from sae_lens import AbsTopKSAE, AbsTopKSAEConfig, MatchingPursuitSAE, MatchingPursuitSAEConfig
+
+    g = torch.Generator().manual_seed(job.get("seed", 0))
+    d_in, d_sae = job["d_in"], job["d_sae"]
+    if job["architecture"] == "abstopk":
+        sae = AbsTopKSAE(AbsTopKSAEConfig(**common, k=job["k"]))
+        with torch.no_grad():
+            sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
+            sae.b_enc.copy_(0.3 * torch.randn(d_sae, generator=g))
+    else:
+        sae = MatchingPursuitSAE(MatchingPursuitSAEConfig(**common, max_iterations=job["max_iterations"],
+                                                          residual_threshold=job["residual_threshold"]))
+    with torch.no_grad():
+        rows = torch.randn(d_sae, d_in, generator=g)
+        if job["architecture"] == "matching_pursuit":  # pursuit assumes unit rows
+            rows = rows / rows.norm(dim=1, keepdim=True)
+        else:
+            rows = rows * (0.5 + torch.rand(d_sae, 1, generator=g))
+        sae.W_dec.copy_(rows)
+        sae.b_dec.copy_(0.3 * torch.randn(d_in, generator=g))
+    sae.save_model(job["folder"])
+    return sae
+
+
 def _create(job: dict):
     from sae_lens import (GatedSAE, GatedSAEConfig, JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig,
                           TopKSAE, TopKSAEConfig)
@@ -61,6 +87,8 @@ def _create(job: dict):
               "apply_b_dec_to_input": job.get("apply_b_dec_to_input", True), "metadata": metadata}
     if job["architecture"].endswith("transcoder"):
         return _create_transcoder(job, common)
+    if job["architecture"] in ("abstopk", "matching_pursuit"):
+        return _create_newer(job, common)
     if job["architecture"] == "standard":
         sae = StandardSAE(StandardSAEConfig(**common))
     elif job["architecture"] == "topk":

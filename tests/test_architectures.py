@@ -327,7 +327,7 @@ def train(tmp_path, planted, **overrides):
 
 @pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka_batchtopk"])
 def test_batchtopk_family_recovers_planted_directions_and_exports_l0_k(tmp_path, planted, architecture):
-    sae, records, l0, fvu, directions = train(tmp_path, planted, architecture=architecture)
+    sae, records, l0, fvu, directions = train(tmp_path, planted, architecture=architecture, tokens=200_000)
     assert isinstance(sae, JumpReLUSAE) and sae.cfg.architecture == "jumprelu"
     assert all(r["l0"] == 3 for r in records)                 # every logged training window: exactly k
     assert mean_max_cosine(directions, sae.W_dec.detach()) >= 0.9
@@ -348,14 +348,17 @@ def test_batchtopk_threshold_follows_the_encoder_to_the_end_of_a_short_run(tmp_p
 @pytest.mark.parametrize("target,init_threshold", [(3.0, 0.5), (2.0, 0.1)])
 def test_jumprelu_reaches_its_target_l0_and_recovers_planted_directions(tmp_path, planted, target, init_threshold):
     sae, records, l0, fvu, directions = train(tmp_path, planted, architecture="jumprelu", target_l0=target,
-                                              jumprelu_init_threshold=init_threshold)
+                                              jumprelu_init_threshold=init_threshold, tokens=200_000)
     assert isinstance(sae, JumpReLUSAE)
     assert abs(l0 - target) <= 0.1 * target, l0                # on fresh data
     assert abs(sum(r["l0"] for r in records[-10:]) / 10 - target) <= 0.1 * target
     # The thresholds travelled far from where they started (~x30 from 0.1: plain log-thresholds under Adam
     # reach x3 in these 390 steps, and the run stalled at L0 12).
     assert sae.threshold.median() > 3 * init_threshold
-    assert mean_max_cosine(directions, sae.W_dec.detach()) >= 0.9 and fvu < 0.2
+    if target >= 3:  # as many latents as the rows have features
+        assert mean_max_cosine(directions, sae.W_dec.detach()) >= 0.9 and fvu < 0.2
+    else:  # two latents for rows of three features: a third of the signal stays unexplained
+        assert mean_max_cosine(directions, sae.W_dec.detach()) >= 0.85 and fvu < 0.35
 
 
 def test_gated_recovers_planted_directions(tmp_path, planted):

@@ -44,7 +44,7 @@ def test_remedy_auto_and_validation():
     assert TrainConfig(architecture="jumprelu", dead_latent_remedy="resample").remedy == "resample"
     with pytest.raises(ValueError, match="ghost_grads is for the standard architecture"):
         TrainConfig(architecture="topk", dead_latent_remedy="ghost_grads")
-    with pytest.raises(ValueError, match="auxk is for the topk, batchtopk, matryoshka_batchtopk architectures"):
+    with pytest.raises(ValueError, match="auxk is for the topk, batchtopk, matryoshka_batchtopk, abstopk architectures"):
         TrainConfig(architecture="gated", dead_latent_remedy="auxk")
     with pytest.raises(ValueError, match="dead_latent_remedy must be one of"):
         TrainConfig(dead_latent_remedy="necromancy")

@@ -166,12 +166,42 @@ def random_saelab_transcoder(folder_name: str, seed: int) -> SAE:
     return sae.eval()
 
 
+def random_saelab_newer(name: str, seed: int) -> SAE:
+    """An AbsTopK or matching-pursuit SAE with random weights (unit decoder rows for pursuit)."""
+    options = {"max_iterations": 6, "residual_threshold": 0.5, "stop_on_duplicate_support": True}
+    sae = create_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=name, k=K if name == "abstopk" else None,
+                               options=options if name == "matching_pursuit" else {}, metadata=dict(METADATA)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        rows = torch.randn(D_SAE, D_IN, generator=g)
+        sae.W_dec.copy_(rows / rows.norm(dim=1, keepdim=True) if name == "matching_pursuit"
+                        else rows * (0.5 + torch.rand(D_SAE, 1, generator=g)))
+        if name == "abstopk":
+            sae.W_enc.copy_(torch.randn(D_IN, D_SAE, generator=g) / D_IN**0.5)
+            sae.b_enc.copy_(0.3 * torch.randn(D_SAE, generator=g))
+        sae.b_dec.copy_(0.3 * torch.randn(D_IN, generator=g))
+    return sae.eval()
+
+
+NEWER = {"abstopk": "AbsTopKSAE", "matching_pursuit": "MatchingPursuitSAE"}
+
+
 @pytest.fixture(scope="module")
 def transcoder_interop(saelens, tmp_path_factory):
+    """SAELens jobs for the transcoder family, AbsTopK and matching pursuit, both ways, in one subprocess."""
     root = tmp_path_factory.mktemp("saelens_transcoders")
     inputs = make_inputs()
     save_file(inputs, root / "inputs.safetensors")
     jobs, ours = [], {}
+    for i, name in enumerate(NEWER):
+        ours[name] = random_saelab_newer(name, seed=50 + i)
+        ours[name].save(root / f"saelab_{name}")
+        jobs.append({"mode": "load", "folder": str(root / f"saelab_{name}"), "inputs": str(root / "inputs.safetensors"),
+                     "out": str(root / f"saelab_{name}.out")})
+        jobs.append({"mode": "create", "architecture": name, "d_in": D_IN, "d_sae": D_SAE, "k": K, "max_iterations": 5,
+                     "residual_threshold": 0.3, "seed": 60 + i, "metadata": METADATA,
+                     "folder": str(root / f"saelens_{name}"), "inputs": str(root / "inputs.safetensors"),
+                     "out": str(root / f"saelens_{name}.out")})
     for i, name in enumerate(TRANSCODERS):
         ours[name] = random_saelab_transcoder(name, seed=30 + i)
         ours[name].save(root / f"saelab_{name}")
@@ -207,6 +237,30 @@ def test_saelab_transcoders_load_in_saelens_and_saelens_transcoders_load_here(tr
     theirs = load_file(root / f"saelens_{name}.out")
     for key, value in transcoder_outputs(sae, inputs).items():
         assert_agree(value, theirs[key], f"saelab on SAELens's {name}, {key}")
+
+
+@pytest.mark.saelens
+@pytest.mark.subprocess
+@pytest.mark.parametrize("name", NEWER)
+def test_abstopk_and_matching_pursuit_agree_with_saelens_both_ways(transcoder_interop, name):
+    root, inputs, ours = transcoder_interop
+    theirs = load_file(root / f"saelab_{name}.out")
+    info = json.loads((root / f"saelab_{name}.out.json").read_text())
+    assert info["class"] == NEWER[name]
+    if name == "matching_pursuit":  # its own fields reached SAELens's config
+        assert (info["cfg"]["max_iterations"], info["cfg"]["residual_threshold"]) == (6, 0.5)
+    for key, value in transcoder_outputs(ours[name], inputs).items():
+        assert_agree(theirs[key], value, f"SAELens on saelab's {name}, {key}")
+    sae = SAE.load(root / f"saelens_{name}")
+    assert sae.cfg.architecture == name
+    theirs = load_file(root / f"saelens_{name}.out")
+    encoded = transcoder_outputs(sae, inputs)
+    for key, value in encoded.items():
+        assert_agree(value, theirs[key], f"saelab on SAELens's {name}, {key}")
+    if name == "abstopk":
+        assert (encoded["encode"] < 0).any() and ((encoded["encode"] != 0).sum(-1) == K).all()
+    else:
+        assert sae.cfg.options["max_iterations"] == 5 and (encoded["encode"] != 0).sum(-1).max() <= 5
 
 
 # --- saelab alone: the folder format -------------------------------------------------------------

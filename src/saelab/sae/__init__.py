@@ -16,6 +16,8 @@ from saelab.sae.matryoshka import MATRYOSHKA, MatryoshkaBatchTopKSAE, Matryoshka
 from saelab.sae.jumprelu import JUMPRELU, JumpReLUSAE, JumpReLUSettings, JumpReLUTrainingSAE  # noqa: E402
 from saelab.sae.gated import GATED, GatedSAE  # noqa: E402
 from saelab.sae.standard import STANDARD, L1Settings, StandardSAE  # noqa: E402
+from saelab.sae.abstopk import ABSTOPK, AbsTopKSAE  # noqa: E402
+from saelab.sae.matching_pursuit import MATCHING_PURSUIT, MatchingPursuitSAE  # noqa: E402
 
 register_architecture(TOPK)
 register_architecture(BATCHTOPK)
@@ -23,10 +25,12 @@ register_architecture(MATRYOSHKA)
 register_architecture(JUMPRELU)
 register_architecture(GATED)
 register_architecture(STANDARD)
+register_architecture(ABSTOPK)
+register_architecture(MATCHING_PURSUIT)
 DEFAULT_ARCHITECTURE = TOPK.name  # what `saelab train` trains unless told otherwise
 
-__all__ = ["DEFAULT_ARCHITECTURE", "SAE", "Architecture", "BatchTopKSAE", "BatchTopKSettings", "GatedSAE", "JumpReLUSAE", "JumpReLUSettings",
-           "JumpReLUTrainingSAE", "L1Settings", "MatryoshkaBatchTopKSAE", "MatryoshkaSettings", "SAEConfig",
+__all__ = ["DEFAULT_ARCHITECTURE", "SAE", "AbsTopKSAE", "Architecture", "BatchTopKSAE", "BatchTopKSettings", "GatedSAE", "JumpReLUSAE", "JumpReLUSettings",
+           "JumpReLUTrainingSAE", "L1Settings", "MatchingPursuitSAE", "MatryoshkaBatchTopKSAE", "MatryoshkaSettings", "SAEConfig",
            "SAEFormatError", "Settings", "StandardSAE", "TopKSAE", "TopKSettings", "TrainOutput", "TrainStep",
            "all_architectures", "architecture", "architecture_names", "create_sae", "load_sae", "load_sparsity",
            "register_architecture", "save_sae", "settings_fields", "unregister_architecture"]

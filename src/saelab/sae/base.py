@@ -12,7 +12,7 @@ reconstruction with ``target`` (the output hook's activation; the input itself f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -61,12 +61,16 @@ class SAE(nn.Module):
 
     architecture: ClassVar[str]
     decoder_init_norm: ClassVar[float] = 1.0
+    tied_encoder: ClassVar[bool] = False    # W_enc is W_dec.T, not a parameter (matching pursuit)
+    # cfg.json fields of its own (SAELens's names), with the values a folder that lacks them means.
+    folder_options: ClassVar[dict] = {}
 
     def __init__(self, cfg: SAEConfig, settings: Settings | None = None):
         super().__init__()
         self.cfg = cfg
         self.settings = settings
-        self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae))
+        if not self.tied_encoder:
+            self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae))
         self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.output_size))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.output_size))
@@ -125,7 +129,7 @@ class SAE(nn.Module):
         self.W_dec.copy_(directions)
         if self.cfg.separate_output:
             self.W_enc.copy_(_unit_rows(self.cfg.d_sae, self.cfg.d_in, generator).T * self.decoder_init_norm)
-        else:
+        elif not self.tied_encoder:
             self.W_enc.copy_(directions.T)
         if "b_enc" in self._parameters:  # gated SAEs have none
             self.b_enc.zero_()
@@ -187,7 +191,7 @@ class SAE(nn.Module):
 
     def latent_axes(self) -> dict[str, int]:
         """Each parameter that holds one slice per latent, and the axis its latents lie along."""
-        axes = {"W_enc": 1, "W_dec": 0}
+        axes = {"W_dec": 0} if self.tied_encoder else {"W_enc": 1, "W_dec": 0}
         for name, p in self.named_parameters():
             if p.ndim == 1 and name != "b_dec":  # b_enc, thresholds, gates: one entry per latent
                 axes[name] = 0
@@ -201,7 +205,8 @@ class SAE(nn.Module):
         input space) and its per-latent biases at their initial values."""
         encoder_directions = directions if encoder_directions is None else encoder_directions
         self.W_dec[latents] = directions.to(self.W_dec.dtype)
-        self.W_enc[:, latents] = (encoder_directions * encoder_norm).T.to(self.W_enc.dtype)
+        if not self.tied_encoder:
+            self.W_enc[:, latents] = (encoder_directions * encoder_norm).T.to(self.W_enc.dtype)
         for name, axis in self.latent_axes().items():
             if name not in ("W_enc", "W_dec"):
                 getattr(self, name)[latents] = self._initial_latent_value(name)
@@ -213,7 +218,7 @@ class SAE(nn.Module):
     def export(self) -> SAE:
         """The inference SAE this one saves as, a copy on the CPU (a training module overrides it: BatchTopK
         becomes a JumpReLU SAE)."""
-        sae = type(self)(self.cfg, self.settings)
+        sae = type(self)(replace(self.cfg), self.settings)  # its own cfg: folding the input scale may change it
         sae.load_state_dict({name: t.detach().cpu().clone() for name, t in self.state_dict().items()})
         return sae.eval()
 

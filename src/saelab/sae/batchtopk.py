@@ -62,13 +62,13 @@ class BatchTopKEncode(TopKEncode):
         indices[tokens, slots] = flat_indices - tokens * d_sae
         values[tokens, slots] = flat_values
         ctx.save_for_backward(sae_in, W_enc, indices, values)
-        ctx.subtract_b_dec = subtract_b_dec
+        ctx.subtract_b_dec, ctx.signed = subtract_b_dec, False
         ctx.mark_non_differentiable(indices)
         return values, indices
 
     @staticmethod
     def backward(ctx, grad_values, grad_indices):
-        return *TopKEncode.backward(ctx, grad_values, grad_indices), None
+        return TopKEncode.backward(ctx, grad_values, grad_indices)  # its last None stands for data_parallel
 
 
 def batch_topk_encode(x, W_enc, b_enc, b_dec, k: int, subtract_b_dec: bool = True, data_parallel=None):

@@ -36,6 +36,7 @@ class SAEConfig:
     metadata: dict = field(default_factory=dict)  # model, hook(s), context and dataset it was trained on
     kind: str = "sae"                       # a key of KINDS
     d_out: int | None = None                # the output's width (None: d_in, an SAE)
+    options: dict = field(default_factory=dict)  # an architecture's own cfg.json fields (its module's folder_options)
 
     def __post_init__(self):
         if self.kind not in KINDS:

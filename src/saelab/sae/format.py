@@ -64,6 +64,7 @@ def config_to_json(cfg: SAEConfig) -> dict:
         out["d_out"] = cfg.output_size
     if cfg.k is not None:
         out["k"] = cfg.k
+    out.update(cfg.options)
     out["metadata"] = {"hook_head_index": None, "model_class_name": "AutoModelForCausalLM",
                        "model_from_pretrained_kwargs": {}, "seqpos_slice": [None],
                        "sequence_separator_token": "bos", "disable_concat_sequences": False,
@@ -83,11 +84,11 @@ def config_from_json(raw: dict, where: str) -> SAEConfig:
         d_in, d_sae = int(raw["d_in"]), int(raw["d_sae"])
     except KeyError as err:
         raise SAEFormatError(f"{where}: cfg.json lacks {err.args[0]!r}; is this an SAE folder?") from None
-    architecture, kind = parse_folder_architecture(raw.get("architecture") or "standard")
+    name, kind = parse_folder_architecture(raw.get("architecture") or "standard")
     # Pre-6.0: a TopK SAE was architecture "standard" with activation_fn(_str) "topk".
     activation = raw.get("activation_fn", raw.get("activation_fn_str"))
-    if activation == "topk" and architecture == "standard":
-        architecture = "topk"
+    if activation == "topk" and name == "standard":
+        name = "topk"
     elif activation not in (None, "relu", "topk"):
         raise SAEFormatError(f"{where}: activation function {activation!r} is not supported (saelab reads "
                              "relu and topk SAEs)")
@@ -104,12 +105,17 @@ def config_from_json(raw: dict, where: str) -> SAEConfig:
             metadata[new] = metadata[old]
     k = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
     d_out = raw.get("d_out") if kind != "sae" else None
+    try:
+        own = architecture(name).module.folder_options
+    except ValueError:
+        own = {}  # an unknown architecture: load_sae names it
+    options = {key: raw.get(key, default) for key, default in own.items()}
     for key in ("hook_name_out", "hook_head_index_out"):  # transcoders of older SAELens keep them at the top
         if key in raw and key not in metadata:
             metadata[key] = raw[key]
-    return SAEConfig(d_in=d_in, d_sae=d_sae, architecture=architecture, k=int(k) if k is not None else None,
+    return SAEConfig(d_in=d_in, d_sae=d_sae, architecture=name, k=int(k) if k is not None else None,
                      apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)), metadata=metadata,
-                     kind=kind, d_out=int(d_out) if d_out is not None else None)
+                     kind=kind, d_out=int(d_out) if d_out is not None else None, options=options)
 
 
 def save_sae(sae: nn.Module, folder, sparsity: torch.Tensor | None = None, runner_cfg: dict | None = None) -> None:
@@ -191,7 +197,7 @@ def load_sae(folder, device: str | torch.device = "cpu") -> nn.Module:
         if tuple(scale.shape) != (cfg.d_sae,):
             raise SAEFormatError(f"{folder}: scaling_factor has shape {tuple(scale.shape)}, not ({cfg.d_sae},)")
         state["W_dec"] = state["W_dec"] * scale[:, None]
-    if (cfg.architecture == "topk" or loads_as == "jumprelu") and raw.get("rescale_acts_by_decoder_norm"):
+    if (cfg.architecture in ("topk", "abstopk") or loads_as == "jumprelu") and raw.get("rescale_acts_by_decoder_norm"):
         # SAELens ranks pre * ||W_dec row|| and decodes with unit rows: fold the norms into the weights.
         norms = state["W_dec"].norm(dim=1).clamp_min(1e-8)
         state["W_enc"] = state["W_enc"] * norms

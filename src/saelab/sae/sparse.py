@@ -23,29 +23,35 @@ def _latent_major(indices: torch.Tensor, weights: torch.Tensor, d_sae: int) -> t
 
 
 class TopKEncode(torch.autograd.Function):
-    """``values, indices = topk((x - b_dec) @ W_enc + b_enc, k)``, values through ReLU."""
+    """``values, indices = topk((x - b_dec) @ W_enc + b_enc, k)``, values through ReLU; with ``signed``, the k
+    largest in magnitude with their signs (AbsTopK)."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, k: int, subtract_b_dec: bool):
+    def forward(ctx, x, W_enc, b_enc, b_dec, k: int, subtract_b_dec: bool, signed: bool = False):
         sae_in = x - b_dec if subtract_b_dec else x
-        values, indices = torch.addmm(b_enc, sae_in, W_enc).topk(k, dim=-1, sorted=False)
-        values = values.relu()
+        pre = torch.addmm(b_enc, sae_in, W_enc)
+        if signed:
+            indices = pre.abs().topk(k, dim=-1, sorted=False).indices
+            values = pre.gather(-1, indices)
+        else:
+            values, indices = pre.topk(k, dim=-1, sorted=False)
+            values = values.relu()
         ctx.save_for_backward(sae_in, W_enc, indices, values)
-        ctx.subtract_b_dec = subtract_b_dec
+        ctx.subtract_b_dec, ctx.signed = subtract_b_dec, signed
         ctx.mark_non_differentiable(indices)
         return values, indices
 
     @staticmethod
     def backward(ctx, grad_values, _grad_indices):
         sae_in, W_enc, indices, values = ctx.saved_tensors
-        grad_selected = grad_values * (values > 0)                 # ReLU gate, [batch, k]
+        grad_selected = grad_values if ctx.signed else grad_values * (values > 0)  # ReLU gate, [batch, k]
         d_sae = W_enc.shape[1]
         grad_b_enc = torch.zeros(d_sae, dtype=grad_selected.dtype, device=grad_selected.device)
         grad_b_enc.index_add_(0, indices.reshape(-1), grad_selected.reshape(-1))
         grad_W_enc = torch.sparse.mm(_latent_major(indices, grad_selected, d_sae), sae_in).T
         # Through sae_in = x - b_dec: -sum over tokens of grad_pre @ W_enc.T, which is -W_enc @ grad_b_enc.
         grad_b_dec = -(W_enc @ grad_b_enc) if ctx.subtract_b_dec else None
-        return None, grad_W_enc, grad_b_enc, grad_b_dec, None, None
+        return None, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):
@@ -75,12 +81,13 @@ def count_fired(indices: torch.Tensor, values: torch.Tensor, d_sae: int) -> torc
     """Tokens on which each latent is non-zero, ``[d_sae]``. A scatter-add: unlike ``bincount`` or boolean
     indexing it has a fixed output size, so on a GPU it does not wait for the device."""
     counts = torch.zeros(d_sae, dtype=torch.long, device=indices.device)
-    return counts.index_add_(0, indices.reshape(-1), (values > 0).reshape(-1).long())
+    return counts.index_add_(0, indices.reshape(-1), (values != 0).reshape(-1).long())
 
 
-def topk_encode(x, W_enc, b_enc, b_dec, k: int, subtract_b_dec: bool = True):
-    """Returns ``(values, indices)`` ([batch, k] each); gradients reach W_enc, b_enc and b_dec (not x)."""
-    return TopKEncode.apply(x, W_enc, b_enc, b_dec, k, subtract_b_dec)
+def topk_encode(x, W_enc, b_enc, b_dec, k: int, subtract_b_dec: bool = True, signed: bool = False):
+    """Returns ``(values, indices)`` ([batch, k] each); gradients reach W_enc, b_enc and b_dec (not x). ``signed``:
+    the k largest in magnitude, signs kept (AbsTopK)."""
+    return TopKEncode.apply(x, W_enc, b_enc, b_dec, k, subtract_b_dec, signed)
 
 
 def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:

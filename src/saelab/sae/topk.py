@@ -26,6 +26,7 @@ class TopKSettings(Settings):
 
 class TopKSAE(SAE):
     architecture = "topk"
+    signed: bool = False  # AbsTopK: selected by magnitude, signs kept
 
     def __init__(self, cfg, settings=None):
         if not cfg.k or not 0 < cfg.k <= cfg.d_sae:
@@ -34,14 +35,24 @@ class TopKSAE(SAE):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.encode_pre(x)
-        values, indices = pre.topk(self.cfg.k, dim=-1)
-        return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+        values, indices = self._select(pre, self.cfg.k)
+        return torch.zeros_like(pre).scatter_(-1, indices, values)
+
+    def _select(self, pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k codes kept of each row of ``pre``: the largest, through ReLU (AbsTopK: the largest in magnitude,
+        signed)."""
+        if self.signed:
+            indices = pre.abs().topk(k, dim=-1, sorted=False).indices
+            return pre.gather(-1, indices), indices
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        return values.relu(), indices
 
     def training_forward(self, x: torch.Tensor, step: TrainStep, target: torch.Tensor | None = None) -> TrainOutput:
         self.check_width(x)
         target = x if target is None else target
         # Only k of d_sae codes are non-zero: gradients and decoding touch only those.
-        values, indices = topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, self.cfg.apply_b_dec_to_input)
+        values, indices = topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, self.cfg.apply_b_dec_to_input,
+                                      self.signed)
         x_hat = sparse_decode(indices, values, self.W_dec) + self.b_dec + self.skip(x)
         parts = {"mse": normalized_error(x_hat - target, target, step.data_parallel)}
         loss = parts["mse"] + self._auxk_term(x, target - x_hat, step, parts)
@@ -64,8 +75,8 @@ class TopKSAE(SAE):
         k_aux = min(self.settings.aux_k or self.cfg.d_in // 2, len(dead))
         sae_in = self.sae_in(x)
         dead_pre = torch.addmm(self.b_enc[dead], sae_in, self.W_enc[:, dead])
-        values, positions = dead_pre.topk(k_aux, dim=-1, sorted=False)
-        residual_hat = sparse_decode(dead[positions], values.relu(), self.W_dec)
+        values, positions = self._select(dead_pre, k_aux)
+        residual_hat = sparse_decode(dead[positions], values, self.W_dec)
         return normalized_error(residual_hat - residual, residual, data_parallel)
 
     @torch.no_grad()

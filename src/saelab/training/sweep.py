@@ -174,7 +174,7 @@ def _sweep(scfg: SweepConfig, base: TrainConfig, overwrite: bool) -> SweepResult
         raise ValueError("--activation-tokens sets how many activations to collect from the model; with "
                          "--activations the cache is used as it is (write a smaller one with `saelab cache --tokens`)")
     torch.manual_seed(base.seed)
-    data = TrainingData(base, [base.hook])
+    data = TrainingData(base, base.hooks)
     base = data.fixed(base)
     if data.synthetic is not None and {"absorption", "probing"} & set(parse_list(scfg.suite)):
         raise ValueError("--suite absorption and probing run prompts through the language model; synthetic data "
