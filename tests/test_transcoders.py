@@ -155,7 +155,7 @@ def test_a_transcoder_has_no_b_dec_on_its_input_and_checks_both_widths():
 
 def test_a_transcoder_predicts_the_mlp_output_of_the_block_it_reads_unless_told():
     assert TrainConfig(kind="transcoder").hooks == ["blocks.6.ln2.hook_normalized", "blocks.6.hook_mlp_out"]
-    assert TrainConfig(kind="skip_transcoder", hook="blocks.3.hook_mlp_in").hook_out == "blocks.3.hook_mlp_out"
+    assert TrainConfig(kind="skip_transcoder", hook="blocks.3.hook_mlp_in").target_hook == "blocks.3.hook_mlp_out"
     assert TrainConfig().hooks == ["blocks.6.hook_resid_post"]
     with pytest.raises(ValueError, match="needs --hook-out"):
         TrainConfig(kind="transcoder", hook="blocks.3.hook_resid_post")
@@ -242,3 +242,17 @@ def test_a_transcoder_that_copies_the_mlp_recovers_all_of_the_loss():
     with torch.no_grad():  # a transcoder that copies half of the MLP loses some of the loss
         copy.W_skip.mul_(0.5)
     assert evaluate(model, copy, None, [tokens])["ce_loss_score"] < 1 - 1e-3
+
+
+def test_layers_trains_one_transcoder_per_block_on_one_forward_pass(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "per-layer"
+    assert main(["train", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--kind", "transcoder",
+                 "--layers", "0-1", "--k", "4", "--expansion", "2", "--tokens", "4096", "--batch-size", "256",
+                 "--context-size", "64", "--eval-tokens", "512", "--out", str(out), "--no-progress"]) == 0
+    runs = json.loads((out / "multi.json").read_text())["runs"]
+    assert runs == ["blocks.0.ln2.hook_normalized-topk-k4", "blocks.1.ln2.hook_normalized-topk-k4"]
+    for block, run in enumerate(runs):
+        meta = load_sae(out / run / "final").cfg.metadata
+        assert (meta["hook_name"], meta["hook_name_out"]) == (f"blocks.{block}.ln2.hook_normalized",
+                                                              f"blocks.{block}.hook_mlp_out")
+    assert main(["train", "--layers", "0-x", "--out", str(tmp_path / "bad")]) == 2

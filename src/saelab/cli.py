@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint "
                        "(other options are taken from the run)")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    train.add_argument("--layers", metavar="BLOCKS", help="one dictionary per block, e.g. 0-11 or 0,3,6: --hook "
+                       "(default: the kind's, blocks.6.hook_resid_post for an SAE, blocks.6.ln2.hook_normalized for a "
+                       "transcoder) moved to each of these blocks, all trained on one forward pass")
     add_options(train, option_fields(TrainConfig), lists=list_fields())
 
     sweep = commands.add_parser(
@@ -226,8 +229,15 @@ def _train(args) -> int:
     from saelab.training.config import expand, list_fields
     from saelab.training.run import resume_configs, train
 
+    from saelab.training.config import DEFAULT_HOOK, layer_hooks
+
     fields = option_fields(TrainConfig)
     lists = read_lists(args, fields, list_fields())
+    if args.layers is not None:
+        if "hook" in lists:
+            raise ValueError("--layers moves one --hook to several blocks; give one --hook with it, not a list")
+        lists["hook"] = layer_hooks(args.layers, args.hook or DEFAULT_HOOK[args.kind or "sae"])
+        args.hook = None
     if args.resume and lists:
         raise ValueError(f"--resume takes the SAEs of the run; drop the lists given to {', '.join(lists)}")
     if args.resume:

@@ -87,8 +87,8 @@ def load_sae_and_model(sae_path, model: str | None = None, hook: str | None = No
     if not hook_name:
         raise ValueError(f"{folder}/cfg.json names no hook point (metadata hook_name); pass --hook")
     prepend_bos = bool(meta.get("prepend_bos", True))
-    say(f"loading {model_name} for {folder} ({sae.cfg.architecture}, {sae.cfg.d_in} -> {sae.cfg.d_sae}) at "
-        f"{hook_name}")
+    out = f" -> {meta['hook_name_out']}" if sae.cfg.separate_output and meta.get("hook_name_out") else ""
+    say(f"loading {model_name} for {folder} ({sae.cfg.describe()}) at {hook_name}{out}")
     try:
         lm, tokenizer = load_model(model_name, device)
     except ModelLoadError as err:

@@ -137,9 +137,7 @@ def run_eval(cfg: EvalConfig, progress: bool = False, say=None) -> EvalResult:
 
     model_device = next(model.parameters()).device
     hook_out = sae.cfg.metadata.get("hook_name_out") if sae.cfg.separate_output else None
-    shape = f"{sae.cfg.d_in} -> {sae.cfg.d_sae}" + (f" -> {sae.cfg.output_size}" if hook_out else "")
-    kind = f" {sae.cfg.kind}" if hook_out else ""
-    say(f"evaluating {folder} ({sae.cfg.architecture}{kind}, {shape}) on {model_name} {hook_name}"
+    say(f"evaluating {folder} ({sae.cfg.describe()}) on {model_name} {hook_name}"
         f"{f' -> {hook_out}' if hook_out else ''}, {contexts * context_size:,} tokens of {cfg.dataset} on {model_device}")
     seen = {"contexts": 0}
 
@@ -217,7 +215,7 @@ def _run_synthetic_eval(cfg: EvalConfig, folder: Path, trained_on: dict | None, 
     if synthetic.d_in != sae.cfg.d_in:
         raise ValueError(f"--synthetic {cfg.synthetic}: its samples have d_in {synthetic.d_in}, the SAE reads "
                          f"{sae.cfg.d_in}")
-    say(f"evaluating {folder} ({sae.cfg.architecture}, {sae.cfg.d_in} -> {sae.cfg.d_sae}) against the true features "
+    say(f"evaluating {folder} ({sae.cfg.describe()}) against the true features "
         f"of {described}, {cfg.tokens:,} evaluation samples")
     metrics = ground_truth_metrics(sae, SyntheticFeatures(synthetic), cfg.tokens)
     if "geometry" in cfg.suites:

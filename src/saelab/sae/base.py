@@ -120,10 +120,10 @@ class SAE(nn.Module):
         """Random decoder directions, encoder = decoder transpose (a transcoder's encoder: random directions of its
         input space), ``b_dec`` at the centre of the ``target`` sample (default: ``sample``). With ``fit``, the start
         is fitted to the sample as well: ``calibrate_sparsity`` sets what decides how many latents fire (JumpReLU's
-        thresholds), then (an SAE, whose encoder and decoder are aligned) the encoder, and every threshold with it
-        so that the same latents fire, is scaled by the least-squares factor between the sample and its
-        reconstruction: the first steps' FVU is below 1 whatever the width, where unscaled codes of many latents
-        overshoot it."""
+        thresholds), then the encoder, and every threshold with it so that the same latents fire, is scaled by the
+        least-squares factor between the sample and its reconstruction: the first steps' FVU is below 1 whatever
+        the width, where unscaled codes of many latents overshoot it. A transcoder's start is always fitted that
+        far: its decoder rows pointed at the targets its latents fire on, then the scale."""
         target = sample if target is None else target
         directions = _unit_rows(self.cfg.d_sae, self.cfg.output_size, generator) * self.decoder_init_norm
         self.W_dec.copy_(directions)
@@ -147,7 +147,7 @@ class SAE(nn.Module):
             self.calibrate_sparsity(sample)
         if self.cfg.separate_output:
             self._point_decoder_at_targets(sample, target)
-        if fit:
+        if fit or self.cfg.separate_output:  # a transcoder's pointed rows add up along the targets: scale them
             centred, reconstruction = target - self.b_dec, self.encode(sample) @ self.W_dec
             factor = (centred * reconstruction).sum() / reconstruction.pow(2).sum().clamp_min(1e-12)
             self.scale_codes(float(factor.clamp_min(1e-6)))
@@ -157,9 +157,10 @@ class SAE(nn.Module):
         """A transcoder's start: each latent's decoder row along the mean (centred) target of the sample rows it
         fires on, weighted by its code, at the initial row norm. An SAE whose encoder is its decoder transposed
         starts consistent (a latent writes the direction it reads); this is the same for a map between two hook
-        points, where random decoder rows would write unrelated directions at first (on planted features, 64 in
-        32 dimensions, TopK after 390 steps: mean max cosine to the true write directions 0.968 -> 0.993, FVU
-        0.135 -> 0.078; JumpReLU 0.815 -> 0.914)."""
+        points, where random decoder rows would write unrelated directions at first. ``initialize`` then scales the
+        codes by the least-squares factor (rows pointed this way add up along the targets and overshoot them). On
+        planted features (64 in 32 dimensions, 390 steps), mean max cosine to the true write directions and FVU:
+        TopK 0.968 / 0.135 from random rows, 0.995 / 0.065 so; JumpReLU 0.815 / 0.344 -> 0.984 / 0.146."""
         written = torch.zeros_like(self.W_dec)
         for start in range(0, len(sample), rows):
             codes = self.encode(sample[start:start + rows])

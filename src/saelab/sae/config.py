@@ -49,6 +49,15 @@ class SAEConfig:
             raise ValueError(f"an SAE reconstructs its input: d_out ({self.d_out}) must equal d_in ({self.d_in})")
 
     @property
+    def shape(self) -> str:
+        """``d_in -> d_sae`` (a transcoder: ``-> d_out`` too), for messages and reports."""
+        return f"{self.d_in} -> {self.d_sae}" + (f" -> {self.output_size}" if self.separate_output else "")
+
+    def describe(self) -> str:
+        """``topk, 576 -> 4608`` or ``jumprelu skip_transcoder, 576 -> 4608 -> 576``."""
+        return f"{self.architecture}{' ' + self.kind if self.separate_output else ''}, {self.shape}"
+
+    @property
     def output_size(self) -> int:
         return self.d_in if self.d_out is None else self.d_out
 

@@ -153,6 +153,9 @@ class TrainConfig(DataOptions):
             problems.append(str(err))
         else:
             arch = architecture(self.architecture)
+            if getattr(arch.module, "tied_encoder", False) and self.kind in KINDS and KINDS[self.kind].separate_output:
+                problems.append(f"{arch.name} reads its input with its own decoder rows, so it cannot be a "
+                                f"{self.kind}; choose another architecture or --kind sae")
             if not arch.accepts_remedy(self.dead_latent_remedy):
                 takes = [a.name for a in all_architectures() if self.dead_latent_remedy in a.remedies]
                 problems.append(f"dead_latent_remedy {self.dead_latent_remedy} is for the {', '.join(takes)} "
@@ -179,21 +182,30 @@ class TrainConfig(DataOptions):
         return values
 
     def _hook_out_problems(self) -> list[str]:
-        """Fill in a transcoder's default output hook; what is wrong with the pair of hooks."""
+        """What is wrong with the pair of hooks (a transcoder's default output hook is derived, not stored, so that a
+        config copied with another --hook predicts that block's MLP output)."""
         if not KINDS[self.kind].separate_output:
             return [f"hook_out is for transcoders; an SAE reconstructs its --hook ({self.hook}); drop --hook-out "
                     "or pass --kind transcoder"] if self.hook_out is not None else []
-        if self.hook_out is None:
-            match = _MLP_INPUT.match(self.hook)
-            if match is None:
-                return [f"a {self.kind} needs --hook-out, the hook point it predicts: it is the MLP output of the "
-                        f"block only when --hook is an MLP input (blocks.L.{', blocks.L.'.join(MLP_INPUT_KINDS)}), "
-                        f"not {self.hook}"]
-            self.hook_out = f"blocks.{match.group(1)}.hook_mlp_out"
-        if self.hook_out == self.hook:
+        if self.hook_out is None and _MLP_INPUT.match(self.hook) is None:
+            return [f"a {self.kind} needs --hook-out, the hook point it predicts: it is the MLP output of the "
+                    f"block only when --hook is an MLP input (blocks.L.{', blocks.L.'.join(MLP_INPUT_KINDS)}), "
+                    f"not {self.hook}"]
+        if self.target_hook == self.hook:
             return [f"a {self.kind} predicts another hook point than it reads (both are {self.hook}); train an SAE "
                     "(--kind sae) to reconstruct one"]
         return []
+
+    @property
+    def target_hook(self) -> str | None:
+        """The hook a transcoder predicts: ``hook_out``, else the MLP output of the block whose MLP input ``hook``
+        reads; None for an SAE."""
+        if not KINDS[self.kind].separate_output:
+            return None
+        if self.hook_out is not None:
+            return self.hook_out
+        match = _MLP_INPUT.match(self.hook)
+        return f"blocks.{match.group(1)}.hook_mlp_out" if match else None
 
     @property
     def kind_facts(self) -> Kind:
@@ -202,7 +214,7 @@ class TrainConfig(DataOptions):
     @property
     def hooks(self) -> list[str]:
         """The hook points this dictionary reads and predicts (one for an SAE)."""
-        return [self.hook] if self.hook_out is None else [self.hook, self.hook_out]
+        return [self.hook] if self.target_hook is None else [self.hook, self.target_hook]
 
     @property
     def arch(self) -> Architecture:
@@ -293,6 +305,24 @@ def expand(base: TrainConfig, lists: dict[str, list]) -> list[TrainConfig]:
         raise ValueError("the listed values repeat a combination: " + ", ".join(sorted(
             {Path(f).name for f in folders if folders.count(f) > 1})))
     return configs
+
+
+def layer_hooks(layers: str, hook: str) -> list[str]:
+    """``hook`` (a ``blocks.L.*`` name) at each block of ``layers``: ``0-11``, ``0,3,6`` or a mix (``0-2,6``)."""
+    match = re.match(r"^blocks\.\d+\.(.+)$", hook)
+    if match is None:
+        raise ValueError(f"--layers puts a TransformerLens-style hook (blocks.L.<kind>) at each block, not {hook!r}: "
+                         "give --hook as such a name, or list module paths in --hook")
+    blocks: list[int] = []
+    for part in (p.strip() for p in str(layers).split(",") if p.strip()):
+        first, _, last = part.partition("-")
+        try:
+            blocks += list(range(int(first), int(last or first) + 1))
+        except ValueError:
+            raise ValueError(f"--layers must be block numbers and ranges like 0-11 or 0,3,6, got {layers!r}") from None
+    if not blocks or len(set(blocks)) < len(blocks) or min(blocks) < 0:
+        raise ValueError(f"--layers must name distinct blocks >= 0, got {layers!r}")
+    return [f"blocks.{block}.{match.group(1)}" for block in blocks]
 
 
 def sparsity_label(cfg: TrainConfig) -> str:

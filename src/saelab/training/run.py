@@ -128,8 +128,8 @@ def _train(configs: list[TrainConfig], dp: DataParallel, spread: bool, resume: b
     for cfg, tracker in zip(configs, trackers):
         whole = slice(0, data.source.d_in)
         view = shared.view(data.columns.get(cfg.hook, whole),
-                           None if cfg.hook_out is None else data.columns.get(cfg.hook_out, whole))
-        trainers.append(Trainer(cfg, view, cfg.out, metadata=data.metadata(cfg.hook, cfg.hook_out), buffer=view,
+                           None if cfg.target_hook is None else data.columns.get(cfg.target_hook, whole))
+        trainers.append(Trainer(cfg, view, cfg.out, metadata=data.metadata(cfg.hook, cfg.target_hook), buffer=view,
                                 data_parallel=dp, tracker=tracker))
         if cfg.out in folders:
             trainers[-1].on_checkpoint = _uploader(folders[cfg.out])
@@ -183,9 +183,9 @@ def _resume_at_a_common_step(trainers: list[Trainer]) -> bool:
 
 
 def _what_trains(configs: list[TrainConfig], trainers: list[Trainer], data: TrainingData) -> str:
-    saes = ", ".join(f"{sparsity_label(cfg)} ({trainer.sae.cfg.d_in} -> {trainer.sae.cfg.d_sae})"
+    saes = ", ".join(f"{sparsity_label(cfg)}{' ' + cfg.kind if cfg.target_hook else ''} ({trainer.sae.cfg.shape})"
                      for cfg, trainer in zip(configs, trainers))
-    hooks = ", ".join(dict.fromkeys(cfg.hook for cfg in configs))
+    hooks = ", ".join(dict.fromkeys(" -> ".join(cfg.hooks) for cfg in configs))
     return (f"training {saes} on {hooks}, {configs[0].tokens:,} tokens of {data.described}"
             f"{' each' if len(configs) > 1 else ''}, into " + ", ".join(cfg.out for cfg in configs))
 
