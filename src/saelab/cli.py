@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     train.add_argument("--layers", metavar="BLOCKS", help="one dictionary per block, e.g. 0-11 or 0,3,6: --hook "
                        "(default: the kind's, blocks.6.hook_resid_post for an SAE, blocks.6.ln2.hook_normalized for a "
-                       "transcoder) moved to each of these blocks, all trained on one forward pass")
+                       "transcoder) moved to each of these blocks, all trained on one forward pass; with --kind "
+                       "crosscoder, one crosscoder over the hook at these blocks")
     add_options(train, option_fields(TrainConfig), lists=list_fields())
 
     sweep = commands.add_parser(
@@ -229,15 +230,22 @@ def _train(args) -> int:
     from saelab.training.config import expand, list_fields
     from saelab.training.run import resume_configs, train
 
+    from saelab.models.hooks import HOOK_LIST_SEPARATOR, split_hook_list
     from saelab.training.config import DEFAULT_HOOK, layer_hooks
 
     fields = option_fields(TrainConfig)
     lists = read_lists(args, fields, list_fields())
+    crosscoder = args.kind == "crosscoder"
     if args.layers is not None:
         if "hook" in lists:
             raise ValueError("--layers moves one --hook to several blocks; give one --hook with it, not a list")
-        lists["hook"] = layer_hooks(args.layers, args.hook or DEFAULT_HOOK[args.kind or "sae"])
-        args.hook = None
+        hooks = layer_hooks(args.layers, split_hook_list(args.hook or DEFAULT_HOOK[args.kind or "sae"])[0])
+        if crosscoder:  # one crosscoder over those blocks
+            args.hook = HOOK_LIST_SEPARATOR.join(hooks)
+        else:
+            lists["hook"], args.hook = hooks, None
+    elif crosscoder and "hook" in lists:  # --kind crosscoder --hook a,b,c: one crosscoder over a, b and c
+        args.hook = HOOK_LIST_SEPARATOR.join(lists.pop("hook"))
     if args.resume and lists:
         raise ValueError(f"--resume takes the SAEs of the run; drop the lists given to {', '.join(lists)}")
     if args.resume:

@@ -57,10 +57,15 @@ class DataParallel:
         """This rank's part of a global number of rows (a batch, a buffer)."""
         return rows // self.world_size
 
-    def from_main(self, value: float) -> float:
-        """Rank 0's ``value`` on every rank (a number computed from rank 0's data, e.g. the input scale)."""
+    def from_main(self, value: float | torch.Tensor) -> float | torch.Tensor:
+        """Rank 0's ``value`` on every rank (a number or a tensor computed from rank 0's data, e.g. the input
+        scale)."""
         if not self.active:
             return value
+        if isinstance(value, torch.Tensor):
+            tensor = value.to(self.comm_device, torch.float64).contiguous()
+            dist.broadcast(tensor, src=0)
+            return tensor.to(value.device, value.dtype)
         tensor = torch.tensor([value], dtype=torch.float64, device=self.comm_device)
         dist.broadcast(tensor, src=0)
         return float(tensor.item())

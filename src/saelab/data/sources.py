@@ -20,6 +20,7 @@ from saelab.data.options import DataOptions
 from saelab.data.synthetic import SyntheticConfig, SyntheticFeatures, SyntheticSource
 from saelab.data.text import describe_source
 from saelab.models import HookPoint, load_model, resolve_hook
+from saelab.models.hooks import HOOK_LIST_SEPARATOR
 from saelab.options import fields_with
 from saelab.version import __version__
 
@@ -124,14 +125,19 @@ class TrainingData:
         text and packing (the fields declared ``cached``); on the model, ``cfg`` as it is."""
         return replace(cfg, **{name: getattr(self.cfg, name) for name in fields_with(type(cfg), "cached")})
 
-    def metadata(self, hook: str, hook_out: str | None = None) -> dict:
-        """What a dictionary reading ``hook`` (and predicting ``hook_out``, a transcoder) records about its data."""
+    def metadata(self, hooks: str | list[str], hook_out: str | None = None) -> dict:
+        """What a dictionary reading ``hooks`` (one; a crosscoder: several) and predicting ``hook_out`` (a
+        transcoder) records about its data. Several hooks: ``hook_names`` lists them, ``hook_name`` joins them."""
+        hooks = [hooks] if isinstance(hooks, str) else list(hooks)
+        hook = HOOK_LIST_SEPARATOR.join(hooks)
         out = {} if hook_out is None else {"hook_name_out": hook_out, "hook_head_index_out": None,
                                            "hook_module_path_out": self.module_paths[hook_out]}
+        if len(hooks) > 1:
+            out.update(hook_names=hooks, hook_module_paths=[self.module_paths[name] for name in hooks])
         if self.synthetic is not None:
             return {"model_name": "synthetic", "hook_name": hook, "dataset_path": self.dataset_path,
                     "synthetic_config": asdict(self.synthetic.cfg), "saelab_version": __version__, **out}
-        return {**sae_metadata(self.cfg, hook, self.module_paths[hook], self.dataset_path), **out}
+        return {**sae_metadata(self.cfg, hook, self.module_paths[hooks[0]], self.dataset_path), **out}
 
     def keep_in_memory(self, max_rows: int, progress: bool = False) -> tuple[int, float]:
         """Read the first ``max_rows`` rows of the source once (one pass of the model) and train on them from

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from tqdm.auto import tqdm
 
 from saelab.data.sources import HeldOut
 from saelab.evals.ground_truth import ground_truth_metrics
 from saelab.evals.metrics import evaluate_activations, evaluate_many
+from saelab.models.hooks import split_hook_list
 from saelab.sae import SAE
 
 
@@ -26,13 +29,18 @@ def evaluate_held_out(held_out: HeldOut, saes: Sequence[tuple[SAE, str]], downst
                 for sae, hook in saes]
     batches = tqdm(held_out.token_batches, unit="batch", leave=False, disable=not progress,
                    desc=f"evaluating {len(saes)} SAE{'s' if len(saes) > 1 else ''}")
-    results = evaluate_many(held_out.model, [(sae, held_out.hooks[hook]) for sae, hook in saes], batches,
+    results = evaluate_many(held_out.model, [(sae, held_out.hooks.get(hook, hook)) for sae, hook in saes], batches,
                             held_out.keep_mask, downstream=downstream)
     return [{**metrics, "eval_dataset": held_out.description} for metrics in results]
 
 
 def _cached_batches(held_out: HeldOut, sae: SAE, hook: str):
-    """The held-out contexts of the cache at ``hook`` as (act, keep), with a transcoder's target as (act, keep, y)."""
+    """The held-out contexts of the cache at ``hook`` as (act, keep), with a transcoder's target as (act, keep, y);
+    a crosscoder's hooks (joined by +) side by side."""
+    names = split_hook_list(hook)
+    if len(names) > 1:
+        readers = [held_out.cache.activations(name, held_out.cache_start) for name in names]
+        return ((torch.cat([act for act, _ in parts], -1), parts[0][1]) for parts in zip(*readers))
     inputs = held_out.cache.activations(hook, held_out.cache_start)
     if not sae.cfg.separate_output:
         return inputs

@@ -18,6 +18,7 @@ from saelab.data.options import TextOptions
 from saelab.data.tokens import bos_id, special_ids
 from saelab.evals.options import CorpusOptions
 from saelab.models import HookPoint, ModelLoadError, hook_widths, load_model, resolve_hook
+from saelab.models.hooks import split_hook_list
 from saelab.sae import SAE
 
 DEFAULT_CONTEXT_SIZE = 128
@@ -46,6 +47,7 @@ class Loaded:
     folder: Path
     model_name: str
     prepend_bos: bool
+    hooks: list[HookPoint] | None = None   # a crosscoder's hook points (``hook`` is the first)
 
     @property
     def device(self) -> torch.device:
@@ -70,8 +72,9 @@ def tokenize(tokenizer, text: str, prepend_bos: bool = True) -> torch.Tensor:
 
 
 def load_sae_and_model(sae_path, model: str | None = None, hook: str | None = None,
-                       device: str | None = None, say=None) -> Loaded:
-    """Load the SAE folder (or a run folder holding ``final/``), its model and hook point.
+                       device: str | None = None, say=None, crosscoders: bool = False) -> Loaded:
+    """Load the SAE folder (or a run folder holding ``final/``), its model and hook point. A crosscoder is
+    refused unless ``crosscoders`` (the caller reads all its hook points, as ``saelab eval`` does).
 
     Raises ValueError (or ModelLoadError) with a readable message when the metadata names no model or
     hook, the model cannot be loaded, or the hook's width is not the SAE's ``d_in``.
@@ -79,6 +82,9 @@ def load_sae_and_model(sae_path, model: str | None = None, hook: str | None = No
     say = say or (lambda message: None)
     folder = find_sae_folder(sae_path)
     sae = SAE.load(folder)
+    if sae.cfg.n_hooks > 1 and not crosscoders:
+        raise ValueError(f"{folder} is a crosscoder over {sae.cfg.n_hooks} hook points; `saelab eval` evaluates it, "
+                         "but this command reads dictionaries of one hook point (SAEs and transcoders)")
     meta = sae.cfg.metadata
     model_name = model or meta.get("model_name")
     if not model_name:
@@ -96,16 +102,25 @@ def load_sae_and_model(sae_path, model: str | None = None, hook: str | None = No
             raise ModelLoadError(f"{err}\n(the model name {model_name!r} comes from the SAE's cfg.json; pass "
                                  "--model to use another name, folder or file for that model)") from err
         raise
-    hook_point = resolve_hook(lm, hook_name)
-    loaded = Loaded(sae.to(next(lm.parameters()).device).eval(), lm, tokenizer, hook_point, folder, model_name,
-                    prepend_bos)
+    hooks = [resolve_hook(lm, name) for name in split_hook_list(hook_name)]
+    loaded = Loaded(sae.to(next(lm.parameters()).device).eval(), lm, tokenizer, hooks[0], folder, model_name,
+                    prepend_bos, hooks if len(hooks) > 1 else None)
     check_width(loaded)
     return loaded
 
 
 def check_width(loaded: Loaded) -> None:
-    """The hook's activation width must be the SAE's ``d_in``."""
-    width = hook_widths(loaded.model, [loaded.hook], bos_id(loaded.tokenizer))[loaded.hook.name]
+    """The hook's activation width must be the SAE's ``d_in`` (each of a crosscoder's hooks: its hook width)."""
+    hooks = loaded.hooks or [loaded.hook]
+    widths = hook_widths(loaded.model, hooks, bos_id(loaded.tokenizer))
+    if len(hooks) != loaded.sae.cfg.n_hooks:
+        raise ValueError(f"the SAE reads {loaded.sae.cfg.n_hooks} hook point(s), {len(hooks)} given "
+                         f"({', '.join(h.name for h in hooks)}); join a crosscoder's hooks with + in --hook")
+    for hook in hooks[1:]:
+        if widths[hook.name] != loaded.sae.cfg.hook_width:
+            raise ValueError(f"hook {hook.name!r} of {loaded.model_name} has width {widths[hook.name]}, but the "
+                             f"crosscoder reads {loaded.sae.cfg.hook_width} at each of its hooks")
+    width = widths[loaded.hook.name] * len(hooks)
     if width != loaded.sae.cfg.d_in:
         raise ValueError(f"hook {loaded.hook.name!r} of {loaded.model_name} has width {width}, but the SAE's d_in is "
                          f"{loaded.sae.cfg.d_in}: the SAE reads another hook point (its cfg.json says "

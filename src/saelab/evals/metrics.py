@@ -15,7 +15,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 import torch.nn.functional as F
 
-from saelab.models.hooks import HookNameError, HookPoint, capture, hooked, resolve_hook
+from saelab.models.hooks import HookNameError, HookPoint, capture, hooked, resolve_hook, split_hook_list
 from saelab.models.transformer_lens_backend import lm_logits
 from saelab.sae import SAE
 
@@ -24,6 +24,9 @@ DENSE_THRESHOLD = 0.1  # a latent active on more than 10% of tokens counts as de
 METRIC_KEYS = ("l0", "l1", "mse", "fvu", "explained_variance", "cossim", "l2_ratio", "ce_clean", "ce_with_sae",
                "ce_zero_ablation", "ce_loss_score", "kl_with_sae", "kl_zero_ablation", "kl_score",
                "dead_fraction", "dense_fraction", "tokens")
+# What a crosscoder's result gives for each of its hooks (by_hook).
+BY_HOOK_KEYS = ("fvu", "explained_variance", "mse", "cossim", "ce_with_sae", "ce_zero_ablation", "ce_loss_score",
+                "kl_with_sae", "kl_score")
 DOWNSTREAM_KEYS = ("ce_clean", "ce_with_sae", "ce_zero_ablation", "ce_loss_score", "kl_with_sae",
                    "kl_zero_ablation", "kl_score")
 
@@ -161,28 +164,68 @@ def evaluate(model, sae: SAE, hook: HookPoint | str | None, token_batches: Itera
     return evaluate_many(model, [(sae, hook)], token_batches, keep_mask, downstream)[0]
 
 
+class _Evaluated:
+    """One dictionary under evaluation: the hooks it reads and writes (one and the same for an SAE, the output hook
+    for a transcoder, several for a crosscoder), its totals, and a crosscoder's totals per hook."""
+
+    def __init__(self, model, sae: SAE, hook: HookPoint | str | None, device):
+        self.sae = sae.to(device)
+        if sae.cfg.n_hooks > 1:
+            names = sae.cfg.metadata.get("hook_names") if hook is None else split_hook_list(getattr(hook, "name", hook))
+            if not names or len(names) != sae.cfg.n_hooks:
+                raise HookNameError(f"this crosscoder reads {sae.cfg.n_hooks} hook points; its metadata hook_names "
+                                    f"(or the hook given, joined by +) must name them, got {names!r}")
+            self.reads = self.writes = [resolve_hook(model, name) for name in names]
+        else:
+            read = sae_hook(model, sae, hook)
+            self.reads, self.writes = [read], [output_hook(model, sae, read)]
+        self.total = _Totals(sae.cfg.output_size, sae.cfg.d_sae)
+        self.by_hook = [_Totals(sae.cfg.hook_width, sae.cfg.d_sae) for _ in self.reads] if sae.cfg.n_hooks > 1 else []
+
+    def rows(self, acts: dict[str, torch.Tensor], hooks: list[HookPoint]) -> torch.Tensor:
+        return torch.cat([acts[hook.name] for hook in hooks], -1)
+
+    def add_reconstruction(self, acts: dict[str, torch.Tensor], keep: torch.Tensor) -> None:
+        inputs = self.rows(acts, self.reads)
+        target = None if self.writes is self.reads else self.rows(acts, self.writes)
+        x, x_hat, f = _add_reconstruction(self.total, self.sae, inputs, keep, target)
+        positions = _positions(keep)
+        for totals, x_part, x_hat_part in zip(self.by_hook, x.split(self.sae.cfg.hook_width, -1),
+                                              x_hat.split(self.sae.cfg.hook_width, -1)):
+            _add_rows(totals, x_part, x_hat_part, f, positions)
+
+    def replacements(self, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A crosscoder's reconstruction of each hook from the clean activations of all of them (its latents read
+        later layers too, so they cannot be computed inside the forward pass that they change)."""
+        inputs = self.rows(acts, self.reads).float()
+        output = self.sae(inputs).split(self.sae.cfg.hook_width, -1)
+        return {hook.name: part for hook, part in zip(self.writes, output)}
+
+
 @torch.no_grad()
 def evaluate_many(model, saes: Sequence[tuple[SAE, HookPoint | str | None]], token_batches: Iterable[torch.Tensor],
                   keep_mask: Callable[[torch.Tensor], torch.Tensor] | None = None, downstream: bool = True) -> list[dict]:
     """``evaluate`` for several ``(sae, hook)`` pairs on the same text, one result each (equal to evaluating
     that SAE alone). The model's clean pass runs once per batch and the zero-ablated pass once per distinct
-    hook; only the spliced pass runs once per SAE (a sweep of 18 SAEs: 20 passes per batch, not 54)."""
+    hook; only the spliced pass runs once per SAE (a sweep of 18 SAEs: 20 passes per batch, not 54).
+
+    A crosscoder is spliced in at all its hooks together (``ce_loss_score`` etc.) and at each in turn, with its
+    reconstruction computed from the clean activations; its result has ``by_hook``: FVU and CE/KL scores per hook.
+    """
     device = next(model.parameters()).device
-    triples = []
-    for sae, hook in saes:
-        hook = sae_hook(model, sae, hook)
-        triples.append((sae.to(device), hook, output_hook(model, sae, hook)))
-    hooks = list({h.name: h for _, hook, out in triples for h in (hook, out)}.values())
-    outputs = list({out.name: out for _, _, out in triples}.values())  # what is zero-ablated
-    totals = [_Totals(sae.cfg.output_size, sae.cfg.d_sae) for sae, _, _ in triples]
+    evaluated = [_Evaluated(model, sae, hook, device) for sae, hook in saes]
+    hooks = list({h.name: h for e in evaluated for h in (*e.reads, *e.writes)}.values())
+    # What is zero-ablated: each dictionary's outputs together, and a crosscoder's one by one.
+    ablated = list({tuple(h.name for h in group): group for e in evaluated
+                    for group in (e.writes, *([h] for h in e.writes if len(e.writes) > 1))}.values())
     for tokens in token_batches:
         tokens = tokens.to(device)
         keep = (torch.ones_like(tokens, dtype=torch.bool) if keep_mask is None
                 else keep_mask(tokens.cpu()).to(device))
         if not downstream:
             acts = capture(model, tokens, hooks)
-            for total, (sae, hook, out) in zip(totals, triples):
-                _add_reconstruction(total, sae, acts[hook.name], keep, acts[out.name])
+            for e in evaluated:
+                e.add_reconstruction(acts, keep)
             continue
         acts = {}
         with ExitStack() as stack:
@@ -190,15 +233,42 @@ def evaluate_many(model, saes: Sequence[tuple[SAE, HookPoint | str | None]], tok
                 stack.enter_context(hooked(model, hook, lambda act, name=hook.name: acts.__setitem__(name, act.detach())))
             clean = _NextTokenReference(lm_logits(model, tokens), tokens, keep)
         zero = {}
-        for out in outputs:
-            with zero_ablate(model, out, keep):
-                zero[out.name] = clean.ce_and_kl(lm_logits(model, tokens))
-        for total, (sae, hook, out) in zip(totals, triples):
-            _add_reconstruction(total, sae, acts[hook.name], keep, acts[out.name])
-            with splice(model, sae, hook, keep):
-                with_sae = clean.ce_and_kl(lm_logits(model, tokens))
-            total.add_downstream(clean, with_sae, zero[out.name])
-    return [_summarise(total, downstream) for total in totals]
+        for group in ablated:
+            with ExitStack() as stack:
+                for hook in group:
+                    stack.enter_context(zero_ablate(model, hook, keep))
+                zero[tuple(h.name for h in group)] = clean.ce_and_kl(lm_logits(model, tokens))
+        for e in evaluated:
+            e.add_reconstruction(acts, keep)
+            if not e.by_hook:
+                with splice(model, e.sae, e.reads[0], keep):
+                    e.total.add_downstream(clean, clean.ce_and_kl(lm_logits(model, tokens)), zero[(e.writes[0].name,)])
+                continue
+            new = e.replacements(acts)
+            for totals, group in ((e.total, e.writes), *((t, [h]) for t, h in zip(e.by_hook, e.writes))):
+                with _patched(model, {hook: new[hook.name] for hook in group}, keep):
+                    with_sae = clean.ce_and_kl(lm_logits(model, tokens))
+                totals.add_downstream(clean, with_sae, zero[tuple(h.name for h in group)])
+    results = []
+    for e in evaluated:
+        result = _summarise(e.total, downstream)
+        if e.by_hook:
+            result["by_hook"] = {hook.name: {key: value for key, value in _summarise(t, downstream).items()
+                                             if key in BY_HOOK_KEYS} for hook, t in zip(e.writes, e.by_hook)}
+        results.append(result)
+    return results
+
+
+@contextmanager
+def _patched(model, replacements: dict[HookPoint, torch.Tensor], keep: torch.Tensor):
+    """Run with each hook's activation replaced by the given tensor at the kept positions."""
+    def replace(new: torch.Tensor):
+        return lambda act: torch.where(keep[..., None].to(act.device), new.to(act.dtype), act)
+
+    with ExitStack() as stack:
+        for hook, new in replacements.items():
+            stack.enter_context(hooked(model, hook, replace(new)))
+        yield
 
 
 @torch.no_grad()
@@ -213,13 +283,25 @@ def evaluate_activations(sae: SAE, batches: Iterable[tuple[torch.Tensor, ...]]) 
 
 
 def _add_reconstruction(totals: _Totals, sae: SAE, act: torch.Tensor, keep: torch.Tensor,
-                        target: torch.Tensor | None = None) -> None:
+                        target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Add one batch: ``act`` what the dictionary reads, ``target`` what it should output (default ``act``);
-    the reconstruction figures below (x, x_hat) are of the target."""
+    returns the kept rows of the target, of the reconstruction and of the latents."""
     inputs = act[keep].float()
     x = inputs if target is None else target[keep].float()
     f = sae.encode(inputs)
     x_hat = sae.reconstruction(inputs, f)
+    _add_rows(totals, x, x_hat, f, _positions(keep))
+    return x, x_hat, f
+
+
+def _positions(keep: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Each kept row's position in its context, and the context length."""
+    return torch.arange(keep.shape[1], device=keep.device).expand_as(keep)[keep].cpu(), keep.shape[1]
+
+
+def _add_rows(totals: _Totals, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor,
+              positions: tuple[torch.Tensor, int]) -> None:
+    positions, seq = positions
     sq_err = (x - x_hat).double().pow(2).sum(-1)
     totals.tokens += len(x)
     totals.sums["l0"] += (f != 0).sum().item()
@@ -231,9 +313,7 @@ def _add_reconstruction(totals: _Totals, sae: SAE, act: torch.Tensor, keep: torc
     totals.x_sq_sum += x.double().pow(2).sum(0).cpu()
     totals.fired += (f != 0).sum(0).double().cpu()
 
-    seq = keep.shape[1]
     totals.grow_positions(seq)
-    positions = torch.arange(seq, device=keep.device).expand_as(keep)[keep].cpu()
     xd = x.double().cpu()
     totals.pos_tokens.index_add_(0, positions, torch.ones(len(positions), dtype=torch.float64))
     totals.pos_sq_err.index_add_(0, positions, sq_err.cpu())

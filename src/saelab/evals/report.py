@@ -183,7 +183,7 @@ def report_json(metrics: dict, info: dict) -> dict:
     out = {key: metrics[key] for key in dict.fromkeys((*METRIC_KEYS, *GROUND_TRUTH_KEYS)) if key in metrics}
     if "error_by_position" in metrics:
         out["error_by_position"] = metrics["error_by_position"]
-    for suite in ("probing", "absorption"):
+    for suite in ("probing", "absorption", "by_hook"):
         if suite in metrics:
             out[suite] = metrics[suite]
     if "geometry" in metrics:  # the summaries; the per-latent values are in geometry.png
@@ -191,6 +191,15 @@ def report_json(metrics: dict, info: dict) -> dict:
                            if not isinstance(value, torch.Tensor)}
     out["eval"] = info
     return jsonable(out)
+
+
+def by_hook_markdown(by_hook: dict) -> str:
+    """A crosscoder's reconstruction and downstream scores at each of its hooks."""
+    lines = ["| hook | FVU | explained variance | CE recovered | KL score |", "|---|---|---|---|---|"]
+    for hook, row in by_hook.items():
+        lines.append(f"| `{hook}` | {_value(row['fvu'])} | {_value(row['explained_variance'])} | "
+                     f"{_value(row.get('ce_loss_score'))} | {_value(row.get('kl_score'))} |")
+    return "\n".join(lines)
 
 
 def summary_markdown(metrics: dict, info: dict) -> str:
@@ -224,6 +233,10 @@ def summary_markdown(metrics: dict, info: dict) -> str:
             lines += ["", "latents by firing frequency: " + ", ".join(
                 f"{name} {count:,}" for name, count in geometry["frequency_buckets"].items())]
         lines += ["", "![geometry](geometry.png)"]
+    if "by_hook" in metrics:
+        lines += ["", "## Each hook of the crosscoder", "", by_hook_markdown(metrics["by_hook"]), "",
+                  "CE/KL per hook: only that hook replaced by its reconstruction (computed from the clean "
+                  "activations of every hook); the scores above replace all of them at once."]
     if "probing" in metrics:
         lines += ["", "## Sparse probing (test accuracy)", "", probing_markdown(metrics["probing"])]
     if "absorption" in metrics:

@@ -128,9 +128,14 @@ def run_eval(cfg: EvalConfig, progress: bool = False, say=None) -> EvalResult:
         raise ValueError(f"--suite absorption is for SAEs: it compares decoder rows with probes of the hook the "
                          f"dictionary reads, and a {read_sae_config(folder).kind}'s decoder writes another hook; "
                          "leave absorption out of --suite")
-    loaded = load_sae_and_model(cfg.sae, cfg.model, cfg.hook, cfg.device)
+    crosscoder = read_sae_config(folder).n_hooks > 1
+    if crosscoder and set(cfg.suites) - {"core"}:
+        raise ValueError(f"{folder} is a crosscoder: `saelab eval` gives it the core suite (FVU and CE/KL with all "
+                         "its hooks replaced and each in turn); leave the other suites out of --suite")
+    loaded = load_sae_and_model(cfg.sae, cfg.model, cfg.hook, cfg.device, crosscoders=True)
     sae, model, folder = loaded.sae, loaded.model, loaded.folder
-    model_name, hook_name = loaded.model_name, loaded.hook.name
+    model_name = loaded.model_name
+    hook_name = "+".join(h.name for h in loaded.hooks) if loaded.hooks else loaded.hook.name
     prepend_bos = cfg.prepend_bos if cfg.prepend_bos is not None else loaded.prepend_bos
     source = corpus_source(loaded, cfg, cfg.tokens, prepend_bos=prepend_bos)
     context_size, contexts = source.packing.context_size, source.max_contexts
@@ -152,7 +157,8 @@ def run_eval(cfg: EvalConfig, progress: bool = False, say=None) -> EvalResult:
 
         token_batches = tqdm(token_batches, total=math.ceil(contexts / cfg.batch_contexts), desc="evaluating",
                              unit="batch", leave=False)
-    metrics = evaluate(model, sae, loaded.hook, token_batches, source.keep_mask, downstream=cfg.downstream)
+    metrics = evaluate(model, sae, hook_name if loaded.hooks else loaded.hook, token_batches, source.keep_mask,
+                       downstream=cfg.downstream)
     if seen["contexts"] == 0:
         raise ValueError(f"dataset {cfg.dataset!r} gave no complete context of {context_size} tokens; use more "
                          "text, a smaller --context-size, or check --dataset-split / --text-column")

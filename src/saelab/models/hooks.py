@@ -45,6 +45,15 @@ class HookNameError(ValueError):
     pass
 
 
+# Several hook points named as one (what a crosscoder reads and writes): blocks.3.hook_resid_post+blocks.6.hook_resid_post
+HOOK_LIST_SEPARATOR = "+"
+
+
+def split_hook_list(name: str) -> list[str]:
+    """The hook names in ``name`` (one, or several joined by ``+``)."""
+    return [part.strip() for part in str(name).split(HOOK_LIST_SEPARATOR) if part.strip()]
+
+
 def is_transformer_lens_name(name: str) -> bool:
     """Whether ``name`` is a TransformerLens-style hook name saelab maps, e.g. ``blocks.6.hook_resid_post``."""
     match = _TL_NAME.match(name)

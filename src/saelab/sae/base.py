@@ -98,6 +98,13 @@ class SAE(nn.Module):
         """The latents' part of the output (a skip transcoder's skip term is not in it: see ``reconstruction``)."""
         return f @ self.W_dec + self.b_dec
 
+    def decoder_norms(self) -> torch.Tensor:
+        """Each latent's decoder norm, ``[d_sae]``, as an L1 penalty weighs it: a crosscoder's is the sum of its
+        norms at each hook (so that a latent pays for every layer it writes to)."""
+        if self.cfg.n_hooks > 1:
+            return self.W_dec.view(self.cfg.d_sae, self.cfg.n_hooks, -1).norm(dim=2).sum(1)
+        return self.W_dec.norm(dim=1)
+
     def skip(self, x: torch.Tensor) -> torch.Tensor | float:
         """A skip transcoder's linear term ``x @ W_skip.T``; 0 for every other kind."""
         return x @ self.W_skip.T if self.cfg.skip else 0.0
@@ -224,15 +231,18 @@ class SAE(nn.Module):
         return sae.eval()
 
     @torch.no_grad()
-    def fold_input_scale(self, scale: float, output_scale: float | None = None) -> None:
+    def fold_input_scale(self, scale: float | torch.Tensor, output_scale: float | torch.Tensor | None = None) -> None:
         """Make a dictionary trained on ``scale * x`` (and, a transcoder, to predict ``output_scale * y``; default
-        ``scale``) take raw ``x``: same latents, output in raw units."""
-        output_scale = scale if output_scale is None else output_scale
-        self.W_enc.mul_(scale)
-        self.W_dec.div_(output_scale)
-        self.b_dec.div_(output_scale)
+        ``scale``) take raw ``x``: same latents, output in raw units. A scale may be a number or one factor per
+        dimension (a crosscoder's hooks are scaled each on its own)."""
+        scale_in = torch.as_tensor(scale, dtype=self.W_dec.dtype).cpu().to(self.W_dec.device)
+        scale_out = scale_in if output_scale is None else \
+            torch.as_tensor(output_scale, dtype=self.W_dec.dtype).cpu().to(self.W_dec.device)
+        self.W_enc.mul_(scale_in.reshape(-1, 1) if scale_in.ndim else scale_in)
+        self.W_dec.div_(scale_out)
+        self.b_dec.div_(scale_out)
         if self.cfg.skip:
-            self.W_skip.mul_(scale / output_scale)
+            self.W_skip.mul_(scale_in / (scale_out.reshape(-1, 1) if scale_out.ndim else scale_out))
 
     # --- files -----------------------------------------------------------------------------------
     def save(self, folder, sparsity: torch.Tensor | None = None, runner_cfg: dict | None = None) -> None:

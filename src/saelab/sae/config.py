@@ -14,6 +14,7 @@ class Kind:
     summary: str
     separate_output: bool = False   # reconstructs another hook point than the one it reads (d_out may differ)
     skip: bool = False              # plus a learned linear map from input to output, x @ W_skip.T (zero at the start)
+    multi_hook: bool = False        # reads and reconstructs several hook points side by side (n_hooks blocks of d_in)
 
 
 # The kinds a dictionary can be; every architecture (activation rule) works with each.
@@ -23,6 +24,9 @@ KINDS = {kind.name: kind for kind in (
          "Dunefsky et al. 2024", separate_output=True),
     Kind("skip_transcoder", "a transcoder plus a learned linear skip connection from its input to its output "
          "(Paulo et al. 2025)", separate_output=True, skip=True),
+    Kind("crosscoder", "one dictionary over several hook points (e.g. the residual stream after blocks 3, 6 and 9, "
+         "joined by +): one latent vector from the sum of per-hook encodings, a decoder per hook, the L1 penalty "
+         "on the sum of a latent's decoder norms (Lindsey et al. 2024)", multi_hook=True),
 )}
 
 
@@ -37,6 +41,7 @@ class SAEConfig:
     kind: str = "sae"                       # a key of KINDS
     d_out: int | None = None                # the output's width (None: d_in, an SAE)
     options: dict = field(default_factory=dict)  # an architecture's own cfg.json fields (its module's folder_options)
+    n_hooks: int = 1                        # a crosscoder: the hook points whose activations d_in holds side by side
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -47,15 +52,29 @@ class SAEConfig:
                 self.d_out = self.d_in
         elif self.d_out not in (None, self.d_in):
             raise ValueError(f"an SAE reconstructs its input: d_out ({self.d_out}) must equal d_in ({self.d_in})")
+        if KINDS[self.kind].multi_hook:
+            if self.n_hooks < 2 or self.d_in % self.n_hooks:
+                raise ValueError(f"a crosscoder reads n_hooks >= 2 hook points of equal width, side by side in d_in "
+                                 f"(got n_hooks={self.n_hooks}, d_in={self.d_in})")
+        elif self.n_hooks != 1:
+            raise ValueError(f"a {self.kind} reads one hook point (n_hooks={self.n_hooks})")
 
     @property
     def shape(self) -> str:
         """``d_in -> d_sae`` (a transcoder: ``-> d_out`` too), for messages and reports."""
+        if self.n_hooks > 1:
+            return f"{self.n_hooks} x {self.hook_width} -> {self.d_sae}"
         return f"{self.d_in} -> {self.d_sae}" + (f" -> {self.output_size}" if self.separate_output else "")
 
     def describe(self) -> str:
-        """``topk, 576 -> 4608`` or ``jumprelu skip_transcoder, 576 -> 4608 -> 576``."""
-        return f"{self.architecture}{' ' + self.kind if self.separate_output else ''}, {self.shape}"
+        """``topk, 576 -> 4608``, ``jumprelu skip_transcoder, 576 -> 4608 -> 576``, ``topk crosscoder, 3 x 576 ->
+        4608``."""
+        return f"{self.architecture}{'' if self.kind == 'sae' else ' ' + self.kind}, {self.shape}"
+
+    @property
+    def hook_width(self) -> int:
+        """The width of one hook point's activation (a crosscoder's d_in holds n_hooks of them)."""
+        return self.d_in // self.n_hooks
 
     @property
     def output_size(self) -> int:

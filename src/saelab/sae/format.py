@@ -1,5 +1,10 @@
 """Read and write the SAELens (6.x) SAE folder: ``cfg.json``, ``sae_weights.safetensors``, optional
-``sparsity.safetensors`` and ``runner_cfg.json``. Older flat (pre-6.0) configs are read too."""
+``sparsity.safetensors`` and ``runner_cfg.json``. Older flat (pre-6.0) configs are read too.
+
+Crosscoders, which SAELens does not have, use the same folder (docs/CROSSCODER_FORMAT.md): architecture
+``<rule>_crosscoder``, ``n_hooks``, metadata ``hook_names``, and per-hook weights as 3-d tensors (``W_enc``
+``[n_hooks, d, d_sae]``, ``W_dec`` ``[d_sae, n_hooks, d]``, ``b_dec`` ``[n_hooks, d]``, the layout of
+dictionary_learning's CrossCoder); saelab holds them flattened (``d_in = n_hooks * d``)."""
 
 from __future__ import annotations
 
@@ -37,10 +42,17 @@ class SAEFormatError(FileFormatError):
     pass
 
 
+# Per-hook tensors of a crosscoder folder: how each saelab tensor is reshaped there (n: n_hooks).
+CROSSCODER_LAYOUT = {"W_enc": lambda cfg: (cfg.n_hooks, cfg.hook_width, cfg.d_sae),
+                     "W_dec": lambda cfg: (cfg.d_sae, cfg.n_hooks, cfg.hook_width),
+                     "b_dec": lambda cfg: (cfg.n_hooks, cfg.hook_width)}
+
+
 def folder_architecture(cfg: SAEConfig) -> str:
     """The ``architecture`` a folder records: an SAE's own name; a transcoder's as SAELens names them, the
-    activation rule before the kind (``jumprelu_skip_transcoder``; ReLU + L1 is plain ``transcoder``)."""
-    if not cfg.separate_output:
+    activation rule before the kind (``jumprelu_skip_transcoder``; ReLU + L1 is plain ``transcoder``); a
+    crosscoder's likewise (``topk_crosscoder``, ``crosscoder``)."""
+    if cfg.kind == "sae":
         return cfg.architecture
     rule = "" if cfg.architecture == "standard" else f"{cfg.architecture}_"
     return rule + cfg.kind
@@ -48,7 +60,7 @@ def folder_architecture(cfg: SAEConfig) -> str:
 
 def parse_folder_architecture(name: str) -> tuple[str, str]:
     """``(architecture, kind)`` from a folder's ``architecture``: the inverse of ``folder_architecture``."""
-    for kind in sorted((k for k in KINDS.values() if k.separate_output), key=lambda k: -len(k.name)):
+    for kind in sorted((k for k in KINDS.values() if k.name != "sae"), key=lambda k: -len(k.name)):
         if name == kind.name:
             return "standard", kind.name
         if name.endswith("_" + kind.name):
@@ -62,6 +74,8 @@ def config_to_json(cfg: SAEConfig) -> dict:
            "reshape_activations": "none", "architecture": folder_architecture(cfg)}
     if cfg.separate_output:
         out["d_out"] = cfg.output_size
+    if cfg.n_hooks > 1:
+        out["n_hooks"] = cfg.n_hooks
     if cfg.k is not None:
         out["k"] = cfg.k
     out.update(cfg.options)
@@ -115,7 +129,8 @@ def config_from_json(raw: dict, where: str) -> SAEConfig:
             metadata[key] = raw[key]
     return SAEConfig(d_in=d_in, d_sae=d_sae, architecture=name, k=int(k) if k is not None else None,
                      apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)), metadata=metadata,
-                     kind=kind, d_out=int(d_out) if d_out is not None else None, options=options)
+                     kind=kind, d_out=int(d_out) if d_out is not None else None, options=options,
+                     n_hooks=int(raw.get("n_hooks", 1)))
 
 
 def save_sae(sae: nn.Module, folder, sparsity: torch.Tensor | None = None, runner_cfg: dict | None = None) -> None:
@@ -131,6 +146,8 @@ def save_sae(sae: nn.Module, folder, sparsity: torch.Tensor | None = None, runne
             os.umask(umask)
             os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes the folder 0700: others could not read the SAE
             tensors = {name: p.detach().float().cpu().contiguous() for name, p in sae.state_dict().items()}
+            if sae.cfg.n_hooks > 1:
+                tensors.update({name: tensors[name].reshape(shape(sae.cfg)) for name, shape in CROSSCODER_LAYOUT.items()})
             save_file(tensors, staging / WEIGHTS_FILE)
             (staging / CONFIG_FILE).write_text(json.dumps(config_to_json(sae.cfg), indent=2))
             if sparsity is not None:
@@ -182,6 +199,10 @@ def load_sae(folder, device: str | torch.device = "cpu") -> nn.Module:
     if cfg.architecture == "jumprelu" and "threshold" not in tensors and "log_threshold" in tensors:
         tensors["threshold"] = tensors["log_threshold"].float().exp()  # older SAELens training checkpoints
     sae = create_sae(cfg)
+    if cfg.n_hooks > 1:  # per-hook tensors, flattened as saelab holds them
+        for name, shape in CROSSCODER_LAYOUT.items():
+            if name in tensors and tuple(tensors[name].shape) == shape(cfg):
+                tensors[name] = tensors[name].reshape(tuple(sae.state_dict()[name].shape))
     expected = {name: tuple(p.shape) for name, p in sae.state_dict().items()}
     for name, shape in expected.items():
         if name not in tensors:

@@ -51,7 +51,7 @@ class GatedSAE(SAE):
         x_hat = self.decode(f) + skip
         squared_error = (x_hat - target).pow(2).sum(-1).mean()
         gate_acts = pre_gate.relu()
-        l1 = (gate_acts * self.W_dec.norm(dim=1)).sum(-1).mean()
+        l1 = (gate_acts * self.decoder_norms()).sum(-1).mean()
         via_gate = gate_acts @ self.W_dec.detach() + self.b_dec.detach() + (skip.detach() if self.cfg.skip else 0.0)
         aux = (via_gate - target).pow(2).sum(-1).mean()
         loss = squared_error + self.settings.l1_coefficient * step.penalty_scale * l1 + aux

@@ -49,7 +49,7 @@ class MatchingPursuitSAE(SAE):
     folder_options = {"residual_threshold": 1e-2, "max_iterations": None, "stop_on_duplicate_support": True}
 
     def __init__(self, cfg, settings=None):
-        if cfg.separate_output:
+        if cfg.kind != "sae":
             raise ValueError(f"matching pursuit reads its input with its own decoder rows, so it cannot be a "
                              f"{cfg.kind}; choose another architecture")
         super().__init__(cfg, settings)

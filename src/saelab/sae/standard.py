@@ -30,7 +30,7 @@ class StandardSAE(SAE):
         f = self.encode(x)
         x_hat = self.reconstruction(x, f)
         # Weighting by decoder norm stops the SAE from shrinking codes and growing rows to dodge the L1.
-        l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
+        l1 = (f * self.decoder_norms()).sum(-1).mean()
         mse = normalized_error(x_hat - target, target)
         per_token_error = (x_hat - target).pow(2).sum(-1)
         loss = per_token_error.mean() + self.settings.l1_coefficient * step.penalty_scale * l1

@@ -18,12 +18,14 @@ from pathlib import Path
 from saelab.data.options import DataOptions
 from saelab.options import check_fields, fields_with, option
 from saelab.sae import DEFAULT_ARCHITECTURE, Architecture, Settings, all_architectures, architecture, settings_fields
+from saelab.models.hooks import HOOK_LIST_SEPARATOR, split_hook_list
 from saelab.sae.config import KINDS, Kind
 
 # Where each kind of dictionary reads by default (--hook not given), and what a transcoder predicts from a hook
 # it may read (--hook-out not given): the MLP's output of the same block.
 DEFAULT_HOOK = {"sae": "blocks.6.hook_resid_post", "transcoder": "blocks.6.ln2.hook_normalized",
-                "skip_transcoder": "blocks.6.ln2.hook_normalized"}
+                "skip_transcoder": "blocks.6.ln2.hook_normalized",
+                "crosscoder": "blocks.3.hook_resid_post+blocks.6.hook_resid_post+blocks.9.hook_resid_post"}
 MLP_INPUT_KINDS = ("ln2.hook_normalized", "hook_mlp_in", "hook_resid_mid")
 _MLP_INPUT = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in MLP_INPUT_KINDS) + ")$")
 
@@ -46,8 +48,10 @@ class TrainConfig(DataOptions):
     hook: str | None = option(None, "Hook point read: a TransformerLens-style name (blocks.L.hook_resid_pre|"
                               "resid_mid|resid_post|attn_out|mlp_out, and around the MLP blocks.L.hook_mlp_in|"
                               "ln2.hook_normalized|mlp.hook_post) or a module path (model.layers.6.mlp = that "
-                              "module's output). Default: blocks.6.hook_resid_post for an SAE, "
-                              "blocks.6.ln2.hook_normalized (the MLP's input) for a transcoder.", per_sae=True)
+                              "module's output); a crosscoder's hooks joined by + (a comma list given with --kind "
+                              "crosscoder is one crosscoder over them). Default: blocks.6.hook_resid_post for an SAE, "
+                              "blocks.6.ln2.hook_normalized (the MLP's input) for a transcoder, the residual stream "
+                              "after blocks 3, 6 and 9 for a crosscoder.", per_sae=True)
     hook_out: str | None = option(None, "Transcoders: the hook point predicted (default: blocks.L.hook_mlp_out of "
                                   "the block whose MLP input --hook reads).", per_sae=True)
     # --- the SAE ----------------------------------------------------------------------------------
@@ -153,7 +157,7 @@ class TrainConfig(DataOptions):
             problems.append(str(err))
         else:
             arch = architecture(self.architecture)
-            if getattr(arch.module, "tied_encoder", False) and self.kind in KINDS and KINDS[self.kind].separate_output:
+            if getattr(arch.module, "tied_encoder", False) and self.kind != "sae":
                 problems.append(f"{arch.name} reads its input with its own decoder rows, so it cannot be a "
                                 f"{self.kind}; choose another architecture or --kind sae")
             if not arch.accepts_remedy(self.dead_latent_remedy):
@@ -184,9 +188,14 @@ class TrainConfig(DataOptions):
     def _hook_out_problems(self) -> list[str]:
         """What is wrong with the pair of hooks (a transcoder's default output hook is derived, not stored, so that a
         config copied with another --hook predicts that block's MLP output)."""
+        if KINDS[self.kind].multi_hook and len(split_hook_list(self.hook)) < 2:
+            return [f"a crosscoder reads several hook points joined by {HOOK_LIST_SEPARATOR} (e.g. "
+                    f"{DEFAULT_HOOK['crosscoder']}), not only {self.hook}"]
+        if not KINDS[self.kind].multi_hook and len(split_hook_list(self.hook)) > 1:
+            return [f"a {self.kind} reads one hook point, not {self.hook}: pass --kind crosscoder to read several"]
         if not KINDS[self.kind].separate_output:
-            return [f"hook_out is for transcoders; an SAE reconstructs its --hook ({self.hook}); drop --hook-out "
-                    "or pass --kind transcoder"] if self.hook_out is not None else []
+            return [f"hook_out is for transcoders; a {self.kind} reconstructs its --hook ({self.hook}); drop "
+                    "--hook-out or pass --kind transcoder"] if self.hook_out is not None else []
         if self.hook_out is None and _MLP_INPUT.match(self.hook) is None:
             return [f"a {self.kind} needs --hook-out, the hook point it predicts: it is the MLP output of the "
                     f"block only when --hook is an MLP input (blocks.L.{', blocks.L.'.join(MLP_INPUT_KINDS)}), "
@@ -213,8 +222,8 @@ class TrainConfig(DataOptions):
 
     @property
     def hooks(self) -> list[str]:
-        """The hook points this dictionary reads and predicts (one for an SAE)."""
-        return [self.hook] if self.target_hook is None else [self.hook, self.target_hook]
+        """The hook points this dictionary reads and predicts (one for an SAE, several for a crosscoder)."""
+        return split_hook_list(self.hook) + ([] if self.target_hook is None else [self.target_hook])
 
     @property
     def arch(self) -> Architecture:

@@ -34,9 +34,9 @@ class SharedBuffer:
         self._views: list[BufferView] = []
         self._loaded: dict | None = None                             # the position a resume started from
 
-    def view(self, columns: slice, target_columns: slice | None = None) -> BufferView:
-        """A reader of these columns (and a transcoder's target columns), with the ActivationBuffer interface a
-        Trainer uses."""
+    def view(self, columns: slice | list[slice], target_columns: slice | None = None) -> BufferView:
+        """A reader of these columns (a crosscoder's: several hooks' columns, side by side; a transcoder's target
+        columns too), with the ActivationBuffer interface a Trainer uses."""
         view = BufferView(self, columns, target_columns)
         self._views.append(view)
         return view
@@ -72,9 +72,11 @@ class BufferView:
     """One trainer's window on a SharedBuffer: its columns of every batch, and its own position. With
     ``target_columns`` (a transcoder's output hook) each batch is the pair ``(input, target)``."""
 
-    def __init__(self, shared: SharedBuffer, columns: slice, target_columns: slice | None = None):
-        self.shared, self.columns, self.target_columns = shared, columns, target_columns
-        self.d_in = columns.stop - columns.start
+    def __init__(self, shared: SharedBuffer, columns: slice | list[slice], target_columns: slice | None = None):
+        self.shared, self.target_columns = shared, target_columns
+        self.blocks = [columns] if isinstance(columns, slice) else list(columns)
+        self.block_widths = [block.stop - block.start for block in self.blocks]  # per hook, for their scales
+        self.d_in = sum(self.block_widths)
         self.d_out = None if target_columns is None else target_columns.stop - target_columns.start
         self.index = 0                     # batches taken
         self.position: dict | None = None  # buffer position after the last batch taken
@@ -90,7 +92,8 @@ class BufferView:
         return self._columns(self.shared.buffer.peek(rows))
 
     def _columns(self, rows: torch.Tensor):
-        x = rows[:, self.columns].contiguous()
+        x = rows[:, self.blocks[0]].contiguous() if len(self.blocks) == 1 else \
+            torch.cat([rows[:, block] for block in self.blocks], 1)
         return x if self.target_columns is None else (x, rows[:, self.target_columns].contiguous())
 
     def state_dict(self) -> dict:

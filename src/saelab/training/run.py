@@ -23,6 +23,7 @@ from saelab.evals.report import format_table
 from saelab.distributed import DataParallel, data_parallel_from_env, round_robin
 from saelab.files import folder_lock, read_json, write_json
 from saelab.log import say
+from saelab.models.hooks import split_hook_list
 from saelab.sae import SAE
 from saelab.storage import RemoteFolder, is_url, join
 from saelab.training.config import TrainConfig, check_shared, list_fields, sparsity_label
@@ -127,9 +128,10 @@ def _train(configs: list[TrainConfig], dp: DataParallel, spread: bool, resume: b
     trainers = []
     for cfg, tracker in zip(configs, trackers):
         whole = slice(0, data.source.d_in)
-        view = shared.view(data.columns.get(cfg.hook, whole),
+        read = split_hook_list(cfg.hook)
+        view = shared.view([data.columns.get(hook, whole) for hook in read],
                            None if cfg.target_hook is None else data.columns.get(cfg.target_hook, whole))
-        trainers.append(Trainer(cfg, view, cfg.out, metadata=data.metadata(cfg.hook, cfg.target_hook), buffer=view,
+        trainers.append(Trainer(cfg, view, cfg.out, metadata=data.metadata(read, cfg.target_hook), buffer=view,
                                 data_parallel=dp, tracker=tracker))
         if cfg.out in folders:
             trainers[-1].on_checkpoint = _uploader(folders[cfg.out])

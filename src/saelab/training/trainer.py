@@ -87,14 +87,22 @@ class Trainer:
         if cfg.kind_facts.separate_output and d_out is None:
             raise ValueError(f"a {cfg.kind} trains on pairs of activations (its input and output hooks): give it a "
                              "source with target columns (saelab.training.train does)")
+        # A crosscoder's source holds its hooks side by side (a BufferView's block_widths).
+        self.block_widths = list(getattr(source, "block_widths", None) or [source.d_in])
+        n_hooks = len(self.block_widths) if cfg.kind_facts.multi_hook else 1
+        if n_hooks > 1 and len(set(self.block_widths)) > 1:
+            raise ValueError(f"a crosscoder's hook points must be equally wide (got {self.block_widths})")
         sae_cfg = SAEConfig(d_in=source.d_in, d_sae=d_sae, architecture=cfg.architecture, metadata=self.metadata,
-                            kind=cfg.kind, d_out=d_out, **settings.sae_config())
+                            kind=cfg.kind, d_out=d_out, n_hooks=n_hooks, **settings.sae_config())
         self.sae = create_sae(sae_cfg, training=True, settings=settings).to(self.device)
         self.optimizer = _adam(self.sae.parameters(), cfg.lr)
         self.total_steps = cfg.tokens // cfg.batch_size
         self.step = 0
-        self.scale = 1.0          # inputs are multiplied by this while training (normalize_activations)
-        self.target_scale = 1.0   # and a transcoder's targets by this
+        # Inputs are multiplied by this while training (normalize_activations): a number, or a crosscoder's one
+        # factor per dimension (each hook on its own, as their norms differ by layer); a transcoder's targets by
+        # target_scale.
+        self.scale: float | torch.Tensor = 1.0
+        self.target_scale: float | torch.Tensor = 1.0
         self.elapsed = 0.0
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=self.device)
         self.window_fired = torch.zeros(d_sae, dtype=torch.long, device=self.device)
@@ -212,12 +220,17 @@ class Trainer:
         sample, target = peeked if isinstance(peeked, tuple) else (peeked, None)
         if self.cfg.normalize_activations:
             # Mean norm sqrt(d) makes learning rates and loss weights transfer across models and layers.
-            self.scale = _norm_scale(sample)
+            if self.sae.cfg.n_hooks > 1:
+                self.scale = torch.cat([torch.full((block.shape[1],), _norm_scale(block))
+                                        for block in sample.split(self.block_widths, dim=1)]).to(self.device)
+            else:
+                self.scale = _norm_scale(sample)
             self.target_scale = self.scale if target is None else _norm_scale(target)
         # Rank 0's sample decides (its parameters are broadcast).
         self.scale, self.target_scale = self.dp.from_main(self.scale), self.dp.from_main(self.target_scale)
         generator = torch.Generator().manual_seed(self.cfg.seed)
-        self.sae.initialize(sample.cpu() * self.scale, self.cfg.b_dec_init, generator, fit=self.cfg.fit_init,
+        scale = self.scale.cpu() if isinstance(self.scale, torch.Tensor) else self.scale
+        self.sae.initialize(sample.cpu() * scale, self.cfg.b_dec_init, generator, fit=self.cfg.fit_init,
                             target=None if target is None else target.cpu() * self.target_scale)
 
     def _loop(self, on_step) -> bool:
