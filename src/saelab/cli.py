@@ -235,7 +235,9 @@ def _train(args) -> int:
 
     fields = option_fields(TrainConfig)
     lists = read_lists(args, fields, list_fields())
-    crosscoder = args.kind == "crosscoder"
+    from saelab.sae.config import KINDS
+
+    crosscoder = args.kind is not None and KINDS[args.kind].multi_hook  # one dictionary over several hooks
     if args.layers is not None:
         if "hook" in lists:
             raise ValueError("--layers moves one --hook to several blocks; give one --hook with it, not a list")

@@ -130,10 +130,14 @@ class TrainingData:
         transcoder) records about its data. Several hooks: ``hook_names`` lists them, ``hook_name`` joins them."""
         hooks = [hooks] if isinstance(hooks, str) else list(hooks)
         hook = HOOK_LIST_SEPARATOR.join(hooks)
+        outs = [] if hook_out is None else hook_out.split(HOOK_LIST_SEPARATOR)
         out = {} if hook_out is None else {"hook_name_out": hook_out, "hook_head_index_out": None,
-                                           "hook_module_path_out": self.module_paths[hook_out]}
+                                           "hook_module_path_out": HOOK_LIST_SEPARATOR.join(
+                                               self.module_paths[name] for name in outs)}
         if len(hooks) > 1:
             out.update(hook_names=hooks, hook_module_paths=[self.module_paths[name] for name in hooks])
+        if len(outs) > 1:
+            out.update(hook_names_out=outs)
         if self.synthetic is not None:
             return {"model_name": "synthetic", "hook_name": hook, "dataset_path": self.dataset_path,
                     "synthetic_config": asdict(self.synthetic.cfg), "saelab_version": __version__, **out}

@@ -40,6 +40,11 @@ def _cached_batches(held_out: HeldOut, sae: SAE, hook: str):
     names = split_hook_list(hook)
     if len(names) > 1:
         readers = [held_out.cache.activations(name, held_out.cache_start) for name in names]
+        if sae.cfg.separate_output:  # a CLT: its outputs side by side as the target
+            outs = split_hook_list(sae.cfg.metadata["hook_name_out"])
+            writers = [held_out.cache.activations(name, held_out.cache_start) for name in outs]
+            return ((torch.cat([act for act, _ in ins], -1), ins[0][1], torch.cat([act for act, _ in got], -1))
+                    for ins, got in zip(zip(*readers), zip(*writers)))
         return ((torch.cat([act for act, _ in parts], -1), parts[0][1]) for parts in zip(*readers))
     inputs = held_out.cache.activations(hook, held_out.cache_start)
     if not sae.cfg.separate_output:

@@ -176,11 +176,18 @@ class _Evaluated:
                 raise HookNameError(f"this crosscoder reads {sae.cfg.n_hooks} hook points; its metadata hook_names "
                                     f"(or the hook given, joined by +) must name them, got {names!r}")
             self.reads = self.writes = [resolve_hook(model, name) for name in names]
+            if sae.cfg.separate_output:  # a cross-layer transcoder writes as many other hooks
+                outs = split_hook_list(sae.cfg.metadata.get("hook_name_out") or "")
+                if len(outs) != sae.cfg.n_hooks:
+                    raise HookNameError(f"this {sae.cfg.kind} writes {sae.cfg.n_hooks} hook points; its metadata "
+                                        f"hook_name_out must name them joined by +, got {outs!r}")
+                self.writes = [resolve_hook(model, name) for name in outs]
         else:
             read = sae_hook(model, sae, hook)
             self.reads, self.writes = [read], [output_hook(model, sae, read)]
         self.total = _Totals(sae.cfg.output_size, sae.cfg.d_sae)
-        self.by_hook = [_Totals(sae.cfg.hook_width, sae.cfg.d_sae) for _ in self.reads] if sae.cfg.n_hooks > 1 else []
+        width = sae.cfg.output_hook_width
+        self.by_hook = [_Totals(width, sae.cfg.d_sae) for _ in self.writes] if sae.cfg.n_hooks > 1 else []
 
     def rows(self, acts: dict[str, torch.Tensor], hooks: list[HookPoint]) -> torch.Tensor:
         return torch.cat([acts[hook.name] for hook in hooks], -1)
@@ -190,15 +197,16 @@ class _Evaluated:
         target = None if self.writes is self.reads else self.rows(acts, self.writes)
         x, x_hat, f = _add_reconstruction(self.total, self.sae, inputs, keep, target)
         positions = _positions(keep)
-        for totals, x_part, x_hat_part in zip(self.by_hook, x.split(self.sae.cfg.hook_width, -1),
-                                              x_hat.split(self.sae.cfg.hook_width, -1)):
+        width = self.sae.cfg.output_hook_width
+        for totals, x_part, x_hat_part in zip(self.by_hook, x.split(width, -1), x_hat.split(width, -1)):
             _add_rows(totals, x_part, x_hat_part, f, positions)
 
     def replacements(self, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A crosscoder's reconstruction of each hook from the clean activations of all of them (its latents read
-        later layers too, so they cannot be computed inside the forward pass that they change)."""
+        """A crosscoder's (or CLT's) output at each hook from the clean activations of all it reads (a crosscoder's
+        latents read later layers too, so they cannot be computed inside the forward pass that they change; a
+        CLT is evaluated the same way, each output from clean inputs)."""
         inputs = self.rows(acts, self.reads).float()
-        output = self.sae(inputs).split(self.sae.cfg.hook_width, -1)
+        output = self.sae(inputs).split(self.sae.cfg.output_hook_width, -1)
         return {hook.name: part for hook, part in zip(self.writes, output)}
 
 

@@ -76,6 +76,10 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.output_size))
         if cfg.skip:
             self.W_skip = nn.Parameter(torch.zeros(cfg.output_size, cfg.d_in))  # SAELens's layout: [d_out, d_in]
+        if cfg.cross_layer:  # which weights a cross-layer transcoder has (not saved: they follow from the shapes)
+            encoder, decoder = cross_layer_masks(cfg)
+            self.register_buffer("encoder_mask", encoder, persistent=False)
+            self.register_buffer("decoder_mask", decoder, persistent=False)
 
     # --- inference -------------------------------------------------------------------------------
     def check_width(self, x: torch.Tensor) -> None:
@@ -97,6 +101,22 @@ class SAE(nn.Module):
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """The latents' part of the output (a skip transcoder's skip term is not in it: see ``reconstruction``)."""
         return f @ self.W_dec + self.b_dec
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero the weights a cross-layer transcoder does not have (no-op for every other kind)."""
+        if self.cfg.cross_layer:
+            self.W_enc.mul_(self.encoder_mask)
+            self.W_dec.mul_(self.decoder_mask)
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the gradients of the weights a cross-layer transcoder does not have, so that Adam never moves
+        them from 0 (called before ``constrain_gradients``)."""
+        if self.cfg.cross_layer:
+            for weight, mask in ((self.W_enc, self.encoder_mask), (self.W_dec, self.decoder_mask)):
+                if weight.grad is not None:
+                    weight.grad.mul_(mask)
 
     def decoder_norms(self) -> torch.Tensor:
         """Each latent's decoder norm, ``[d_sae]``, as an L1 penalty weighs it: a crosscoder's is the sum of its
@@ -158,6 +178,7 @@ class SAE(nn.Module):
             centred, reconstruction = target - self.b_dec, self.encode(sample) @ self.W_dec
             factor = (centred * reconstruction).sum() / reconstruction.pow(2).sum().clamp_min(1e-12)
             self.scale_codes(float(factor.clamp_min(1e-6)))
+        self.apply_masks()
 
     @torch.no_grad()
     def _point_decoder_at_targets(self, sample: torch.Tensor, target: torch.Tensor, rows: int = 1024) -> None:
@@ -168,10 +189,13 @@ class SAE(nn.Module):
         codes by the least-squares factor (rows pointed this way add up along the targets and overshoot them). On
         planted features (64 in 32 dimensions, 390 steps), mean max cosine to the true write directions and FVU:
         TopK 0.968 / 0.135 from random rows, 0.995 / 0.065 so; JumpReLU 0.815 / 0.344 -> 0.984 / 0.146."""
+        self.apply_masks()
         written = torch.zeros_like(self.W_dec)
         for start in range(0, len(sample), rows):
             codes = self.encode(sample[start:start + rows])
             written.addmm_(codes.T, target[start:start + rows] - self.b_dec)
+        if self.cfg.cross_layer:
+            written.mul_(self.decoder_mask)
         norms = written.norm(dim=1, keepdim=True)
         fired = norms.squeeze(1) > 0
         self.W_dec[fired] = written[fired] / norms[fired] * self.W_dec[fired].norm(dim=1, keepdim=True)
@@ -215,6 +239,7 @@ class SAE(nn.Module):
         self.W_dec[latents] = directions.to(self.W_dec.dtype)
         if not self.tied_encoder:
             self.W_enc[:, latents] = (encoder_directions * encoder_norm).T.to(self.W_enc.dtype)
+        self.apply_masks()
         for name, axis in self.latent_axes().items():
             if name not in ("W_enc", "W_dec"):
                 getattr(self, name)[latents] = self._initial_latent_value(name)
@@ -260,6 +285,19 @@ class SAE(nn.Module):
         return from_pretrained(release, sae_id, device=device)
 
     from_pretrained_with_cfg_and_sparsity = from_pretrained  # SAELens 6's name for the same tuple
+
+
+def cross_layer_masks(cfg: SAEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(encoder [d_in, d_sae], decoder [d_sae, d_out])`` float masks of a cross-layer transcoder over n blocks:
+    latent block l reads input block l only, and writes output blocks l, l+1, ..., n-1 only."""
+    n = cfg.n_hooks
+    per_block = cfg.d_sae // n
+    latent_block = torch.arange(cfg.d_sae) // per_block
+    input_block = torch.arange(cfg.d_in) // cfg.hook_width
+    output_block = torch.arange(cfg.output_size) // cfg.output_hook_width
+    encoder = (input_block[:, None] == latent_block[None, :]).float()
+    decoder = (latent_block[:, None] <= output_block[None, :]).float()
+    return encoder, decoder
 
 
 def _unit_rows(rows: int, width: int, generator: torch.Generator) -> torch.Tensor:

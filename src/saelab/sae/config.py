@@ -14,7 +14,8 @@ class Kind:
     summary: str
     separate_output: bool = False   # reconstructs another hook point than the one it reads (d_out may differ)
     skip: bool = False              # plus a learned linear map from input to output, x @ W_skip.T (zero at the start)
-    multi_hook: bool = False        # reads and reconstructs several hook points side by side (n_hooks blocks of d_in)
+    multi_hook: bool = False        # reads (and writes) several hook points side by side (n_hooks blocks of d_in)
+    cross_layer: bool = False       # latent block l reads input hook l only and writes output hooks l, l+1, ... only
 
 
 # The kinds a dictionary can be; every architecture (activation rule) works with each.
@@ -27,6 +28,9 @@ KINDS = {kind.name: kind for kind in (
     Kind("crosscoder", "one dictionary over several hook points (e.g. the residual stream after blocks 3, 6 and 9, "
          "joined by +): one latent vector from the sum of per-hook encodings, a decoder per hook, the L1 penalty "
          "on the sum of a latent's decoder norms (Lindsey et al. 2024)", multi_hook=True),
+    Kind("clt", "cross-layer transcoder over several blocks (their MLP inputs joined by +): each block's latents "
+         "read that block's MLP input and write to the MLP outputs of that block and every later one, the loss "
+         "summed over those outputs (Ameisen et al. 2025)", separate_output=True, multi_hook=True, cross_layer=True),
 )}
 
 
@@ -41,7 +45,7 @@ class SAEConfig:
     kind: str = "sae"                       # a key of KINDS
     d_out: int | None = None                # the output's width (None: d_in, an SAE)
     options: dict = field(default_factory=dict)  # an architecture's own cfg.json fields (its module's folder_options)
-    n_hooks: int = 1                        # a crosscoder: the hook points whose activations d_in holds side by side
+    n_hooks: int = 1                        # a crosscoder or CLT: the hook points d_in holds side by side
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -52,9 +56,12 @@ class SAEConfig:
                 self.d_out = self.d_in
         elif self.d_out not in (None, self.d_in):
             raise ValueError(f"an SAE reconstructs its input: d_out ({self.d_out}) must equal d_in ({self.d_in})")
+        if KINDS[self.kind].cross_layer and (self.d_sae % self.n_hooks or self.output_size % self.n_hooks):
+            raise ValueError(f"a cross-layer transcoder over {self.n_hooks} blocks needs d_sae ({self.d_sae}) and "
+                             f"d_out ({self.output_size}) divisible by {self.n_hooks}: as many latents per block")
         if KINDS[self.kind].multi_hook:
             if self.n_hooks < 2 or self.d_in % self.n_hooks:
-                raise ValueError(f"a crosscoder reads n_hooks >= 2 hook points of equal width, side by side in d_in "
+                raise ValueError(f"a {self.kind} reads n_hooks >= 2 hook points of equal width, side by side in d_in "
                                  f"(got n_hooks={self.n_hooks}, d_in={self.d_in})")
         elif self.n_hooks != 1:
             raise ValueError(f"a {self.kind} reads one hook point (n_hooks={self.n_hooks})")
@@ -62,6 +69,9 @@ class SAEConfig:
     @property
     def shape(self) -> str:
         """``d_in -> d_sae`` (a transcoder: ``-> d_out`` too), for messages and reports."""
+        if self.cross_layer:
+            return f"{self.n_hooks} x {self.hook_width} -> {self.n_hooks} x {self.d_sae // self.n_hooks} -> " \
+                   f"{self.n_hooks} x {self.output_hook_width}"
         if self.n_hooks > 1:
             return f"{self.n_hooks} x {self.hook_width} -> {self.d_sae}"
         return f"{self.d_in} -> {self.d_sae}" + (f" -> {self.output_size}" if self.separate_output else "")
@@ -75,6 +85,15 @@ class SAEConfig:
     def hook_width(self) -> int:
         """The width of one hook point's activation (a crosscoder's d_in holds n_hooks of them)."""
         return self.d_in // self.n_hooks
+
+    @property
+    def output_hook_width(self) -> int:
+        """The width of one output hook's activation (a CLT's d_out holds n_hooks of them)."""
+        return self.output_size // self.n_hooks
+
+    @property
+    def cross_layer(self) -> bool:
+        return KINDS[self.kind].cross_layer
 
     @property
     def output_size(self) -> int:

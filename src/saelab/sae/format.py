@@ -4,11 +4,13 @@
 Crosscoders, which SAELens does not have, use the same folder (docs/CROSSCODER_FORMAT.md): architecture
 ``<rule>_crosscoder``, ``n_hooks``, metadata ``hook_names``, and per-hook weights as 3-d tensors (``W_enc``
 ``[n_hooks, d, d_sae]``, ``W_dec`` ``[d_sae, n_hooks, d]``, ``b_dec`` ``[n_hooks, d]``, the layout of
-dictionary_learning's CrossCoder); saelab holds them flattened (``d_in = n_hooks * d``)."""
+dictionary_learning's CrossCoder); saelab holds them flattened (``d_in = n_hooks * d``). Cross-layer transcoders
+likewise (``<rule>_clt``, per-block tensors: see ``_per_hook``)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -46,6 +48,39 @@ class SAEFormatError(FileFormatError):
 CROSSCODER_LAYOUT = {"W_enc": lambda cfg: (cfg.n_hooks, cfg.hook_width, cfg.d_sae),
                      "W_dec": lambda cfg: (cfg.d_sae, cfg.n_hooks, cfg.hook_width),
                      "b_dec": lambda cfg: (cfg.n_hooks, cfg.hook_width)}
+
+
+def _per_hook(cfg: SAEConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """saelab's flat tensors in a multi-hook folder's layout. A crosscoder's: CROSSCODER_LAYOUT. A cross-layer
+    transcoder's, per block (n blocks of m latents): ``W_enc`` ``[n, d_in, m]`` (the weights each block has),
+    ``W_dec`` ``[n, m, n, d_out]`` (block l's latents to every output block, zero before l), ``b_dec``
+    ``[n, d_out]`` and every per-latent vector ``[n, m]``."""
+    if not cfg.cross_layer:
+        return {**tensors, **{name: tensors[name].reshape(shape(cfg)) for name, shape in CROSSCODER_LAYOUT.items()}}
+    n, m = cfg.n_hooks, cfg.d_sae // cfg.n_hooks
+    blocks = tensors["W_enc"].reshape(n, cfg.hook_width, n, m)
+    out = {name: t.reshape(n, m) if t.shape == (cfg.d_sae,) else t for name, t in tensors.items()}
+    out["W_enc"] = torch.stack([blocks[layer, :, layer] for layer in range(n)]).contiguous()
+    out["W_dec"] = tensors["W_dec"].reshape(n, m, n, cfg.output_hook_width)
+    out["b_dec"] = tensors["b_dec"].reshape(n, cfg.output_hook_width)
+    return out
+
+
+def _flattened(cfg: SAEConfig, tensors: dict[str, torch.Tensor], shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """The inverse of ``_per_hook``: a folder's tensors in the shapes saelab holds (``shapes``); tensors already
+    flat, or of other shapes (for the error message), are left as they are."""
+    out = dict(tensors)
+    if cfg.cross_layer and "W_enc" in tensors and tuple(tensors["W_enc"].shape) == \
+            (cfg.n_hooks, cfg.hook_width, cfg.d_sae // cfg.n_hooks):
+        n, blocks = cfg.n_hooks, tensors["W_enc"]
+        full = torch.zeros(n, cfg.hook_width, n, blocks.shape[2], dtype=blocks.dtype)
+        for layer in range(n):
+            full[layer, :, layer] = blocks[layer]
+        out["W_enc"] = full
+    for name, shape in shapes.items():
+        if name in out and tuple(out[name].shape) != shape and out[name].numel() == math.prod(shape):
+            out[name] = out[name].reshape(shape)
+    return out
 
 
 def folder_architecture(cfg: SAEConfig) -> str:
@@ -147,7 +182,7 @@ def save_sae(sae: nn.Module, folder, sparsity: torch.Tensor | None = None, runne
             os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes the folder 0700: others could not read the SAE
             tensors = {name: p.detach().float().cpu().contiguous() for name, p in sae.state_dict().items()}
             if sae.cfg.n_hooks > 1:
-                tensors.update({name: tensors[name].reshape(shape(sae.cfg)) for name, shape in CROSSCODER_LAYOUT.items()})
+                tensors = {name: t.contiguous() for name, t in _per_hook(sae.cfg, tensors).items()}
             save_file(tensors, staging / WEIGHTS_FILE)
             (staging / CONFIG_FILE).write_text(json.dumps(config_to_json(sae.cfg), indent=2))
             if sparsity is not None:
@@ -199,11 +234,9 @@ def load_sae(folder, device: str | torch.device = "cpu") -> nn.Module:
     if cfg.architecture == "jumprelu" and "threshold" not in tensors and "log_threshold" in tensors:
         tensors["threshold"] = tensors["log_threshold"].float().exp()  # older SAELens training checkpoints
     sae = create_sae(cfg)
-    if cfg.n_hooks > 1:  # per-hook tensors, flattened as saelab holds them
-        for name, shape in CROSSCODER_LAYOUT.items():
-            if name in tensors and tuple(tensors[name].shape) == shape(cfg):
-                tensors[name] = tensors[name].reshape(tuple(sae.state_dict()[name].shape))
     expected = {name: tuple(p.shape) for name, p in sae.state_dict().items()}
+    if cfg.n_hooks > 1:  # per-hook tensors, flattened as saelab holds them
+        tensors = _flattened(cfg, tensors, expected)
     for name, shape in expected.items():
         if name not in tensors:
             raise SAEFormatError(f"{folder}/{WEIGHTS_FILE} lacks tensor {name!r} needed by a {cfg.architecture} SAE")

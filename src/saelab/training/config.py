@@ -25,7 +25,8 @@ from saelab.sae.config import KINDS, Kind
 # it may read (--hook-out not given): the MLP's output of the same block.
 DEFAULT_HOOK = {"sae": "blocks.6.hook_resid_post", "transcoder": "blocks.6.ln2.hook_normalized",
                 "skip_transcoder": "blocks.6.ln2.hook_normalized",
-                "crosscoder": "blocks.3.hook_resid_post+blocks.6.hook_resid_post+blocks.9.hook_resid_post"}
+                "crosscoder": "blocks.3.hook_resid_post+blocks.6.hook_resid_post+blocks.9.hook_resid_post",
+                "clt": "+".join(f"blocks.{block}.ln2.hook_normalized" for block in range(6))}
 MLP_INPUT_KINDS = ("ln2.hook_normalized", "hook_mlp_in", "hook_resid_mid")
 _MLP_INPUT = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in MLP_INPUT_KINDS) + ")$")
 
@@ -53,7 +54,8 @@ class TrainConfig(DataOptions):
                               "blocks.6.ln2.hook_normalized (the MLP's input) for a transcoder, the residual stream "
                               "after blocks 3, 6 and 9 for a crosscoder.", per_sae=True)
     hook_out: str | None = option(None, "Transcoders: the hook point predicted (default: blocks.L.hook_mlp_out of "
-                                  "the block whose MLP input --hook reads).", per_sae=True)
+                                  "the block whose MLP input --hook reads; a CLT: those of each of its blocks, or "
+                                  "as many hooks joined by +).", per_sae=True)
     # --- the SAE ----------------------------------------------------------------------------------
     architecture: str = option(DEFAULT_ARCHITECTURE, _architecture_help, per_sae=True, fixed_on_resume=True)
     expansion: int = option(8, "Latents per input dimension (d_sae = expansion * d_in).", positive=True,
@@ -188,19 +190,24 @@ class TrainConfig(DataOptions):
     def _hook_out_problems(self) -> list[str]:
         """What is wrong with the pair of hooks (a transcoder's default output hook is derived, not stored, so that a
         config copied with another --hook predicts that block's MLP output)."""
-        if KINDS[self.kind].multi_hook and len(split_hook_list(self.hook)) < 2:
-            return [f"a crosscoder reads several hook points joined by {HOOK_LIST_SEPARATOR} (e.g. "
-                    f"{DEFAULT_HOOK['crosscoder']}), not only {self.hook}"]
-        if not KINDS[self.kind].multi_hook and len(split_hook_list(self.hook)) > 1:
-            return [f"a {self.kind} reads one hook point, not {self.hook}: pass --kind crosscoder to read several"]
+        reads = split_hook_list(self.hook)
+        if KINDS[self.kind].multi_hook and len(reads) < 2:
+            return [f"a {self.kind} reads several hook points joined by {HOOK_LIST_SEPARATOR} (e.g. "
+                    f"{DEFAULT_HOOK[self.kind]}), not only {self.hook}"]
+        if not KINDS[self.kind].multi_hook and len(reads) > 1:
+            return [f"a {self.kind} reads one hook point, not {self.hook}: pass --kind crosscoder (or clt) to read "
+                    "several"]
+        if self.hook_out is not None and len(split_hook_list(self.hook_out)) != (len(reads) if KINDS[self.kind].cross_layer else 1):
+            return [f"--hook-out must name one output hook per hook read ({len(reads)}), got {self.hook_out}"]
         if not KINDS[self.kind].separate_output:
             return [f"hook_out is for transcoders; a {self.kind} reconstructs its --hook ({self.hook}); drop "
                     "--hook-out or pass --kind transcoder"] if self.hook_out is not None else []
-        if self.hook_out is None and _MLP_INPUT.match(self.hook) is None:
+        unmatched = [hook for hook in reads if _MLP_INPUT.match(hook) is None]
+        if self.hook_out is None and unmatched:
             return [f"a {self.kind} needs --hook-out, the hook point it predicts: it is the MLP output of the "
                     f"block only when --hook is an MLP input (blocks.L.{', blocks.L.'.join(MLP_INPUT_KINDS)}), "
-                    f"not {self.hook}"]
-        if self.target_hook == self.hook:
+                    f"not {unmatched[0]}"]
+        if set(split_hook_list(self.target_hook)) & set(reads):
             return [f"a {self.kind} predicts another hook point than it reads (both are {self.hook}); train an SAE "
                     "(--kind sae) to reconstruct one"]
         return []
@@ -213,8 +220,10 @@ class TrainConfig(DataOptions):
             return None
         if self.hook_out is not None:
             return self.hook_out
-        match = _MLP_INPUT.match(self.hook)
-        return f"blocks.{match.group(1)}.hook_mlp_out" if match else None
+        matches = [_MLP_INPUT.match(hook) for hook in split_hook_list(self.hook)]
+        if not all(matches):
+            return None
+        return HOOK_LIST_SEPARATOR.join(f"blocks.{match.group(1)}.hook_mlp_out" for match in matches)
 
     @property
     def kind_facts(self) -> Kind:
@@ -223,7 +232,7 @@ class TrainConfig(DataOptions):
     @property
     def hooks(self) -> list[str]:
         """The hook points this dictionary reads and predicts (one for an SAE, several for a crosscoder)."""
-        return split_hook_list(self.hook) + ([] if self.target_hook is None else [self.target_hook])
+        return split_hook_list(self.hook) + ([] if self.target_hook is None else split_hook_list(self.target_hook))
 
     @property
     def arch(self) -> Architecture:

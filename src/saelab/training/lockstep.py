@@ -34,7 +34,7 @@ class SharedBuffer:
         self._views: list[BufferView] = []
         self._loaded: dict | None = None                             # the position a resume started from
 
-    def view(self, columns: slice | list[slice], target_columns: slice | None = None) -> BufferView:
+    def view(self, columns: slice | list[slice], target_columns: slice | list[slice] | None = None) -> BufferView:
         """A reader of these columns (a crosscoder's: several hooks' columns, side by side; a transcoder's target
         columns too), with the ActivationBuffer interface a Trainer uses."""
         view = BufferView(self, columns, target_columns)
@@ -72,12 +72,16 @@ class BufferView:
     """One trainer's window on a SharedBuffer: its columns of every batch, and its own position. With
     ``target_columns`` (a transcoder's output hook) each batch is the pair ``(input, target)``."""
 
-    def __init__(self, shared: SharedBuffer, columns: slice | list[slice], target_columns: slice | None = None):
-        self.shared, self.target_columns = shared, target_columns
+    def __init__(self, shared: SharedBuffer, columns: slice | list[slice],
+                 target_columns: slice | list[slice] | None = None):
+        self.shared = shared
         self.blocks = [columns] if isinstance(columns, slice) else list(columns)
         self.block_widths = [block.stop - block.start for block in self.blocks]  # per hook, for their scales
         self.d_in = sum(self.block_widths)
-        self.d_out = None if target_columns is None else target_columns.stop - target_columns.start
+        self.target_blocks = None if target_columns is None else \
+            [target_columns] if isinstance(target_columns, slice) else list(target_columns)
+        self.target_block_widths = [block.stop - block.start for block in self.target_blocks or []]
+        self.d_out = sum(self.target_block_widths) if self.target_blocks else None
         self.index = 0                     # batches taken
         self.position: dict | None = None  # buffer position after the last batch taken
 
@@ -92,9 +96,8 @@ class BufferView:
         return self._columns(self.shared.buffer.peek(rows))
 
     def _columns(self, rows: torch.Tensor):
-        x = rows[:, self.blocks[0]].contiguous() if len(self.blocks) == 1 else \
-            torch.cat([rows[:, block] for block in self.blocks], 1)
-        return x if self.target_columns is None else (x, rows[:, self.target_columns].contiguous())
+        x = _side_by_side(rows, self.blocks)
+        return x if self.target_blocks is None else (x, _side_by_side(rows, self.target_blocks))
 
     def state_dict(self) -> dict:
         return dict(self.position) if self.position is not None else asdict(self.shared.buffer.position)
@@ -102,6 +105,10 @@ class BufferView:
     def load_state_dict(self, state: dict) -> None:
         self.shared.load_state_dict(state)
         self.position = dict(state)
+
+
+def _side_by_side(rows: torch.Tensor, blocks: list[slice]) -> torch.Tensor:
+    return rows[:, blocks[0]].contiguous() if len(blocks) == 1 else torch.cat([rows[:, block] for block in blocks], 1)
 
 
 class MultiTrainer:

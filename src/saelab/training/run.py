@@ -128,9 +128,9 @@ def _train(configs: list[TrainConfig], dp: DataParallel, spread: bool, resume: b
     trainers = []
     for cfg, tracker in zip(configs, trackers):
         whole = slice(0, data.source.d_in)
-        read = split_hook_list(cfg.hook)
+        read, written = split_hook_list(cfg.hook), cfg.target_hook and split_hook_list(cfg.target_hook)
         view = shared.view([data.columns.get(hook, whole) for hook in read],
-                           None if cfg.target_hook is None else data.columns.get(cfg.target_hook, whole))
+                           [data.columns.get(hook, whole) for hook in written] if written else None)
         trainers.append(Trainer(cfg, view, cfg.out, metadata=data.metadata(read, cfg.target_hook), buffer=view,
                                 data_parallel=dp, tracker=tracker))
         if cfg.out in folders:

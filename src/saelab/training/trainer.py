@@ -221,11 +221,15 @@ class Trainer:
         if self.cfg.normalize_activations:
             # Mean norm sqrt(d) makes learning rates and loss weights transfer across models and layers.
             if self.sae.cfg.n_hooks > 1:
-                self.scale = torch.cat([torch.full((block.shape[1],), _norm_scale(block))
-                                        for block in sample.split(self.block_widths, dim=1)]).to(self.device)
+                self.scale = _block_scales(sample, self.sae.cfg.n_hooks).to(self.device)
             else:
                 self.scale = _norm_scale(sample)
-            self.target_scale = self.scale if target is None else _norm_scale(target)
+            if target is None:
+                self.target_scale = self.scale
+            elif self.sae.cfg.n_hooks > 1:  # a CLT: each output block on its own too
+                self.target_scale = _block_scales(target, self.sae.cfg.n_hooks).to(self.device)
+            else:
+                self.target_scale = _norm_scale(target)
         # Rank 0's sample decides (its parameters are broadcast).
         self.scale, self.target_scale = self.dp.from_main(self.scale), self.dp.from_main(self.target_scale)
         generator = torch.Generator().manual_seed(self.cfg.seed)
@@ -255,6 +259,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self.dp.average_gradients(self.sae.parameters())
+        self.sae.mask_gradients()
         self.sae.constrain_gradients()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), cfg.grad_clip)
@@ -465,6 +470,11 @@ class Trainer:
 def _norm_scale(sample: torch.Tensor) -> float:
     """The factor that gives ``sample``'s rows mean norm sqrt(width)."""
     return math.sqrt(sample.shape[1]) / sample.float().norm(dim=1).mean().clamp_min(1e-8).item()
+
+
+def _block_scales(sample: torch.Tensor, blocks: int) -> torch.Tensor:
+    """One factor per column: each of ``blocks`` equal column blocks (hooks) scaled to mean norm sqrt(width)."""
+    return torch.cat([torch.full((part.shape[1],), _norm_scale(part)) for part in sample.chunk(blocks, dim=1)])
 
 
 def training_buffer(source: ActivationSource, cfg: TrainConfig, dp: DataParallel, device) -> ActivationBuffer:
