@@ -256,3 +256,49 @@ def test_layers_trains_one_transcoder_per_block_on_one_forward_pass(tiny_model_d
         assert (meta["hook_name"], meta["hook_name_out"]) == (f"blocks.{block}.ln2.hook_normalized",
                                                               f"blocks.{block}.hook_mlp_out")
     assert main(["train", "--layers", "0-x", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_steering_and_attribution_act_where_a_transcoder_writes(tiny_model_dir):
+    from saelab.analysis import attribute
+    from saelab.analysis.steering import added_direction
+    from saelab.evals.loading import load_sae_and_model
+    from saelab.models import capture, resolve_hook
+
+    import tempfile
+    from pathlib import Path
+
+    sae = create_sae(SAEConfig(d_in=32, d_sae=64, architecture="topk", k=4, kind="transcoder", d_out=32, metadata={
+        "model_name": str(tiny_model_dir), "hook_name": "blocks.1.ln2.hook_normalized",
+        "hook_name_out": "blocks.1.hook_mlp_out"}))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    with tempfile.TemporaryDirectory() as folder:
+        sae.save(Path(folder) / "tc")
+        loaded = load_sae_and_model(Path(folder) / "tc")
+    assert (loaded.hook.name, loaded.writes.name) == ("blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")
+    result = attribute(loaded, "The value of the", " name")  # parts of the MLP output's direct contribution
+    assert result.feature_sum + result.error + result.bias == pytest.approx(result.total, abs=1e-4)
+    ids = loaded.tokenize("The value of")
+    out = resolve_hook(loaded.model, "blocks.1.hook_mlp_out")
+    clean = capture(loaded.model, ids, [out])[out.name]
+    with added_direction(loaded, feature=5, strength=2.0):  # the decoder row is added where it writes
+        steered = capture(loaded.model, ids, [out])[out.name]
+    torch.testing.assert_close(steered - clean, (2.0 * loaded.sae.W_dec[5]).expand_as(clean).detach())
+
+
+def test_a_sweep_of_transcoders(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--kind", "skip_transcoder",
+                 "--hook", "blocks.1.ln2.hook_normalized", "--architectures", "topk,abstopk", "--k", "4,8",
+                 "--tokens", "4096", "--batch-size", "256", "--context-size", "64", "--eval-tokens", "512",
+                 "--expansion", "2", "--out", str(out), "--no-progress"]) == 0
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 5  # a header and 2 architectures x 2 values of k
+    for run in ("topk-k4", "abstopk-k8"):
+        sae = load_sae(out / run / "final")
+        assert sae.cfg.kind == "skip_transcoder" and sae.cfg.metadata["hook_name_out"] == "blocks.1.hook_mlp_out"
+    assert main(["sweep", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--kind", "transcoder",
+                 "--hook", "blocks.1.ln2.hook_normalized", "--architectures", "matching_pursuit",
+                 "--out", str(tmp_path / "bad"), "--no-progress"]) == 2

@@ -78,23 +78,29 @@ def attribute(loaded: Loaded, prompt: str, target: str) -> Attribution:
     norm = final_norm(loaded.model)
     seen: dict[str, torch.Tensor] = {}
 
+    if loaded.sae.cfg.skip:
+        raise ValueError("attribute splits a dictionary's output into its latents, b_dec and the error; a skip "
+                         "transcoder's linear skip term is a fourth part it does not show yet: use a transcoder or SAE")
+
     def record_hook(act):
         seen["x"] = act[0, -1].detach().float()
+
+    def record_output(act):  # a transcoder: what it writes is the output hook's activation
+        seen["out"] = act[0, -1].detach().float()
 
     def record_norm(_module, args, kwargs):
         seen["final"] = (args[0] if args else kwargs["hidden_states"])[0, -1].detach().float()
 
     handle = norm.module.register_forward_pre_hook(record_norm, with_kwargs=True)
     try:
-        with hooked(loaded.model, loaded.hook, record_hook):
+        with hooked(loaded.model, loaded.hook, record_hook), hooked(loaded.model, loaded.writes, record_output):
             logits = lm_logits(loaded.model, ids)[0, -1].float()
     finally:
         handle.remove()
     direction = logit_directions(loaded.model, [target_id])[0] * norm.inverse_rms(seen["final"])
-    x = seen["x"]
     sae = loaded.sae
-    f = sae.encode(x[None])[0]
-    x_hat = sae.decode(f[None])[0]
+    f = sae.encode(seen["x"][None])[0]
+    x, x_hat = seen["out"], sae.decode(f[None])[0]
     parts = f * (sae.W_dec.float() @ direction)
     return Attribution(
         prompt=prompt, target=token_strings(loaded.tokenizer, [target_id])[0], target_id=target_id,

@@ -83,14 +83,15 @@ def _greedy_generate_uncached(model, input_ids: torch.Tensor, max_new_tokens: in
 
 @contextmanager
 def added_direction(loaded: Loaded, feature: int, strength: float):
-    """Inside: the hook's activation is ``x + strength * W_dec[feature]`` at every position."""
+    """Inside: the activation the decoder writes (the hook's; a transcoder's output hook) is
+    ``x + strength * W_dec[feature]`` at every position."""
     check_feature(loaded.sae, feature)
     direction = loaded.sae.W_dec[feature].detach()
 
     def add(act: torch.Tensor) -> torch.Tensor:
         return act + (strength * direction).to(device=act.device, dtype=act.dtype)
 
-    with hooked(loaded.model, loaded.hook, add):
+    with hooked(loaded.model, loaded.writes, add):
         yield
 
 

@@ -48,6 +48,12 @@ class Loaded:
     model_name: str
     prepend_bos: bool
     hooks: list[HookPoint] | None = None   # a crosscoder's hook points (``hook`` is the first)
+    output_hook: HookPoint | None = None   # where a transcoder writes (None: ``hook``, where it reads)
+
+    @property
+    def writes(self) -> HookPoint:
+        """The hook point the dictionary's decoder writes to: a transcoder's output hook, else the one it reads."""
+        return self.output_hook or self.hook
 
     @property
     def device(self) -> torch.device:
@@ -103,8 +109,10 @@ def load_sae_and_model(sae_path, model: str | None = None, hook: str | None = No
                                  "--model to use another name, folder or file for that model)") from err
         raise
     hooks = [resolve_hook(lm, name) for name in split_hook_list(hook_name)]
+    output_hook = resolve_hook(lm, meta["hook_name_out"]) if sae.cfg.separate_output and sae.cfg.n_hooks == 1 \
+        and meta.get("hook_name_out") else None
     loaded = Loaded(sae.to(next(lm.parameters()).device).eval(), lm, tokenizer, hooks[0], folder, model_name,
-                    prepend_bos, hooks if len(hooks) > 1 else None)
+                    prepend_bos, hooks if len(hooks) > 1 else None, output_hook)
     check_width(loaded)
     return loaded
 
