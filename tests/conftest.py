@@ -62,6 +62,22 @@ def synthetic_activations(n: int, d_in: int, n_features: int, active: int, seed:
     return weights @ directions, directions
 
 
+def assert_resumes_exactly(make, tmp_path, stop_at: int = 23):
+    """Train with the Trainer ``make(folder)`` gives, once whole and once stopped after step ``stop_at`` then
+    resumed from its checkpoint: both must end with bit-identical weights. Returns the whole run's result."""
+    full = make(tmp_path / "full").run()
+
+    def stop(trainer):
+        if trainer.step == stop_at:
+            trainer.request_stop()
+
+    assert not make(tmp_path / "split").run(on_step=stop).completed
+    resumed = make(tmp_path / "split").run(resume=True)
+    for name, tensor in full.sae.state_dict().items():
+        assert torch.equal(tensor, resumed.sae.state_dict()[name]), name
+    return full
+
+
 def mean_max_cosine(true_directions: torch.Tensor, learned_rows: torch.Tensor) -> float:
     learned = learned_rows / learned_rows.norm(dim=1, keepdim=True)
     return (true_directions @ learned.T).max(dim=1).values.mean().item()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import assert_resumes_exactly
 from saelab.cli import main
 from saelab.data import TensorSource
 from saelab.distributed import DataParallel
@@ -85,16 +86,7 @@ def test_every_architecture_trains_resumes_and_round_trips_as_a_clt(architecture
     inputs, outputs, _ = planted_cross_layer(6_000)
     make = lambda folder: clt_trainer(config(folder, architecture=architecture, tokens=12_800,
                                              **SPARSITY[architecture]), inputs, outputs, folder)
-    full = make(tmp_path / "full").run()
-
-    def stop_at_step_23(trainer):
-        if trainer.step == 23:
-            trainer.request_stop()
-
-    assert not make(tmp_path / "split").run(on_step=stop_at_step_23).completed
-    resumed = make(tmp_path / "split").run(resume=True)
-    for name, tensor in full.sae.state_dict().items():
-        assert torch.equal(tensor, resumed.sae.state_dict()[name]), name
+    full = assert_resumes_exactly(make, tmp_path)
     sae = full.sae
     sae.cfg.metadata.update(hook_name=READS, hook_names=READS.split("+"), hook_name_out=WRITES)
     sae.save(tmp_path / "folder")

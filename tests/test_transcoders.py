@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import mean_max_cosine
+from conftest import assert_resumes_exactly, mean_max_cosine
 from saelab.cli import main
 from saelab.data import TensorSource
 from saelab.distributed import DataParallel
@@ -96,16 +96,7 @@ def test_every_architecture_trains_resumes_and_round_trips_as_each_kind(architec
     x, y, _ = planted_pairs(6_000, skip=0.3 * torch.eye(D_OUT, D_IN))
     make = lambda folder: pair_trainer(config(folder, architecture=architecture, kind=kind, tokens=12_800,
                                               **SPARSITY[architecture]), x, y, folder)
-    full = make(tmp_path / "full").run()
-
-    def stop_at_step_23(trainer):
-        if trainer.step == 23:
-            trainer.request_stop()
-
-    assert not make(tmp_path / "split").run(on_step=stop_at_step_23).completed
-    resumed = make(tmp_path / "split").run(resume=True)
-    for name, tensor in full.sae.state_dict().items():
-        assert torch.equal(tensor, resumed.sae.state_dict()[name]), name
+    full = assert_resumes_exactly(make, tmp_path)
     sae = full.sae
     assert (sae.cfg.kind, sae.W_dec.shape, sae.b_dec.shape) == (kind, (128, D_OUT), (D_OUT,))
     assert fvu(sae, x[:2000], y[:2000]) < 0.9  # it learnt something in 50 steps

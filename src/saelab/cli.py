@@ -237,16 +237,16 @@ def _train(args) -> int:
     lists = read_lists(args, fields, list_fields())
     from saelab.sae.config import KINDS
 
-    crosscoder = args.kind is not None and KINDS[args.kind].multi_hook  # one dictionary over several hooks
+    multi_hook = args.kind is not None and KINDS[args.kind].multi_hook  # a crosscoder or CLT: one over all hooks
     if args.layers is not None:
         if "hook" in lists:
             raise ValueError("--layers moves one --hook to several blocks; give one --hook with it, not a list")
         hooks = layer_hooks(args.layers, split_hook_list(args.hook or DEFAULT_HOOK[args.kind or "sae"])[0])
-        if crosscoder:  # one crosscoder over those blocks
+        if multi_hook:  # one dictionary over those blocks
             args.hook = HOOK_LIST_SEPARATOR.join(hooks)
         else:
             lists["hook"], args.hook = hooks, None
-    elif crosscoder and "hook" in lists:  # --kind crosscoder --hook a,b,c: one crosscoder over a, b and c
+    elif multi_hook and "hook" in lists:  # --kind crosscoder --hook a,b,c: one crosscoder over a, b and c
         args.hook = HOOK_LIST_SEPARATOR.join(lists.pop("hook"))
     if args.resume and lists:
         raise ValueError(f"--resume takes the SAEs of the run; drop the lists given to {', '.join(lists)}")

@@ -20,7 +20,7 @@ from saelab.data.options import DataOptions
 from saelab.data.synthetic import SyntheticConfig, SyntheticFeatures, SyntheticSource
 from saelab.data.text import describe_source
 from saelab.models import HookPoint, load_model, resolve_hook
-from saelab.models.hooks import HOOK_LIST_SEPARATOR
+from saelab.models.hooks import HOOK_LIST_SEPARATOR, split_hook_list
 from saelab.options import fields_with
 from saelab.version import __version__
 
@@ -130,7 +130,7 @@ class TrainingData:
         transcoder) records about its data. Several hooks: ``hook_names`` lists them, ``hook_name`` joins them."""
         hooks = [hooks] if isinstance(hooks, str) else list(hooks)
         hook = HOOK_LIST_SEPARATOR.join(hooks)
-        outs = [] if hook_out is None else hook_out.split(HOOK_LIST_SEPARATOR)
+        outs = [] if hook_out is None else split_hook_list(hook_out)
         out = {} if hook_out is None else {"hook_name_out": hook_out, "hook_head_index_out": None,
                                            "hook_module_path_out": HOOK_LIST_SEPARATOR.join(
                                                self.module_paths[name] for name in outs)}

@@ -35,19 +35,14 @@ def evaluate_held_out(held_out: HeldOut, saes: Sequence[tuple[SAE, str]], downst
 
 
 def _cached_batches(held_out: HeldOut, sae: SAE, hook: str):
-    """The held-out contexts of the cache at ``hook`` as (act, keep), with a transcoder's target as (act, keep, y);
-    a crosscoder's hooks (joined by +) side by side."""
-    names = split_hook_list(hook)
-    if len(names) > 1:
+    """The held-out contexts of the cache as (act, keep): the activations of the hooks in ``hook`` (a crosscoder's
+    or CLT's, joined by +) side by side; a transcoder's (CLT's) outputs too, as (act, keep, target)."""
+    def side_by_side(names: list[str]):
         readers = [held_out.cache.activations(name, held_out.cache_start) for name in names]
-        if sae.cfg.separate_output:  # a CLT: its outputs side by side as the target
-            outs = split_hook_list(sae.cfg.metadata["hook_name_out"])
-            writers = [held_out.cache.activations(name, held_out.cache_start) for name in outs]
-            return ((torch.cat([act for act, _ in ins], -1), ins[0][1], torch.cat([act for act, _ in got], -1))
-                    for ins, got in zip(zip(*readers), zip(*writers)))
-        return ((torch.cat([act for act, _ in parts], -1), parts[0][1]) for parts in zip(*readers))
-    inputs = held_out.cache.activations(hook, held_out.cache_start)
+        for parts in zip(*readers):
+            yield torch.cat([act for act, _ in parts], -1), parts[0][1]
+
+    inputs = side_by_side(split_hook_list(hook))
     if not sae.cfg.separate_output:
         return inputs
-    targets = held_out.cache.activations(sae.cfg.metadata["hook_name_out"], held_out.cache_start)
-    return ((act, keep, target) for (act, keep), (target, _) in zip(inputs, targets))
+    return ((act, keep, target) for (act, keep), (target, _) in zip(inputs, side_by_side(sae.cfg.written_hooks)))

@@ -109,8 +109,8 @@ def load_sae_and_model(sae_path, model: str | None = None, hook: str | None = No
                                  "--model to use another name, folder or file for that model)") from err
         raise
     hooks = [resolve_hook(lm, name) for name in split_hook_list(hook_name)]
-    output_hook = resolve_hook(lm, meta["hook_name_out"]) if sae.cfg.separate_output and sae.cfg.n_hooks == 1 \
-        and meta.get("hook_name_out") else None
+    output_hook = resolve_hook(lm, sae.cfg.written_hooks[0]) if sae.cfg.separate_output and sae.cfg.n_hooks == 1 \
+        and sae.cfg.written_hooks else None
     loaded = Loaded(sae.to(next(lm.parameters()).device).eval(), lm, tokenizer, hooks[0], folder, model_name,
                     prepend_bos, hooks if len(hooks) > 1 else None, output_hook)
     check_width(loaded)

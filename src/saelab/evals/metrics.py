@@ -43,15 +43,17 @@ def sae_hook(model, sae: SAE, hook: HookPoint | str | None = None) -> HookPoint:
     return resolve_hook(model, hook)
 
 
-def output_hook(model, sae: SAE, hook: HookPoint) -> HookPoint:
-    """Where the dictionary's output goes: the hook it reads for an SAE, a transcoder's ``hook_name_out``."""
+def written_hooks(model, sae: SAE, read: list[HookPoint]) -> list[HookPoint]:
+    """Where the dictionary's output goes: the hooks it reads (``read``), or a transcoder's (CLT's) output hooks
+    from its metadata."""
     if not sae.cfg.separate_output:
-        return hook
-    name = sae.cfg.metadata.get("hook_name_out")
-    if not name:
-        raise HookNameError(f"this {sae.cfg.kind}'s cfg.json metadata names no hook_name_out, the hook point it "
-                            "predicts; add it to the metadata (e.g. blocks.6.hook_mlp_out)")
-    return resolve_hook(model, name)
+        return read
+    names = sae.cfg.written_hooks
+    if len(names) != sae.cfg.n_hooks:
+        raise HookNameError(f"this {sae.cfg.kind}'s cfg.json metadata names {len(names)} output hook(s) "
+                            f"(hook_name_out{', hook_names_out' if sae.cfg.n_hooks > 1 else ''}), it writes "
+                            f"{sae.cfg.n_hooks}; add them to the metadata (e.g. blocks.6.hook_mlp_out)")
+    return [resolve_hook(model, name) for name in names]
 
 
 @contextmanager
@@ -69,7 +71,7 @@ def splice(model, sae: SAE, hook: HookPoint | str | None = None, keep: torch.Ten
     as usual; its output is what is replaced).
     """
     hook = sae_hook(model, sae, hook)
-    out_hook = output_hook(model, sae, hook)
+    [out_hook] = written_hooks(model, sae, [hook])
 
     def replace(x_act: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         x = x_act.float()
@@ -171,20 +173,14 @@ class _Evaluated:
     def __init__(self, model, sae: SAE, hook: HookPoint | str | None, device):
         self.sae = sae.to(device)
         if sae.cfg.n_hooks > 1:
-            names = sae.cfg.metadata.get("hook_names") if hook is None else split_hook_list(getattr(hook, "name", hook))
-            if not names or len(names) != sae.cfg.n_hooks:
-                raise HookNameError(f"this crosscoder reads {sae.cfg.n_hooks} hook points; its metadata hook_names "
-                                    f"(or the hook given, joined by +) must name them, got {names!r}")
-            self.reads = self.writes = [resolve_hook(model, name) for name in names]
-            if sae.cfg.separate_output:  # a cross-layer transcoder writes as many other hooks
-                outs = split_hook_list(sae.cfg.metadata.get("hook_name_out") or "")
-                if len(outs) != sae.cfg.n_hooks:
-                    raise HookNameError(f"this {sae.cfg.kind} writes {sae.cfg.n_hooks} hook points; its metadata "
-                                        f"hook_name_out must name them joined by +, got {outs!r}")
-                self.writes = [resolve_hook(model, name) for name in outs]
+            names = sae.cfg.read_hooks if hook is None else split_hook_list(getattr(hook, "name", hook))
+            if len(names) != sae.cfg.n_hooks:
+                raise HookNameError(f"this {sae.cfg.kind} reads {sae.cfg.n_hooks} hook points; its metadata "
+                                    f"hook_names (or the hook given, joined by +) must name them, got {names!r}")
+            self.reads = [resolve_hook(model, name) for name in names]
         else:
-            read = sae_hook(model, sae, hook)
-            self.reads, self.writes = [read], [output_hook(model, sae, read)]
+            self.reads = [sae_hook(model, sae, hook)]
+        self.writes = written_hooks(model, sae, self.reads)
         self.total = _Totals(sae.cfg.output_size, sae.cfg.d_sae)
         width = sae.cfg.output_hook_width
         self.by_hook = [_Totals(width, sae.cfg.d_sae) for _ in self.writes] if sae.cfg.n_hooks > 1 else []

@@ -158,6 +158,7 @@ class SAE(nn.Module):
             self.W_enc.copy_(_unit_rows(self.cfg.d_sae, self.cfg.d_in, generator).T * self.decoder_init_norm)
         elif not self.tied_encoder:
             self.W_enc.copy_(directions.T)
+        self.apply_masks()  # a CLT's absent weights are 0 from the start (and stay so: encode reads them)
         if "b_enc" in self._parameters:  # gated SAEs have none
             self.b_enc.zero_()
         if b_dec_init == "median":
@@ -178,7 +179,6 @@ class SAE(nn.Module):
             centred, reconstruction = target - self.b_dec, self.encode(sample) @ self.W_dec
             factor = (centred * reconstruction).sum() / reconstruction.pow(2).sum().clamp_min(1e-12)
             self.scale_codes(float(factor.clamp_min(1e-6)))
-        self.apply_masks()
 
     @torch.no_grad()
     def _point_decoder_at_targets(self, sample: torch.Tensor, target: torch.Tensor, rows: int = 1024) -> None:
@@ -189,7 +189,6 @@ class SAE(nn.Module):
         codes by the least-squares factor (rows pointed this way add up along the targets and overshoot them). On
         planted features (64 in 32 dimensions, 390 steps), mean max cosine to the true write directions and FVU:
         TopK 0.968 / 0.135 from random rows, 0.995 / 0.065 so; JumpReLU 0.815 / 0.344 -> 0.984 / 0.146."""
-        self.apply_masks()
         written = torch.zeros_like(self.W_dec)
         for start in range(0, len(sample), rows):
             codes = self.encode(sample[start:start + rows])
@@ -260,9 +259,9 @@ class SAE(nn.Module):
         """Make a dictionary trained on ``scale * x`` (and, a transcoder, to predict ``output_scale * y``; default
         ``scale``) take raw ``x``: same latents, output in raw units. A scale may be a number or one factor per
         dimension (a crosscoder's hooks are scaled each on its own)."""
-        scale_in = torch.as_tensor(scale, dtype=self.W_dec.dtype).cpu().to(self.W_dec.device)
+        scale_in = torch.as_tensor(scale, dtype=self.W_dec.dtype, device=self.W_dec.device)
         scale_out = scale_in if output_scale is None else \
-            torch.as_tensor(output_scale, dtype=self.W_dec.dtype).cpu().to(self.W_dec.device)
+            torch.as_tensor(output_scale, dtype=self.W_dec.dtype, device=self.W_dec.device)
         self.W_enc.mul_(scale_in.reshape(-1, 1) if scale_in.ndim else scale_in)
         self.W_dec.div_(scale_out)
         self.b_dec.div_(scale_out)

@@ -92,6 +92,21 @@ class SAEConfig:
         return self.output_size // self.n_hooks
 
     @property
+    def read_hooks(self) -> list[str]:
+        """The hook points it reads, by name, from its metadata (a crosscoder's or CLT's ``hook_names``)."""
+        names = self.metadata.get("hook_names") if self.n_hooks > 1 else [self.metadata.get("hook_name")]
+        return [name for name in names or [] if name]
+
+    @property
+    def written_hooks(self) -> list[str]:
+        """The hook points it writes, by name: those it reads, or a transcoder's ``hook_name_out`` (a CLT's
+        ``hook_names_out``)."""
+        if not self.separate_output:
+            return self.read_hooks
+        names = self.metadata.get("hook_names_out") if self.n_hooks > 1 else [self.metadata.get("hook_name_out")]
+        return [name for name in names or [] if name]
+
+    @property
     def cross_layer(self) -> bool:
         return KINDS[self.kind].cross_layer
 

@@ -32,7 +32,8 @@ WEIGHTS_FILE, CONFIG_FILE, SPARSITY_FILE, RUNNER_FILE = (
 LEGACY_METADATA_KEYS = ("model_name", "hook_name", "hook_point", "hook_head_index", "context_size",
                         "prepend_bos", "dataset_path", "model_class_name", "model_from_pretrained_kwargs",
                         "seqpos_slice", "exclude_special_tokens", "sequence_separator_token",
-                        "neuronpedia_id", "sae_lens_training_version")
+                        "neuronpedia_id", "sae_lens_training_version",
+                        "hook_name_out", "hook_head_index_out")  # the last two: transcoders of older SAELens
 # Pre-6.0 spellings of 6.x metadata keys.
 LEGACY_RENAMES = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index"}
 # SAELens reads cfg.json as the 6.x layout only when metadata.sae_lens_version parses as a version >= 6.0;
@@ -159,9 +160,6 @@ def config_from_json(raw: dict, where: str) -> SAEConfig:
     except ValueError:
         own = {}  # an unknown architecture: load_sae names it
     options = {key: raw.get(key, default) for key, default in own.items()}
-    for key in ("hook_name_out", "hook_head_index_out"):  # transcoders of older SAELens keep them at the top
-        if key in raw and key not in metadata:
-            metadata[key] = raw[key]
     return SAEConfig(d_in=d_in, d_sae=d_sae, architecture=name, k=int(k) if k is not None else None,
                      apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)), metadata=metadata,
                      kind=kind, d_out=int(d_out) if d_out is not None else None, options=options,

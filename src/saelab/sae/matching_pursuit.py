@@ -81,9 +81,9 @@ class MatchingPursuitSAE(SAE):
             added.append(value)
             with torch.no_grad():
                 if stop_on_repeat:  # a step that chose a latent already in the code adds no new one
-                    repeat = support[torch.arange(len(index), device=index.device), index] | (value == 0)
-                    support[torch.arange(len(index), device=index.device), index] |= value > 0
-                    done |= repeat
+                    tokens = torch.arange(len(index), device=index.device)
+                    done |= support[tokens, index] | (value == 0)
+                    support[tokens, index] |= value > 0
                 if threshold > 0:
                     done |= residual.norm(dim=-1) < threshold
                 if bool(done.all()):

@@ -45,7 +45,8 @@ class TrainConfig(DataOptions):
 
     # --- what to read -----------------------------------------------------------------------------
     kind: str = option("sae", lambda: "What the dictionary reads and writes: " + "; ".join(
-                       f"{k.name}: {k.summary}" for k in KINDS.values()) + ". Every architecture works with each.", choices=tuple(KINDS), fixed_on_resume=True)
+                       f"{k.name}: {k.summary}" for k in KINDS.values()) + ". Every architecture with an encoder "
+                       "(all but matching_pursuit) works as each.", choices=tuple(KINDS), fixed_on_resume=True)
     hook: str | None = option(None, "Hook point read: a TransformerLens-style name (blocks.L.hook_resid_pre|"
                               "resid_mid|resid_post|attn_out|mlp_out, and around the MLP blocks.L.hook_mlp_in|"
                               "ln2.hook_normalized|mlp.hook_post) or a module path (model.layers.6.mlp = that "
@@ -197,8 +198,9 @@ class TrainConfig(DataOptions):
         if not KINDS[self.kind].multi_hook and len(reads) > 1:
             return [f"a {self.kind} reads one hook point, not {self.hook}: pass --kind crosscoder (or clt) to read "
                     "several"]
-        if self.hook_out is not None and len(split_hook_list(self.hook_out)) != (len(reads) if KINDS[self.kind].cross_layer else 1):
-            return [f"--hook-out must name one output hook per hook read ({len(reads)}), got {self.hook_out}"]
+        outputs = len(reads) if KINDS[self.kind].cross_layer else 1
+        if self.hook_out is not None and len(split_hook_list(self.hook_out)) != outputs:
+            return [f"--hook-out must name one output hook per hook read ({outputs}), got {self.hook_out}"]
         if not KINDS[self.kind].separate_output:
             return [f"hook_out is for transcoders; a {self.kind} reconstructs its --hook ({self.hook}); drop "
                     "--hook-out or pass --kind transcoder"] if self.hook_out is not None else []

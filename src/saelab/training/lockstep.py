@@ -80,8 +80,7 @@ class BufferView:
         self.d_in = sum(self.block_widths)
         self.target_blocks = None if target_columns is None else \
             [target_columns] if isinstance(target_columns, slice) else list(target_columns)
-        self.target_block_widths = [block.stop - block.start for block in self.target_blocks or []]
-        self.d_out = sum(self.target_block_widths) if self.target_blocks else None
+        self.d_out = sum(block.stop - block.start for block in self.target_blocks) if self.target_blocks else None
         self.index = 0                     # batches taken
         self.position: dict | None = None  # buffer position after the last batch taken
 

@@ -88,10 +88,10 @@ class Trainer:
             raise ValueError(f"a {cfg.kind} trains on pairs of activations (its input and output hooks): give it a "
                              "source with target columns (saelab.training.train does)")
         # A crosscoder's source holds its hooks side by side (a BufferView's block_widths).
-        self.block_widths = list(getattr(source, "block_widths", None) or [source.d_in])
-        n_hooks = len(self.block_widths) if cfg.kind_facts.multi_hook else 1
-        if n_hooks > 1 and len(set(self.block_widths)) > 1:
-            raise ValueError(f"a crosscoder's hook points must be equally wide (got {self.block_widths})")
+        widths = list(getattr(source, "block_widths", None) or [source.d_in])
+        n_hooks = len(widths) if cfg.kind_facts.multi_hook else 1
+        if n_hooks > 1 and len(set(widths)) > 1:
+            raise ValueError(f"a {cfg.kind}'s hook points must be equally wide (got {widths})")
         sae_cfg = SAEConfig(d_in=source.d_in, d_sae=d_sae, architecture=cfg.architecture, metadata=self.metadata,
                             kind=cfg.kind, d_out=d_out, n_hooks=n_hooks, **settings.sae_config())
         self.sae = create_sae(sae_cfg, training=True, settings=settings).to(self.device)
@@ -220,22 +220,22 @@ class Trainer:
         sample, target = peeked if isinstance(peeked, tuple) else (peeked, None)
         if self.cfg.normalize_activations:
             # Mean norm sqrt(d) makes learning rates and loss weights transfer across models and layers.
-            if self.sae.cfg.n_hooks > 1:
-                self.scale = _block_scales(sample, self.sae.cfg.n_hooks).to(self.device)
-            else:
-                self.scale = _norm_scale(sample)
-            if target is None:
-                self.target_scale = self.scale
-            elif self.sae.cfg.n_hooks > 1:  # a CLT: each output block on its own too
-                self.target_scale = _block_scales(target, self.sae.cfg.n_hooks).to(self.device)
-            else:
-                self.target_scale = _norm_scale(target)
+            self.scale = self._scale_for(sample)
+            self.target_scale = self.scale if target is None else self._scale_for(target)
         # Rank 0's sample decides (its parameters are broadcast).
         self.scale, self.target_scale = self.dp.from_main(self.scale), self.dp.from_main(self.target_scale)
         generator = torch.Generator().manual_seed(self.cfg.seed)
-        scale = self.scale.cpu() if isinstance(self.scale, torch.Tensor) else self.scale
-        self.sae.initialize(sample.cpu() * scale, self.cfg.b_dec_init, generator, fit=self.cfg.fit_init,
-                            target=None if target is None else target.cpu() * self.target_scale)
+        x, target = self._scaled(peeked)
+        self.sae.initialize(x.cpu(), self.cfg.b_dec_init, generator, fit=self.cfg.fit_init,
+                            target=None if target is None else target.cpu())
+
+    def _scale_for(self, sample: torch.Tensor) -> float | torch.Tensor:
+        """The factor that gives ``sample``'s rows mean norm sqrt(width); a crosscoder's or CLT's, one per column,
+        each hook's block scaled on its own (their norms differ by layer)."""
+        if self.sae.cfg.n_hooks == 1:
+            return _norm_scale(sample)
+        return torch.cat([torch.full((part.shape[1],), _norm_scale(part))
+                          for part in sample.chunk(self.sae.cfg.n_hooks, dim=1)]).to(self.device)
 
     def _loop(self, on_step) -> bool:
         while not self.done:
@@ -470,11 +470,6 @@ class Trainer:
 def _norm_scale(sample: torch.Tensor) -> float:
     """The factor that gives ``sample``'s rows mean norm sqrt(width)."""
     return math.sqrt(sample.shape[1]) / sample.float().norm(dim=1).mean().clamp_min(1e-8).item()
-
-
-def _block_scales(sample: torch.Tensor, blocks: int) -> torch.Tensor:
-    """One factor per column: each of ``blocks`` equal column blocks (hooks) scaled to mean norm sqrt(width)."""
-    return torch.cat([torch.full((part.shape[1],), _norm_scale(part)) for part in sample.chunk(blocks, dim=1)])
 
 
 def training_buffer(source: ActivationSource, cfg: TrainConfig, dp: DataParallel, device) -> ActivationBuffer:
