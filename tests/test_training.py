@@ -115,3 +115,34 @@ def test_bad_config_values_are_named():
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="architecture must be one of"):
         TrainConfig(architecture="sparse-magic")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["topk", "jumprelu"])
+def test_a_compiled_step_trains_the_same_sae(tmp_path, architecture):
+    """--compile (torch.compile of the training forward) changes the speed, not the result (float rounding)."""
+    data, _ = synthetic_activations(4096, d_in=16, n_features=32, active=3)
+    sparsity = {"k": 3} if architecture == "topk" else {"target_l0": 3}
+    saes = []
+    for compiled in (False, True):
+        cfg = config(tmp_path / str(compiled), architecture=architecture, d_sae=64, tokens=256 * 12, compile=compiled,
+                     **sparsity)
+        saes.append(Trainer(cfg, TensorSource(data, rows_per_unit=1024), tmp_path / str(compiled)).run().sae)
+    for name, value in saes[0].state_dict().items():
+        torch.testing.assert_close(saes[1].state_dict()[name], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.subprocess
+def test_the_step_speed_benchmark_runs(tmp_path):
+    """benchmarks/step_speed.py (the GPU path's measurement) keeps working at tiny sizes on CPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "step_speed.py"
+    out = tmp_path / "speed.json"
+    subprocess.run([sys.executable, str(script), "--small", "--device", "cpu", "--compile", "off", "--json", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    figures = json.loads(out.read_text())
+    assert [p["architecture"] for p in figures["points"]] == ["topk", "batchtopk", "jumprelu"]
+    assert all(p["tokens_per_s"] > 0 and p["peak_memory_mib"] > 0 for p in figures["points"])

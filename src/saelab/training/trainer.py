@@ -95,6 +95,8 @@ class Trainer:
         sae_cfg = SAEConfig(d_in=source.d_in, d_sae=d_sae, architecture=cfg.architecture, metadata=self.metadata,
                             kind=cfg.kind, d_out=d_out, n_hooks=n_hooks, **settings.sae_config())
         self.sae = create_sae(sae_cfg, training=True, settings=settings).to(self.device)
+        # The step's forward and loss, compiled once when asked (the backward is compiled with it).
+        self._training_forward = torch.compile(self.sae.training_forward) if cfg.compile else self.sae.training_forward
         self.optimizer = _adam(self.sae.parameters(), cfg.lr)
         self.total_steps = cfg.tokens // cfg.batch_size
         self.step = 0
@@ -255,7 +257,7 @@ class Trainer:
         info = TrainStep(penalty_scale=warmup, remedy=cfg.remedy, dead_latents=self._dead_latents,
                          data_parallel=self.dp if self.dp.active else None)
         # An SAE's call leaves target out, so architectures written before transcoders (x, step) still train.
-        out = self.sae.training_forward(x, info) if target is None else self.sae.training_forward(x, info, target)
+        out = self._training_forward(x, info) if target is None else self._training_forward(x, info, target)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self.dp.average_gradients(self.sae.parameters())

@@ -1,0 +1,93 @@
+"""The SAE training step alone, from activations in memory, with and without torch.compile (not a test: figures
+for the README; on a CUDA machine the same script measures the GPU).
+
+    python benchmarks/step_speed.py [--device cpu|cuda] [--architectures topk,batchtopk,jumprelu]
+                                    [--expansions 8,32] [--batch-size 4096] [--steps 30] [--json out.json]
+    python benchmarks/step_speed.py --small        # seconds on any machine: checks the script still works
+
+For each architecture x expansion x compile (off, on): a Trainer on random activations (``--d-in`` 576, SmolLM2's
+width) runs ``--warmup`` steps (compilation, allocator, first AuxK), then ``--steps`` timed steps. Reported per
+point: tokens/s of the timed steps, the seconds the warm-up took (what compiling costs), and the peak memory
+(CUDA: the allocator's peak; CPU: the process's peak RSS so far, a running maximum over the points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+
+import torch
+
+from saelab.data import TensorSource
+from saelab.training import TrainConfig, Trainer
+
+SPARSITY = {"topk": {"k": 32}, "batchtopk": {"k": 32}, "jumprelu": {"target_l0": 32}, "standard": {}}
+
+
+def measure(architecture: str, expansion: int, compiled: bool, args) -> dict:
+    data = torch.randn(args.batch_size * 4, args.d_in)
+    steps = args.warmup + args.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(architecture=architecture, expansion=expansion, batch_size=args.batch_size,
+                          tokens=args.batch_size * steps, buffer_tokens=len(data), out=tmp, progress=False,
+                          checkpoint_every_tokens=10**12, device=args.device, compile=compiled, eval_tokens=0,
+                          **({key: min(value, args.d_in // 2) for key, value in SPARSITY[architecture].items()}))
+        trainer = Trainer(cfg, TensorSource(data), tmp)
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        trainer.open()
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            trainer.advance()
+        sync(args.device)
+        warm = time.perf_counter()
+        for _ in range(args.steps):
+            trainer.advance()
+        sync(args.device)
+        end = time.perf_counter()
+        trainer.close()
+    peak = (torch.cuda.max_memory_allocated() if args.device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"architecture": architecture, "expansion": expansion, "d_sae": expansion * args.d_in,
+            "compile": compiled, "tokens_per_s": round(args.batch_size * args.steps / (end - warm)),
+            "warmup_seconds": round(warm - start, 2), "peak_memory_mib": round(peak / 2**20)}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--architectures", default="topk,batchtopk,jumprelu")
+    parser.add_argument("--expansions", default="8,32")
+    parser.add_argument("--d-in", type=int, default=576)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--compile", default="off,on", help="off, on, or off,on")
+    parser.add_argument("--small", action="store_true", help="tiny sizes: a check that the script runs")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if args.small:
+        args.d_in, args.batch_size, args.warmup, args.steps, args.expansions = 32, 128, 2, 2, "2"
+    figures = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "d_in": args.d_in, "batch_size": args.batch_size, "steps": args.steps, "points": []}
+    for architecture in args.architectures.split(","):
+        for expansion in map(int, args.expansions.split(",")):
+            for compiled in (mode == "on" for mode in args.compile.split(",")):
+                point = measure(architecture, expansion, compiled, args)
+                print(json.dumps(point), flush=True)
+                figures["points"].append(point)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(figures, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
