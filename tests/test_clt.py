@@ -111,7 +111,7 @@ def test_clt_configs():
         TrainConfig(kind="clt", hook=READS, hook_out="blocks.0.hook_mlp_out")
 
 
-def test_train_and_eval_a_clt_through_the_cli(tiny_model_dir, text_file, tmp_path):
+def test_train_and_eval_a_clt_through_the_cli(tiny_model_dir, text_file, tmp_path, capsys):
     run = tmp_path / "clt"
     assert main(["train", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--kind", "clt", "--layers",
                  "0-2", "--architecture", "jumprelu", "--target-l0", "8", "--expansion", "2", "--tokens", "8192",
@@ -126,3 +126,14 @@ def test_train_and_eval_a_clt_through_the_cli(tiny_model_dir, text_file, tmp_pat
     # all MLP outputs replaced together lose more than any one replaced alone
     alone = [row["ce_with_sae"] for row in report["by_hook"].values()]
     assert report["ce_with_sae"] >= max(alone) - 1e-4
+    # L0 per block (the latents each block reads) adds up to the total L0
+    assert sum(row["l0"] for row in report["by_hook"].values()) == pytest.approx(report["l0"], rel=1e-4)
+    assert "L0 of its block's latents" in (run / f"eval-{text_file.stem}" / "summary.md").read_text()
+    # Read as SAEs are; a latent of block 1 writes nothing to block 0's MLP output (its page shows 0 there).
+    from test_crosscoders import check_reading_commands
+
+    check_reading_commands(run, text_file, capsys)
+    per_block = sae.cfg.d_sae // 3
+    page = json.loads((run / "dashboard" / "data" / "features-0.js").read_text()[len("saelabFeatures("):-3])
+    later = page["features"][str(per_block)]["decoder_norms"]
+    assert later[0] == 0 and later[1] > 0

@@ -137,5 +137,44 @@ def test_train_and_eval_a_crosscoder_through_the_cli(tiny_model_dir, text_file, 
     assert report["ce_with_sae"] == pytest.approx(report["by_hook"]["blocks.2.hook_resid_post"]["ce_with_sae"])
     summary = (run / f"eval-{text_file.stem}" / "summary.md").read_text()
     assert "Each hook of the crosscoder" in summary and "`blocks.1.hook_resid_post`" in summary
-    assert main(["features", str(run), "--text", "hello"]) == 2
-    assert "crosscoder over 3 hook points" in capsys.readouterr().err
+    check_reading_commands(run, text_file, capsys)
+
+
+def check_reading_commands(run, text_file, capsys):
+    """The reading commands on a dictionary over several hooks (a crosscoder or a CLT): features per token, logit
+    effects, steering at every hook it writes, attribution at the last one, the dashboard with decoder norms."""
+    from saelab.analysis import attribute, load_sae_and_model, steer, token_features
+    from saelab.models import capture
+
+    capsys.readouterr()
+    assert main(["features", str(run), "--text", "hello world", "--logits", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "top features" in out and "feature 3: logit change" in out
+    loaded = load_sae_and_model(run)
+    sae = loaded.sae
+    # Features per token are the encoding of the hooks side by side.
+    rows = token_features(loaded, "hello world", top=3)
+    tokens = loaded.tokenize("hello world")
+    acts = capture(loaded.model, tokens, loaded.reads)
+    expected = sae.encode(torch.cat([acts[h.name] for h in loaded.reads], -1)[0].float()).detach()
+    for row in rows:
+        for feature, value in row.features:
+            assert value == pytest.approx(float(expected[row.position, feature]), abs=1e-5)
+    # Steering adds the feature's part at each hook it writes: a strong one changes the continuation.
+    result = steer(loaded, "hello", feature=int(expected.sum(0).argmax()), strength=50.0, max_new_tokens=6)
+    assert result.steered != result.plain
+    assert main(["steer", str(run), "--feature", "0", "--clamp", "2", "--prompt", "hi"]) == 2
+    assert "use --strength" in capsys.readouterr().err
+    # Attribution at the last hook written: the parts add up to the total, the error is x - x_hat there.
+    parts = attribute(loaded, "hello world", " the")
+    assert parts.total == pytest.approx(parts.feature_sum + parts.error + parts.bias, abs=1e-4)
+    assert parts.activations.tolist() == pytest.approx(expected[-1].tolist(), abs=1e-5)
+    # The dashboard: pages of the encoding of all hooks, each latent's decoder norm at each hook it writes.
+    assert main(["dashboard", str(run), "--dataset", str(text_file), "--tokens", "1024"]) == 0
+    data = run / "dashboard" / "data"
+    index = json.loads(data.joinpath("index.js").read_text()[len("saelabIndex("):-3])
+    assert index["sae"]["writes"] == [h.name for h in loaded.written] and index["sae"]["kind"] == sae.cfg.kind
+    page = json.loads(data.joinpath("features-0.js").read_text()[len("saelabFeatures("):-3])["features"]["0"]
+    norms = sae.decoder_norms_by_hook()[0].tolist()
+    assert page["decoder_norms"] == pytest.approx(norms, rel=1e-2, abs=1e-6)
+    return page

@@ -345,3 +345,39 @@ def test_pages_in_chromium(site, browser):
     page.wait_for_selector(".notice")
     assert "never fired" in page.inner_text(".notice")
     assert problems == []
+
+
+@pytest.mark.browser
+def test_explanations_and_scores_in_chromium(site, browser, tmp_path):
+    """Explanations attached to a copy of the site: a searchable column, a sortable score, the feature page's
+    explanation, its scores against the baselines and the snippets scored, and the non-activating examples."""
+    from saelab.analysis.dashboard import attach_explanations
+
+    out = tmp_path / "site"
+    shutil.copytree(site["out"], out)
+    scores = lambda a: {"balanced_accuracy": a, "auc": a, "f1": a}  # noqa: E731
+    notes = {f: {"explanation": f"pattern number {f}" + (" zebra" if f == 5 else ""), "explainer": "oracle",
+                 "scorer": "rules", "detection": scores(f / 100), "fuzzing": scores(0.5),
+                 "baselines": {"shuffled": {"explanation": "other", "detection": scores(0.5), "fuzzing": scores(0.5)}},
+                 "tests": [{"scorer": "detection", "kind": "near_miss", "label": 0, "p_yes": 0.25,
+                            "text": "a <<b>> c", "activation": 0}]} for f in range(0, 20)}
+    summary = {"scorer": "rules", "features": 20, "means": {"explanation": {
+        "detection_balanced_accuracy": 0.6, "detection_auc": 0.7, "fuzzing_balanced_accuracy": 0.5,
+        "fuzzing_auc": None}}}
+    assert attach_explanations(out, notes, summary) == 20
+    page, problems = open_page(browser, (out / "index.html").as_uri())
+    page.wait_for_selector("#features tbody tr")
+    assert "Explanations scored by rules" in page.inner_text("#summary")
+    page.fill("#search", "zebra")
+    assert column(page, 1) == [5]
+    page.fill("#search", "")
+    page.click("th[data-key=score]")  # best first, features without a score last
+    ranked = column(page, 1)
+    assert ranked[:3] == [19, 18, 17] and set(ranked[20:]) == set(range(20, D_SAE))
+    page.goto((out / "feature.html").as_uri() + "#19")
+    page.wait_for_selector(".explanation")
+    assert "pattern number 19" in page.inner_text(".explanation") and "shuffled" in page.inner_text(".explanation")
+    assert "near miss" in page.inner_text("table.scored")
+    assert page.query_selector(".examples.silent .example") is not None
+    page.screenshot(path=str(ARTIFACTS / "dashboard_explained_feature.png"), full_page=True)
+    assert problems == []

@@ -249,7 +249,8 @@ def test_layers_trains_one_transcoder_per_block_on_one_forward_pass(tiny_model_d
     assert main(["train", "--layers", "0-x", "--out", str(tmp_path / "bad")]) == 2
 
 
-def test_steering_and_attribution_act_where_a_transcoder_writes(tiny_model_dir):
+@pytest.mark.parametrize("kind", ["transcoder", "skip_transcoder"])
+def test_steering_and_attribution_act_where_a_transcoder_writes(tiny_model_dir, kind):
     from saelab.analysis import attribute
     from saelab.analysis.steering import added_direction
     from saelab.evals.loading import load_sae_and_model
@@ -258,7 +259,7 @@ def test_steering_and_attribution_act_where_a_transcoder_writes(tiny_model_dir):
     import tempfile
     from pathlib import Path
 
-    sae = create_sae(SAEConfig(d_in=32, d_sae=64, architecture="topk", k=4, kind="transcoder", d_out=32, metadata={
+    sae = create_sae(SAEConfig(d_in=32, d_sae=64, architecture="topk", k=4, kind=kind, d_out=32, metadata={
         "model_name": str(tiny_model_dir), "hook_name": "blocks.1.ln2.hook_normalized",
         "hook_name_out": "blocks.1.hook_mlp_out"}))
     g = torch.Generator().manual_seed(3)
@@ -270,7 +271,21 @@ def test_steering_and_attribution_act_where_a_transcoder_writes(tiny_model_dir):
         loaded = load_sae_and_model(Path(folder) / "tc")
     assert (loaded.hook.name, loaded.writes.name) == ("blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")
     result = attribute(loaded, "The value of the", " name")  # parts of the MLP output's direct contribution
-    assert result.feature_sum + result.error + result.bias == pytest.approx(result.total, abs=1e-4)
+    assert result.feature_sum + result.error + result.bias + result.skip == pytest.approx(result.total, abs=1e-4)
+    if kind == "skip_transcoder":  # the skip term's part: (x_in W_skip^T) . d, a part of its own
+        from saelab.analysis.attribution import format_attribution
+        from saelab.analysis.logits import final_norm, logit_directions
+
+        assert abs(result.skip) > 1e-3 and "skip term" in format_attribution(result)
+        ids = loaded.tokenize("The value of the")
+        norm_in = resolve_hook(loaded.model, "blocks.2.hook_resid_post")
+        seen = capture(loaded.model, ids, [loaded.hook, norm_in])
+        x_in = seen[loaded.hook.name][0, -1]
+        d = logit_directions(loaded.model, loaded.tokenizer(" name", add_special_tokens=False)["input_ids"][:1])[0]
+        d = d * final_norm(loaded.model).inverse_rms(seen[norm_in.name][0, -1])
+        assert result.skip == pytest.approx(float((x_in @ loaded.sae.W_skip.T) @ d), abs=1e-4)
+    else:
+        assert result.skip == 0
     ids = loaded.tokenize("The value of")
     out = resolve_hook(loaded.model, "blocks.1.hook_mlp_out")
     clean = capture(loaded.model, ids, [out])[out.name]

@@ -409,6 +409,49 @@ def _add_analysis_commands(commands) -> None:
     add_sae_and_model_options(dash)
     add_options(dash, option_fields(DashboardConfig))
 
+    from saelab.analysis.autointerp import ExplainConfig, ScoreConfig
+
+    explain = commands.add_parser(
+        "explain", help="an explanation of each feature, written by a local model or a server",
+        description="Collect each feature's examples in one pass over --tokens tokens of --dataset (or read them "
+        "from a dashboard folder): top-activating snippets, snippets sampled across activation bands, random "
+        "contexts and near misses (where the features with the closest decoder directions fire and this one does "
+        "not). Show the explainer the top snippets of even rank, the active tokens marked <<like this>> with "
+        "their activation on a 1-10 scale, and keep its one-phrase answer. Writes explanations.jsonl (and the "
+        "held-out snippets `saelab score` tests, in autointerp/examples.jsonl) into the run folder; every model "
+        "answer is cached in autointerp/calls.jsonl, so an interrupted run continues where it stopped.")
+    add_options(explain, option_fields(ExplainConfig))
+
+    scorer = commands.add_parser(
+        "score", help="detection and fuzzing scores of the explanations, against two baselines",
+        description="Ask the scorer one yes/no question per held-out snippet. Detection: does the feature, as "
+        "explained, fire in this text (its activating snippets and as many near misses and random contexts)? "
+        "Fuzzing: are the marked tokens of this activating snippet the ones it fires on (half truly active, half "
+        "chosen at random among the silent ones)? Per feature: balanced accuracy, precision, recall, F1 and the "
+        "AUC of P(yes), for the explanation and for two baselines (another feature's explanation, and the "
+        "feature's most frequent active tokens). Writes scores.jsonl and scores_summary.json and prints the "
+        "means; `saelab dashboard` shows them on the feature pages.")
+    add_options(scorer, option_fields(ScoreConfig))
+
+
+def _explain(args) -> int:
+    from saelab.analysis.autointerp import ExplainConfig, explain
+
+    print(explain(config_from_args(ExplainConfig, args), say=say, progress=sys.stderr.isatty()))
+    return 0
+
+
+def _score(args) -> int:
+    import json
+
+    from saelab.analysis.autointerp import ScoreConfig, format_summary, score
+    from saelab.analysis.autointerp.results import SUMMARY_FILE
+
+    path = score(config_from_args(ScoreConfig, args), say=say, progress=sys.stderr.isatty())
+    print(format_summary(json.loads((path.parent / SUMMARY_FILE).read_text())))
+    print(path)
+    return 0
+
 
 def _analysis_load(args):
     from saelab.analysis import load_sae_and_model
@@ -479,7 +522,7 @@ def _dashboard(args) -> int:
 
 
 COMMANDS = {"train": _train, "sweep": _sweep, "cache": _cache, "synth": _synth, "hooks": _hooks, "eval": _eval, "features": _features,
-            "steer": _steer, "attribute": _attribute, "dashboard": _dashboard}
+            "steer": _steer, "attribute": _attribute, "dashboard": _dashboard, "explain": _explain, "score": _score}
 
 
 # --- meeting other tools: pretrained SAEs, Neuronpedia ------------------------------------------------------

@@ -46,6 +46,31 @@ def write_json(path, data) -> None:
     os.replace(tmp, path)
 
 
+def write_jsonl(path, rows) -> None:
+    """Write ``rows`` as JSON lines (one object per line), atomically as ``write_json``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path, fix: str) -> list:
+    """The objects of the JSON-lines file ``path``; ``fix`` as for ``read_json``."""
+    path = Path(path)
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise FileFormatError(f"{path} line {number} is not valid JSON ({err.msg}): it was damaged or cut "
+                                  f"short. {fix}") from None
+    return rows
+
+
 @contextmanager
 def folder_lock(folder, what: str = "run"):
     """Hold ``folder`` (created if needed) for this process: a second saelab process writing the same folder

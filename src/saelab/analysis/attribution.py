@@ -11,11 +11,15 @@ for LayerNorm) and the target's unembedding row::
 layers' reactions to ``x`` are not part of it. The SAE splits ``x = sum_i f_i W_dec[i] + b_dec + error``,
 so the total splits exactly into feature parts ``f_i * (W_dec[i] . d)``, a ``b_dec`` part ``b_dec . d``
 and an error part ``(x - x_hat) . d``. For a residual-stream hook right before the final norm (the last
-block's ``hook_resid_post``), ``total`` is the target's logit itself, less any logit bias.
+block's ``hook_resid_post``), ``total`` is the target's logit itself, less any logit bias. A transcoder's
+``x`` is its output hook's activation; a crosscoder's or CLT's, the last hook it writes, split by its
+decoder's part for that hook (a CLT's: what every block's latents write there). A skip transcoder's linear
+skip term ``x_in W_skip^T`` is a fourth part, ``skip``.
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import MISSING, dataclass
 
 import torch
@@ -53,6 +57,7 @@ class Attribution:
     logit: float                             # the model's actual logit for the target (for scale)
     rank: int                                # the target's rank among next-token predictions (0 = top)
     target_tokens: list[str]                 # the target text's tokens (only the first is attributed)
+    skip: float = 0.0                        # a skip transcoder's (x_in W_skip^T) . d; 0 for other kinds
 
     @property
     def feature_sum(self) -> float:
@@ -78,36 +83,37 @@ def attribute(loaded: Loaded, prompt: str, target: str) -> Attribution:
     norm = final_norm(loaded.model)
     seen: dict[str, torch.Tensor] = {}
 
-    if loaded.sae.cfg.skip:
-        raise ValueError("attribute splits a dictionary's output into its latents, b_dec and the error; a skip "
-                         "transcoder's linear skip term is a fourth part it does not show yet: use a transcoder or SAE")
-
-    def record_hook(act):
-        seen["x"] = act[0, -1].detach().float()
-
-    def record_output(act):  # a transcoder: what it writes is the output hook's activation
-        seen["out"] = act[0, -1].detach().float()
+    def recording(name: str):
+        return lambda act: seen.__setitem__(name, act[0, -1].detach().float())
 
     def record_norm(_module, args, kwargs):
         seen["final"] = (args[0] if args else kwargs["hidden_states"])[0, -1].detach().float()
 
     handle = norm.module.register_forward_pre_hook(record_norm, with_kwargs=True)
     try:
-        with hooked(loaded.model, loaded.hook, record_hook), hooked(loaded.model, loaded.writes, record_output):
+        with ExitStack() as stack:  # what it reads (each hook), and what it writes nearest the output
+            for hook in loaded.reads:
+                stack.enter_context(hooked(loaded.model, hook, recording(hook.name)))
+            stack.enter_context(hooked(loaded.model, loaded.writes, recording("out")))
             logits = lm_logits(loaded.model, ids)[0, -1].float()
     finally:
         handle.remove()
     direction = logit_directions(loaded.model, [target_id])[0] * norm.inverse_rms(seen["final"])
     sae = loaded.sae
-    f = sae.encode(seen["x"][None])[0]
-    x, x_hat = seen["out"], sae.decode(f[None])[0]
-    parts = f * (sae.W_dec.float() @ direction)
+    x_in = torch.cat([seen[hook.name] for hook in loaded.reads])[None]
+    f = sae.encode(x_in)[0]
+    at_last = lambda v: v.reshape(sae.cfg.n_hooks, -1)[-1]  # noqa: E731 - a crosscoder's / CLT's part at its last hook
+    x, x_hat = seen["out"], at_last(sae.reconstruction(x_in, f[None])[0])
+    skip = at_last(sae.skip(x_in)[0]) if sae.cfg.skip else None
+    parts = f * (sae.decoder_by_hook()[:, -1].float() @ direction)
+    b_dec = at_last(sae.b_dec)
     return Attribution(
         prompt=prompt, target=token_strings(loaded.tokenizer, [target_id])[0], target_id=target_id,
         total=float(x.double() @ direction.double()), error=float((x - x_hat).double() @ direction.double()),
-        bias=float(sae.b_dec.double() @ direction.double()), features=parts.cpu(), activations=f.cpu(),
+        bias=float(b_dec.double() @ direction.double()), features=parts.cpu(), activations=f.cpu(),
         logit=float(logits[target_id]), rank=int((logits > logits[target_id]).sum()),
-        target_tokens=token_strings(loaded.tokenizer, target_ids))
+        target_tokens=token_strings(loaded.tokenizer, target_ids),
+        skip=float(skip.double() @ direction.double()) if skip is not None else 0.0)
 
 
 def format_attribution(result: Attribution, n: int = 10) -> str:
@@ -125,6 +131,7 @@ def format_attribution(result: Attribution, n: int = 10) -> str:
         f"  = features       {result.feature_sum:+.4f}   ({active} active)",
         f"  + SAE error      {result.error:+.4f}",
         f"  + b_dec          {result.bias:+.4f}",
+        *([f"  + skip term      {result.skip:+.4f}   (x_in W_skip^T)"] if result.skip else []),
         "",
         f"{'feature':>8}  {'activation':>10}  {'contribution':>12}",
     ]

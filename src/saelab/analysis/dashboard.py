@@ -2,7 +2,8 @@
 
 The pass collects, per feature, running statistics and the top-activating contexts
 (``TopExamplesCollector``), an activation histogram and examples sampled from each activation band
-(``ActivationDistributions``); both stream, so memory does not grow with the corpus. Logit effects come
+(``ActivationDistributions``), random contexts and near misses where it is silent (``NonActivatingCollector``);
+all stream, so memory does not grow with the corpus. Logit effects come
 from one matmul per chunk of features through the linearised final norm and the unembedding. The site
 (``index.html``, ``feature.html#F`` and ``data/*.js``) works from ``file://`` with no server or network:
 its data are JavaScript files that call a function, since browsers refuse ``fetch`` of local files.
@@ -24,13 +25,13 @@ from saelab.analysis.dashboard_html import FEATURE_HTML, INDEX_HTML, STYLE_CSS
 from saelab.analysis.distributions import ActivationDistributions
 from saelab.analysis.loading import Loaded, check_feature, token_strings
 from saelab.analysis.logits import logit_effect_rows
+from saelab.analysis.non_activating import NonActivatingCollector, decoder_neighbours
 from saelab.analysis.top_examples import TopExamplesCollector
 from saelab.data.text import describe_source
 from saelab.evals.loading import corpus_source
 from saelab.evals.metrics import METRIC_KEYS
 from saelab.evals.options import CorpusOptions
 from saelab.evals.report import METRIC_MEANINGS
-from saelab.models import capture
 from saelab.options import option
 from saelab.sae import SAE
 from saelab.sae.neuronpedia import neuronpedia_url
@@ -49,6 +50,12 @@ class DashboardConfig(CorpusOptions):
                                 "below the smallest power of two above the feature's maximum).")
     window: int = option(8, "Tokens shown on each side of an example's token.")
     logit_tokens: int = option(10, "Tokens shown that each feature's decoder direction promotes and suppresses.")
+    non_activating: int = option(10, "Non-activating contexts kept per feature, of each of two kinds: random contexts "
+                                 "where it is silent, and near misses, where the features with the closest decoder "
+                                 "directions fire and it does not (what `saelab explain` scores explanations on); 0: "
+                                 "none.")
+    neighbours: int = option(4, "Features with the closest decoder directions whose firing makes a near miss.",
+                             positive=True)
     seed: int = option(0, "Seed of the band examples' sampling.")
     out: str | None = option(None, "Output folder (default: <run>/dashboard for a run's final/ SAE, else "
                              "<SAE_FOLDER>-dashboard beside the SAE folder).")
@@ -101,17 +108,23 @@ def summary_metrics(sae_folder) -> tuple[str | None, dict]:
 
 # --- the pass over the corpus -----------------------------------------------------------------------------
 class DashboardCollector:
-    """Top examples and statistics, histograms and band examples of the chosen ``features`` (global indices)."""
+    """Top examples and statistics, histograms and band examples of the chosen ``features`` (global indices),
+    and, given their ``neighbours`` (``decoder_neighbours``), ``non_activating`` random contexts and near misses."""
 
-    def __init__(self, features: list[int], n_top: int = 20, per_band: int = 4, window: int = 8, seed: int = 0):
+    def __init__(self, features: list[int], n_top: int = 20, per_band: int = 4, window: int = 8, seed: int = 0,
+                 neighbours: torch.Tensor | None = None, non_activating: int = 0):
         self.features = features
         self.index = torch.tensor(features, dtype=torch.long)
         self.top = TopExamplesCollector(len(features), n_top, window)
         self.distributions = ActivationDistributions(len(features), per_band=per_band, window=window, seed=seed)
+        self.negatives = (NonActivatingCollector(features, neighbours, non_activating, window, seed)
+                          if non_activating > 0 and neighbours is not None else None)
 
     @torch.no_grad()
     def add_features(self, feats: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """``feats``: ``[batch, seq, d_sae]`` activations of all the SAE's features; ``tokens``: ``[batch, seq]``."""
+        if self.negatives is not None:  # reads the neighbours' activations: before the selection below
+            self.negatives.add_features(feats, tokens, keep)
         if len(self.features) < feats.shape[-1]:
             feats = feats[..., self.index.to(feats.device)]
         feats = feats.float().cpu()
@@ -129,12 +142,14 @@ def collect_dashboard(loaded: Loaded, features: list[int], cfg: DashboardConfig,
 
     source = corpus_source(loaded, cfg, cfg.tokens)
     context_size = source.packing.context_size
-    collector = DashboardCollector(features, cfg.top_examples, cfg.band_examples, cfg.window, cfg.seed)
+    neighbours = decoder_neighbours(loaded.sae, features, cfg.neighbours) if cfg.non_activating > 0 else None
+    collector = DashboardCollector(features, cfg.top_examples, cfg.band_examples, cfg.window, cfg.seed, neighbours,
+                                   cfg.non_activating)
     bar = tqdm(total=source.max_contexts * context_size, desc="dashboard", unit="tok", unit_scale=True,
                disable=not progress, leave=False)
     for batch in source.token_batches():
-        acts = capture(loaded.model, batch.to(loaded.device), [loaded.hook])[loaded.hook.name]
-        collector.add_features(loaded.sae.encode(acts.float()), batch, source.keep_mask(batch))
+        acts = loaded.input_activations(batch)
+        collector.add_features(loaded.sae.encode(acts), batch, source.keep_mask(batch))
         bar.update(batch.numel())
     bar.close()
     if collector.top.contexts_seen == 0:
@@ -195,7 +210,7 @@ def _examples(values, contexts, positions, window_tokens, window_acts, window: i
     return out
 
 
-def _chunk_records(collector: DashboardCollector, lo: int, hi: int, logits: LogitTable,
+def _chunk_records(collector: DashboardCollector, lo: int, hi: int, logits: LogitTable | None,
                    neuronpedia_id: str | None, used: set[int]) -> list[dict]:
     """The pages of collected features ``lo`` to ``hi - 1``; adds the token ids they show to ``used``."""
     top, dist, n = collector.top, collector.distributions, hi - lo
@@ -211,8 +226,15 @@ def _chunk_records(collector: DashboardCollector, lo: int, hi: int, logits: Logi
              rounded(dist.window_acts[slots].view(*shape, -1)))
     histograms, ranges = dist.counts[lo:hi].tolist(), dist.range[lo:hi].tolist()
     band_counts = dist.counts[lo:hi].view(n, dist.n_bands, -1).sum(-1).tolist()
-    effects = (logits.top_ids[lo:hi].tolist(), rounded(logits.top_values[lo:hi], 4),
-               logits.bottom_ids[lo:hi].tolist(), rounded(logits.bottom_values[lo:hi], 4))
+    effects = ((logits.top_ids[lo:hi].tolist(), rounded(logits.top_values[lo:hi], 4),
+                logits.bottom_ids[lo:hi].tolist(), rounded(logits.bottom_values[lo:hi], 4)) if logits is not None
+               else ([[]] * n,) * 4)  # no logit effects asked for (saelab explain's examples)
+    negatives = {}
+    if collector.negatives is not None:
+        for name, kept in (("random", collector.negatives.random), ("near_misses", collector.negatives.near)):
+            negatives[name] = (rounded(kept.values[lo:hi], 4), kept.context[lo:hi].tolist(),
+                               kept.position[lo:hi].tolist(), kept.window_tokens[lo:hi].tolist(),
+                               torch.zeros_like(kept.window_acts[lo:hi]).long().tolist())  # silent on the window
     records = []
     for i in range(n):
         feature = collector.features[lo + i]
@@ -232,10 +254,13 @@ def _chunk_records(collector: DashboardCollector, lo: int, hi: int, logits: Logi
             "top": _examples(*(column[i] for column in tops), top.window, used), "bands": listed,
             "promoted": [list(pair) for pair in promoted], "suppressed": [list(pair) for pair in suppressed],
             "neuronpedia": neuronpedia_url(neuronpedia_id, feature) if neuronpedia_id else None})
+        for name, columns in negatives.items():  # the first field is the selection key, not an activation
+            records[-1][name] = [[0, *ex[1:]] for ex in _examples(*(column[i] for column in columns), top.window,
+                                                                  used)]
     return records
 
 
-def feature_chunks(collector: DashboardCollector, logits: LogitTable, tokenizer,
+def feature_chunks(collector: DashboardCollector, logits: LogitTable | None, tokenizer,
                    neuronpedia_id: str | None = None) -> Iterator[tuple[int, dict]]:
     """Each data file's content, one at a time: (chunk number, {"vocab": {id: text}, "features": {F: page}}),
     chunk number ``F // CHUNK`` for feature F."""
@@ -249,19 +274,22 @@ def feature_chunks(collector: DashboardCollector, logits: LogitTable, tokenizer,
 
 
 def index_row(record: dict, n_tokens: int = 3) -> list:
-    """[feature, frequency, mean, max, top tokens, promoted tokens]: the tokens most often at the top examples'
-    maxima, and the tokens the decoder direction promotes most."""
+    """[feature, frequency, mean, max, top tokens, promoted tokens, explanation, detection score]: the tokens most
+    often at the top examples' maxima, the tokens the decoder direction promotes most, and ("", None until
+    ``attach_explanations``) the feature's explanation and its detection balanced accuracy."""
     centers = Counter(ex[4][ex[3]] for ex in record["top"])
     top_tokens = [t for t, _ in centers.most_common(n_tokens)]
     return [record["feature"], record["frequency"], record["mean"], record["max"], top_tokens,
-            [t for t, _ in record["promoted"][:n_tokens]]]
+            [t for t, _ in record["promoted"][:n_tokens]], "", None]
 
 
 def sae_description(loaded: Loaded) -> dict:
     cfg, meta = loaded.sae.cfg, loaded.sae.cfg.metadata
     return {"folder": str(loaded.folder) if loaded.folder else None, "model": loaded.model_name,
-            "hook": loaded.hook.name, "architecture": cfg.architecture, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
-            "k": cfg.k, "trained_on": meta.get("dataset_path"), "context_size": meta.get("context_size"),
+            "hook": "+".join(h.name for h in loaded.reads), "kind": cfg.kind,
+            "writes": [h.name for h in loaded.written], "architecture": cfg.architecture, "d_in": cfg.d_in,
+            "d_sae": cfg.d_sae, "k": cfg.k, "trained_on": meta.get("dataset_path"),
+            "context_size": meta.get("context_size"),
             "neuronpedia": neuronpedia_url(meta["neuronpedia_id"]) if meta.get("neuronpedia_id") else None}
 
 
@@ -294,6 +322,43 @@ def _script(function: str, data: dict) -> str:
     return f"{function}({json.dumps(data, separators=(',', ':'), allow_nan=False)});\n"
 
 
+def read_data_script(path, function: str) -> dict:
+    """The data a dashboard data file hands to ``function(...)``."""
+    from saelab.files import FileFormatError
+
+    text = Path(path).read_text(encoding="utf-8").strip()
+    if not (text.startswith(function + "(") and text.endswith(");")):
+        raise FileFormatError(f"{path} is not a saelab dashboard data file; rebuild the dashboard")
+    try:
+        return json.loads(text[len(function) + 1:-2])
+    except json.JSONDecodeError:
+        raise FileFormatError(f"{path} was damaged or cut short; rebuild the dashboard") from None
+
+
+def attach_explanations(out, notes: dict[int, dict], summary: dict | None = None) -> int:
+    """Put explanations into the dashboard at ``out``: ``notes`` maps a feature to ``{"explanation", "explainer"}``
+    and, once scored, ``"detection"``, ``"fuzzing"``, ``"baselines"`` and ``"tests"`` (the snippets scored);
+    the page of each feature shows them, its index row gains the explanation and its detection score, and the
+    index ``summary`` (the means of ``saelab score``). Returns how many features got one."""
+    out = Path(out)
+    index = read_data_script(out / "data" / DATA_MARKER, "saelabIndex")
+    attached = 0
+    for path in sorted((out / "data").glob("features-*.js")):
+        chunk = read_data_script(path, "saelabFeatures")
+        for key, record in chunk["features"].items():
+            record.pop("explanation", None)
+            if int(key) in notes:
+                record["explanation"] = notes[int(key)]
+                attached += 1
+        path.write_text(_script("saelabFeatures", chunk), encoding="utf-8")
+    for row in index["rows"]:
+        note = notes.get(row[0]) or {}
+        row[6:] = [note.get("explanation", ""), (note.get("detection") or {}).get("balanced_accuracy")]
+    index["autointerp"] = summary
+    (out / "data" / DATA_MARKER).write_text(_script("saelabIndex", index), encoding="utf-8")
+    return attached
+
+
 def write_site(out, loaded: Loaded, collector: DashboardCollector, logits: LogitTable, cfg: DashboardConfig,
                metrics_source: str | None = None, metrics: dict | None = None) -> Path:
     """Write index.html, feature.html, style.css and data/*.js into ``out``; return the index.html path."""
@@ -303,8 +368,12 @@ def write_site(out, loaded: Loaded, collector: DashboardCollector, logits: Logit
     (out / "feature.html").write_text(FEATURE_HTML, encoding="utf-8")
     (out / "style.css").write_text(STYLE_CSS, encoding="utf-8")
     rows = []
+    # A crosscoder's or CLT's latents write several hooks: how much each writes to each is on its page.
+    by_hook = loaded.sae.decoder_norms_by_hook().detach().cpu() if loaded.sae.cfg.n_hooks > 1 else None
     for number, chunk in feature_chunks(collector, logits, loaded.tokenizer, loaded.sae.cfg.metadata.get(
             "neuronpedia_id")):
+        for record in chunk["features"].values() if by_hook is not None else ():
+            record["decoder_norms"] = rounded(by_hook[record["feature"]])
         (out / "data" / f"features-{number}.js").write_text(_script("saelabFeatures", chunk), encoding="utf-8")
         rows += [index_row(record) for record in chunk["features"].values()]
     metrics = metrics or {}
@@ -323,9 +392,9 @@ def build_dashboard(loaded: Loaded, cfg: DashboardConfig | None = None, progress
     path of ``index.html``."""
     cfg = cfg or DashboardConfig()
     say = say or (lambda message: None)
-    if min(cfg.top_examples, cfg.band_examples, cfg.logit_tokens) <= 0 or cfg.window < 0:
-        raise ValueError("--top-examples, --band-examples and --logit-tokens must be positive and --window "
-                         "non-negative")
+    if min(cfg.top_examples, cfg.band_examples, cfg.logit_tokens) <= 0 or min(cfg.window, cfg.non_activating) < 0:
+        raise ValueError("--top-examples, --band-examples and --logit-tokens must be positive and --window and "
+                         "--non-activating non-negative")
     features = parse_features(cfg.features, loaded.sae.cfg.d_sae)
     if cfg.out is None and loaded.folder is None:
         raise ValueError("this SAE has no folder to put the dashboard beside; pass --out")
@@ -335,7 +404,14 @@ def build_dashboard(loaded: Loaded, cfg: DashboardConfig | None = None, progress
     collector = collect_dashboard(loaded, features, cfg, progress)
     logits = batched_logit_effects(loaded.model, loaded.sae, features, cfg.logit_tokens)
     metrics_source, metrics = summary_metrics(loaded.folder) if loaded.folder else (None, {})
-    return write_site(out, loaded, collector, logits, cfg, metrics_source, metrics)
+    index = write_site(out, loaded, collector, logits, cfg, metrics_source, metrics)
+    if loaded.folder is not None:
+        from saelab.analysis.autointerp.results import dashboard_notes, results_dir
+
+        notes, summary = dashboard_notes(results_dir(loaded.folder))
+        if notes:
+            say(f"{attach_explanations(out, notes, summary):,} features have an explanation")
+    return index
 
 
 __all__ = ["DashboardCollector", "DashboardConfig", "LogitTable", "batched_logit_effects", "build_dashboard",

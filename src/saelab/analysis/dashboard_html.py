@@ -44,6 +44,12 @@ tr.dead td { color: var(--muted); }
 .stat { min-width: 6em; }
 .stat b { display: block; font-size: 18px; font-variant-numeric: tabular-nums; }
 .stat span { color: var(--muted); font-size: 12px; }
+.explanation-text { font-size: 1.15em; margin: 4px 0; }
+td.explanation { max-width: 28em; }
+table.scored td.snippet { font-family: ui-monospace, monospace; white-space: pre-wrap; max-width: 46em; }
+table.scored tr.wrong td { background: #ffebe9; }
+.examples.silent { opacity: 0.85; }
+table.norms div.bar { height: 10px; background: #e8710a; border-radius: 2px; }
 .notice { padding: 10px 14px; background: #fff8c5; border: 1px solid #d4a72c66; border-radius: 6px; margin: 12px 0; }
 .example { display: flex; gap: 10px; padding: 3px 0; border-bottom: 1px solid #eef0f2; font-size: 13px; }
 .example .act { flex: 0 0 4.5em; text-align: right; color: var(--muted); font-variant-numeric: tabular-nums; }
@@ -87,14 +93,18 @@ function chip(vocab, id) {
 INDEX_JS = r"""
 const D = window.SAELAB_INDEX;
 const PAGE_SIZE = 100;
-const NUMERIC = {feature: true, frequency: true, mean: true, max: true};
+const NUMERIC = {feature: true, frequency: true, mean: true, max: true, score: true};
 const state = {key: "feature", dir: 1, query: "", hideDead: false, page: 0};
 const rows = D.rows.map(r => ({feature: r[0], frequency: r[1], mean: r[2], max: r[3], top: r[4], promoted: r[5],
-  text: r[4].concat(r[5]).map(t => tokenText(D.vocab, t).toLowerCase()).join("\u0000")}));
+  explanation: r[6] || "", score: r[7] ?? null,
+  text: r[4].concat(r[5]).map(t => tokenText(D.vocab, t).toLowerCase()).concat([(r[6] || "").toLowerCase()])
+    .join("\u0000")}));
+const EXPLAINED = rows.some(r => r.explanation);
 
 function summary() {
   const s = D.sae;
-  document.getElementById("title").textContent = `${s.architecture} SAE on ${s.model} \u00b7 ${s.hook}`;
+  const kind = !s.kind || s.kind === "sae" ? "SAE" : s.kind.replace("_", " ");
+  document.getElementById("title").textContent = `${s.architecture} ${kind} on ${s.model} \u00b7 ${s.hook}`;
   document.title = `SAE features: ${s.model} ${s.hook}`;
   const meta = document.getElementById("meta");
   const facts = [`d_in ${s.d_in} \u2192 d_sae ${s.d_sae}`, s.k ? `k ${s.k}` : null,
@@ -120,6 +130,26 @@ function summary() {
   });
   box.append(stats, el("div", "meta", "from " + D.metrics_source));
 }
+function autointerpSummary() {
+  const a = D.autointerp;
+  if (!a) return;
+  const box = document.getElementById("summary");
+  box.append(el("h2", null, `Explanations scored by ${a.scorer} (means over ${a.features} features)`));
+  const table = el("table", "grid");
+  const head = el("tr");
+  ["explanations", "detection bal. acc.", "detection AUC", "fuzzing bal. acc.", "fuzzing AUC"].forEach(
+    t => head.append(el("th", null, t)));
+  table.append(head);
+  Object.entries(a.means).forEach(([name, m]) => {
+    const tr = el("tr");
+    tr.append(el("td", null, name.replace("_", " ")));
+    ["detection_balanced_accuracy", "detection_auc", "fuzzing_balanced_accuracy", "fuzzing_auc"].forEach(
+      k => tr.append(el("td", "num", m[k] === null ? "-" : m[k].toFixed(3))));
+    table.append(tr);
+  });
+  box.append(table, el("div", "meta", "balanced accuracy 0.5 = chance; a score means something only against the " +
+                                     "baselines: another feature's explanation (shuffled) and its top tokens"));
+}
 
 function matches(row, q) {
   if (state.hideDead && row.frequency === 0) return false;
@@ -128,7 +158,11 @@ function matches(row, q) {
 }
 function compare(a, b) {
   const k = state.key;
+  if (k === "score") {  // features not scored last, whichever the direction
+    if (a.score === null || b.score === null) return (a.score === null) - (b.score === null) || a.feature - b.feature;
+  }
   if (NUMERIC[k]) return state.dir * (a[k] - b[k]) || a.feature - b.feature;
+  if (k === "explanation") return state.dir * ((a[k] || "\uffff").localeCompare(b[k] || "\uffff")) || a.feature - b.feature;
   const first = row => row[k].length ? tokenText(D.vocab, row[k][0]) : "\uffff";  // no tokens: last
   return state.dir * first(a).localeCompare(first(b)) || a.feature - b.feature;
 }
@@ -162,6 +196,10 @@ function render() {
     numberCell(tr, r.max, fmt(r.max));
     tokensCell(tr, r.top);
     tokensCell(tr, r.promoted);
+    if (EXPLAINED) {
+      tr.append(el("td", "explanation", r.explanation));
+      numberCell(tr, r.score ?? -1, r.score === null ? "" : r.score.toFixed(2));
+    }
     body.append(tr);
   });
   document.querySelectorAll("#features th").forEach(th => {
@@ -176,6 +214,8 @@ function render() {
 }
 
 summary();
+autointerpSummary();
+if (!EXPLAINED) document.querySelectorAll("#features th.autointerp").forEach(th => th.remove());
 document.querySelectorAll("#features th").forEach(th => th.addEventListener("click", () => {
   const key = th.dataset.key;
   // A new numeric column starts with its largest values (the feature index with the smallest).
@@ -308,6 +348,65 @@ function logitTable(title, pairs) {
   return table;
 }
 
+function explanationBox(e) {
+  const box = el("div", "explanation");
+  box.append(el("h2", null, "Explanation"), el("p", "explanation-text", e.explanation || "(none)"),
+             el("div", "meta", `by ${e.explainer}`));
+  if (!e.detection) return box;
+  const table = el("table", "grid");
+  const head = el("tr");
+  ["", "detection bal. acc.", "detection AUC", "fuzzing bal. acc.", "fuzzing AUC"].forEach(
+    t => head.append(el("th", null, t)));
+  table.append(head);
+  const rowOf = (name, s) => {
+    const tr = el("tr");
+    tr.append(el("td", null, name));
+    [s.detection.balanced_accuracy, s.detection.auc, s.fuzzing.balanced_accuracy, s.fuzzing.auc].forEach(
+      v => tr.append(el("td", "num", v === null || v === undefined ? "-" : v.toFixed(2))));
+    return tr;
+  };
+  table.append(rowOf("this explanation", e));
+  Object.entries(e.baselines || {}).forEach(([name, s]) => {
+    const tr = rowOf(name.replace("_", " "), s);
+    tr.title = s.explanation;
+    table.append(tr);
+  });
+  box.append(table, el("div", "meta", `scored by ${e.scorer}; 0.5 = chance`));
+  return box;
+}
+// A crosscoder's or CLT's latent: its decoder norm at each hook it writes, as bars.
+function decoderNorms(norms) {
+  const box = el("div");
+  box.append(el("h2", null, "Decoder norm at each hook it writes"));
+  const table = el("table", "grid norms");
+  const most = Math.max(...norms, 1e-12);
+  norms.forEach((n, i) => {
+    const tr = el("tr"), bar = el("td"), fill = el("div", "bar");
+    fill.style.width = `${(240 * n / most).toFixed(1)}px`;
+    bar.append(fill);
+    tr.append(el("td", null, D.sae.writes[i]), el("td", "num", fmt(n)), bar);
+    table.append(tr);
+  });
+  box.append(table);
+  return box;
+}
+function scoredTests(tests) {
+  const box = el("div");
+  box.append(el("h2", null, `The snippets the explanation was scored on (${tests.length})`));
+  const table = el("table", "grid scored");
+  const head = el("tr");
+  ["test", "snippet", "truth", "P(yes)"].forEach(t => head.append(el("th", null, t)));
+  table.append(head);
+  tests.forEach(t => {
+    const tr = el("tr", (t.p_yes > 0.5) === (t.label === 1) ? "right" : "wrong");
+    tr.append(el("td", null, `${t.scorer}: ${t.kind.replace("_", " ")}`), el("td", "snippet", t.text),
+              el("td", null, t.label ? "yes" : "no"), el("td", "num", t.p_yes.toFixed(2)));
+    table.append(tr);
+  });
+  box.append(table);
+  return box;
+}
+
 function render(r) {
   const content = document.getElementById("content");
   document.getElementById("title").textContent = `Feature ${r.feature}`;
@@ -319,6 +418,7 @@ function render(r) {
   stats.append(stat(pct(r.frequency), `of tokens (${r.count.toLocaleString()} of ${D.tokens.toLocaleString()})`),
                stat(fmt(r.mean), "mean activation when active"), stat(fmt(r.max), "max activation"));
   content.append(stats);
+  if (r.explanation) content.append(explanationBox(r.explanation));
   if (r.count === 0) {
     content.append(el("p", "notice", `This feature never fired on the ${D.tokens.toLocaleString()} tokens read ` +
                                      `from ${D.dataset}: no examples or histogram. Its logit effects are below.`));
@@ -347,6 +447,16 @@ function render(r) {
       content.append(list);
     });
   }
+  [["near_misses", "Near misses (the closest features fire, this one does not)"],
+   ["random", "Random contexts where it does not fire"]].forEach(([key, title]) => {
+    if (!r[key] || !r[key].length) return;
+    content.append(el("h2", null, `${title} (${r[key].length})`));
+    const list = el("div", "examples silent");
+    r[key].forEach(ex => list.append(exampleRow(ex, r.max)));
+    content.append(list);
+  });
+  if (r.explanation && r.explanation.tests) content.append(scoredTests(r.explanation.tests));
+  if (r.decoder_norms) content.append(decoderNorms(r.decoder_norms));
   content.append(el("h2", null, "Logit effects of the decoder direction (per unit activation)"));
   const columns = el("div", "columns");
   columns.append(logitTable("promotes", r.promoted), logitTable("suppresses", r.suppressed));
@@ -385,7 +495,7 @@ INDEX_HTML = _HEAD.format(title="SAE features") + """<body>
 <div id="summary"></div>
 <h2>Features</h2>
 <div class="controls">
-  <input id="search" type="search" placeholder="search a token (e.g. Paris) or a feature number" autocomplete="off">
+  <input id="search" type="search" placeholder="search a token (e.g. Paris), an explanation's words or a feature number" autocomplete="off">
   <label><input id="hide-dead" type="checkbox"> hide features that never fired</label>
   <span id="count" class="meta"></span>
 </div>
@@ -396,6 +506,8 @@ INDEX_HTML = _HEAD.format(title="SAE features") + """<body>
   <th data-key="max" class="num" title="largest activation">max act.</th>
   <th data-key="top" title="the tokens most often at the maximum of its top examples">top tokens</th>
   <th data-key="promoted" title="the tokens whose logits its decoder direction raises most">promotes</th>
+  <th data-key="explanation" class="autointerp" title="written by saelab explain">explanation</th>
+  <th data-key="score" class="num autointerp" title="detection balanced accuracy of the explanation (saelab score; 0.5 = chance)">score</th>
 </tr></thead><tbody></tbody></table>
 <div class="pager"><button id="prev">&lsaquo; previous</button><span id="page" class="meta"></span>
   <button id="next">next &rsaquo;</button></div>

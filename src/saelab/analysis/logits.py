@@ -98,14 +98,17 @@ class LogitEffects:
 @torch.no_grad()
 def logit_effect_rows(model: nn.Module, sae: SAE, features: list[int]) -> torch.Tensor:
     """``[len(features), vocab]``: each feature's logit change per unit of activation on every token, its decoder
-    direction taken through the linearised final norm and the unembedding (1/RMS factor left out)."""
+    direction (at the last hook it writes) taken through the linearised final norm and the unembedding (1/RMS
+    factor left out)."""
     for feature in features:
         check_feature(sae, feature)
     norm = final_norm(model)
-    directions = sae.W_dec[list(features)].detach().float().to(_device(model))
+    # A crosscoder or CLT writes several hooks: its direct effect is through the last, nearest the output.
+    directions = sae.decoder_by_hook()[list(features), -1].detach().float().to(_device(model))
     if directions.shape[1] != norm.scale.shape[0]:
-        raise ValueError(f"the SAE's d_in ({directions.shape[1]}) is not the model's width ({norm.scale.shape[0]}): "
-                         "logit effects need an SAE on a residual-stream-sized hook of this model")
+        raise ValueError(f"the SAE writes activations {directions.shape[1]} wide, not the model's width "
+                         f"({norm.scale.shape[0]}): logit effects need a dictionary that writes a "
+                         "residual-stream-sized hook of this model")
     return norm.linear(directions) @ unembedding(model).T
 
 

@@ -5,7 +5,8 @@ its index, the tokens its decoder direction promotes and suppresses (``pos_str``
 ``neg_str``/``neg_values``), a histogram of its logit effects over the vocabulary, its firing frequency
 (``frac_nonzero``) and its top-activating examples (``activations``: per example the window's tokens and the
 feature's activation on each). Features that never fired are listed in ``skipped_indexes.json`` instead,
-as SAEDashboard does; ``run_settings.json`` records what was run. Built on ``TopExamplesCollector``
+as SAEDashboard does; ``run_settings.json`` records what was run; the explanations of ``saelab explain``, when
+the SAE has some, go into ``explanations.json`` as Neuronpedia's explanation records. Built on ``TopExamplesCollector``
 (examples, frequency) and the logit effects of ``saelab.analysis.logits`` (promoted and suppressed tokens),
 computed for a batch of features at once.
 """
@@ -107,11 +108,19 @@ def export_neuronpedia(loaded: Loaded, collector: TopExamplesCollector, out, sou
         path.write_text(json.dumps(batch))
         written.append(path)
     (out / "skipped_indexes.json").write_text(json.dumps({"skipped_indexes": dead}))
+    explanations = []
+    if loaded.folder is not None:  # those of `saelab explain`, in Neuronpedia's explanation records
+        from saelab.analysis.autointerp.results import neuronpedia_explanations, results_dir
+
+        explanations = neuronpedia_explanations(results_dir(loaded.folder), source.model_id,
+                                                f"{source.layer}-{source.sae_set}")
+        if explanations:
+            (out / "explanations.json").write_text(json.dumps(explanations))
     run = {"model_id": source.model_id, "layer": source.layer, "sae_set": source.sae_set,
            "neuronpedia_id": source.neuronpedia_id, "sae": str(loaded.folder), "model": loaded.model_name,
            "hook": loaded.hook.name, "d_sae": collector.d_sae, "live_features": len(live), "dead_features": len(dead),
            "n_top": collector.n_top, "window": collector.window, "features_per_batch": features_per_batch,
-           "batches": len(written), "saelab_version": __version__, **common}
+           "batches": len(written), "explanations": len(explanations), "saelab_version": __version__, **common}
     (out / "run_settings.json").write_text(json.dumps(run, indent=2))
     return written
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import shutil
 import textwrap
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import MISSING, dataclass
 
 import torch
@@ -83,21 +83,27 @@ def _greedy_generate_uncached(model, input_ids: torch.Tensor, max_new_tokens: in
 
 @contextmanager
 def added_direction(loaded: Loaded, feature: int, strength: float):
-    """Inside: the activation the decoder writes (the hook's; a transcoder's output hook) is
-    ``x + strength * W_dec[feature]`` at every position."""
+    """Inside: each activation the decoder writes (the hook's; a transcoder's output hook; each of a
+    crosscoder's or CLT's hooks) is ``x + strength * W_dec[feature]`` (its part for that hook) at every position."""
     check_feature(loaded.sae, feature)
-    direction = loaded.sae.W_dec[feature].detach()
+    rows = loaded.sae.decoder_by_hook()[feature].detach()  # [hooks written, width]
 
-    def add(act: torch.Tensor) -> torch.Tensor:
-        return act + (strength * direction).to(device=act.device, dtype=act.dtype)
+    def adding(direction: torch.Tensor):
+        return lambda act: act + (strength * direction).to(device=act.device, dtype=act.dtype)
 
-    with hooked(loaded.model, loaded.writes, add):
+    with ExitStack() as stack:
+        for hook, direction in zip(loaded.written, rows):
+            stack.enter_context(hooked(loaded.model, hook, adding(direction)))
         yield
 
 
 def clamped(loaded: Loaded, feature: int, value: float):
     """Inside: the feature's activation is ``value`` at every position; the SAE's error term is kept."""
     check_feature(loaded.sae, feature)
+    if loaded.sae.cfg.n_hooks > 1:
+        raise ValueError(f"--clamp splices the dictionary in at the hook it writes; a {loaded.sae.cfg.kind} writes "
+                         f"{loaded.sae.cfg.n_hooks} hooks, which steering does not splice together yet: use --strength "
+                         "(the feature's direction added at each of them)")
 
     def clamp(latents: torch.Tensor) -> None:
         latents[..., feature] = value

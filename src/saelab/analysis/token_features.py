@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 
 from saelab.analysis.loading import Loaded, show_token, token_strings
-from saelab.models import capture
 from saelab.options import option
 
 
@@ -46,7 +45,7 @@ def token_features(loaded: Loaded, text: str, top: int = 5) -> list[TokenFeature
     if top <= 0:
         raise ValueError(f"--top must be positive, got {top}")
     tokens = loaded.tokenize(text)
-    act = capture(loaded.model, tokens, [loaded.hook])[loaded.hook.name][0].float()
+    act = loaded.input_activations(tokens)[0]
     feats = loaded.sae.encode(act)
     values, indices = feats.topk(min(top, feats.shape[-1]), dim=-1)
     special = loaded.special_mask(tokens)[0]

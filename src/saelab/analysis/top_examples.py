@@ -17,7 +17,6 @@ import torch
 from saelab.analysis.loading import Loaded, check_feature, token_strings
 from saelab.evals.loading import corpus_source
 from saelab.evals.options import CorpusOptions
-from saelab.models import capture
 from saelab.sae import SAE
 
 
@@ -207,7 +206,7 @@ def collect_top_examples(loaded: Loaded, dataset: str = "python-docs", tokens: i
         batches = tqdm(batches, total=math.ceil(tokens / context_size / batch_contexts), desc="top examples",
                        unit="batch", leave=False)
     for batch in batches:
-        acts = capture(loaded.model, batch.to(loaded.device), [loaded.hook])[loaded.hook.name]
+        acts = loaded.input_activations(batch)
         collector.add_activations(acts, batch, source.keep_mask(batch))
     if collector.contexts_seen == 0:
         raise ValueError(f"dataset {dataset!r} gave no complete context of {context_size} tokens")

@@ -17,7 +17,7 @@ from saelab.data.activations import LMActivationSource, text_activations
 from saelab.data.options import TextOptions
 from saelab.data.tokens import bos_id, special_ids
 from saelab.evals.options import CorpusOptions
-from saelab.models import HookPoint, ModelLoadError, hook_widths, load_model, resolve_hook
+from saelab.models import HookPoint, ModelLoadError, capture, hook_widths, load_model, resolve_hook
 from saelab.models.hooks import split_hook_list
 from saelab.sae import SAE
 
@@ -47,13 +47,29 @@ class Loaded:
     folder: Path
     model_name: str
     prepend_bos: bool
-    hooks: list[HookPoint] | None = None   # a crosscoder's hook points (``hook`` is the first)
-    output_hook: HookPoint | None = None   # where a transcoder writes (None: ``hook``, where it reads)
+    hooks: list[HookPoint] | None = None          # a crosscoder's or CLT's hook points (``hook`` is the first)
+    output_hooks: list[HookPoint] | None = None   # where a transcoder or CLT writes (None: where it reads)
+
+    @property
+    def reads(self) -> list[HookPoint]:
+        """The hook points the dictionary reads, in the order of its input's columns."""
+        return self.hooks or [self.hook]
+
+    @property
+    def written(self) -> list[HookPoint]:
+        """The hook points its decoder writes, in the order of its output's columns (``decoder_by_hook``)."""
+        return self.output_hooks or self.reads
 
     @property
     def writes(self) -> HookPoint:
-        """The hook point the dictionary's decoder writes to: a transcoder's output hook, else the one it reads."""
-        return self.output_hook or self.hook
+        """The hook point it writes nearest the output: an SAE's own, a transcoder's output hook, the last of a
+        crosscoder's or CLT's (what the direct logit effects of its latents go through)."""
+        return self.written[-1]
+
+    def input_activations(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[batch, seq, d_in]``: what the dictionary reads for ``tokens``, its hooks' activations side by side."""
+        acts = capture(self.model, tokens.to(self.device), self.reads)
+        return torch.cat([acts[hook.name] for hook in self.reads], -1).float()
 
     @property
     def device(self) -> torch.device:
@@ -78,9 +94,8 @@ def tokenize(tokenizer, text: str, prepend_bos: bool = True) -> torch.Tensor:
 
 
 def load_sae_and_model(sae_path, model: str | None = None, hook: str | None = None,
-                       device: str | None = None, say=None, crosscoders: bool = False) -> Loaded:
-    """Load the SAE folder (or a run folder holding ``final/``), its model and hook point. A crosscoder is
-    refused unless ``crosscoders`` (the caller reads all its hook points, as ``saelab eval`` does).
+                       device: str | None = None, say=None) -> Loaded:
+    """Load the SAE folder (or a run folder holding ``final/``), its model and hook points.
 
     Raises ValueError (or ModelLoadError) with a readable message when the metadata names no model or
     hook, the model cannot be loaded, or the hook's width is not the SAE's ``d_in``.
@@ -88,9 +103,6 @@ def load_sae_and_model(sae_path, model: str | None = None, hook: str | None = No
     say = say or (lambda message: None)
     folder = find_sae_folder(sae_path)
     sae = SAE.load(folder)
-    if sae.cfg.n_hooks > 1 and not crosscoders:
-        raise ValueError(f"{folder} is a crosscoder over {sae.cfg.n_hooks} hook points; `saelab eval` evaluates it, "
-                         "but this command reads dictionaries of one hook point (SAEs and transcoders)")
     meta = sae.cfg.metadata
     model_name = model or meta.get("model_name")
     if not model_name:
@@ -109,10 +121,14 @@ def load_sae_and_model(sae_path, model: str | None = None, hook: str | None = No
                                  "--model to use another name, folder or file for that model)") from err
         raise
     hooks = [resolve_hook(lm, name) for name in split_hook_list(hook_name)]
-    output_hook = resolve_hook(lm, sae.cfg.written_hooks[0]) if sae.cfg.separate_output and sae.cfg.n_hooks == 1 \
-        and sae.cfg.written_hooks else None
+    written = sae.cfg.written_hooks
+    if sae.cfg.separate_output and len(written) != sae.cfg.n_hooks:
+        raise ValueError(f"{folder}/cfg.json names {len(written)} output hook(s) (metadata hook_name_out"
+                         f"{', hook_names_out' if sae.cfg.n_hooks > 1 else ''}) for a {sae.cfg.kind} writing "
+                         f"{sae.cfg.n_hooks}; add them (e.g. blocks.6.hook_mlp_out)")
+    output_hooks = [resolve_hook(lm, name) for name in written] if sae.cfg.separate_output else None
     loaded = Loaded(sae.to(next(lm.parameters()).device).eval(), lm, tokenizer, hooks[0], folder, model_name,
-                    prepend_bos, hooks if len(hooks) > 1 else None, output_hook)
+                    prepend_bos, hooks if len(hooks) > 1 else None, output_hooks)
     check_width(loaded)
     return loaded
 

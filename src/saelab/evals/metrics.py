@@ -259,6 +259,10 @@ def evaluate_many(model, saes: Sequence[tuple[SAE, HookPoint | str | None]], tok
         if e.by_hook:
             result["by_hook"] = {hook.name: {key: value for key, value in _summarise(t, downstream).items()
                                              if key in BY_HOOK_KEYS} for hook, t in zip(e.writes, e.by_hook)}
+        if e.sae.cfg.cross_layer:  # a CLT's latents belong to the block they read: L0 per block sums to the total
+            per_block = result["firing_frequency"].view(e.sae.cfg.n_hooks, -1).sum(1).tolist()
+            for row, l0 in zip(result["by_hook"].values(), per_block):
+                row["l0"] = l0
         results.append(result)
     return results
 

@@ -194,11 +194,16 @@ def report_json(metrics: dict, info: dict) -> dict:
 
 
 def by_hook_markdown(by_hook: dict) -> str:
-    """A crosscoder's reconstruction and downstream scores at each of its hooks."""
-    lines = ["| hook | FVU | explained variance | CE recovered | KL score |", "|---|---|---|---|---|"]
+    """A crosscoder's or CLT's reconstruction and downstream scores at each of its hooks (a CLT's: with the L0
+    of the latents of that hook's block)."""
+    per_block = all("l0" in row for row in by_hook.values())
+    lines = ["| hook | FVU | explained variance | CE recovered | KL score |" + (" L0 of its block's latents |"
+                                                                             if per_block else ""),
+             "|---|---|---|---|---|" + ("---|" if per_block else "")]
     for hook, row in by_hook.items():
         lines.append(f"| `{hook}` | {_value(row['fvu'])} | {_value(row['explained_variance'])} | "
-                     f"{_value(row.get('ce_loss_score'))} | {_value(row.get('kl_score'))} |")
+                     f"{_value(row.get('ce_loss_score'))} | {_value(row.get('kl_score'))} |"
+                     + (f" {_value(row['l0'])} |" if per_block else ""))
     return "\n".join(lines)
 
 

@@ -132,7 +132,7 @@ def run_eval(cfg: EvalConfig, progress: bool = False, say=None) -> EvalResult:
     if crosscoder and set(cfg.suites) - {"core"}:
         raise ValueError(f"{folder} is a crosscoder: `saelab eval` gives it the core suite (FVU and CE/KL with all "
                          "its hooks replaced and each in turn); leave the other suites out of --suite")
-    loaded = load_sae_and_model(cfg.sae, cfg.model, cfg.hook, cfg.device, crosscoders=True)
+    loaded = load_sae_and_model(cfg.sae, cfg.model, cfg.hook, cfg.device)
     sae, model, folder = loaded.sae, loaded.model, loaded.folder
     model_name = loaded.model_name
     hook_name = "+".join(h.name for h in loaded.hooks) if loaded.hooks else loaded.hook.name

@@ -122,8 +122,16 @@ class SAE(nn.Module):
         """Each latent's decoder norm, ``[d_sae]``, as an L1 penalty weighs it: a crosscoder's is the sum of its
         norms at each hook (so that a latent pays for every layer it writes to)."""
         if self.cfg.n_hooks > 1:
-            return self.W_dec.view(self.cfg.d_sae, self.cfg.n_hooks, -1).norm(dim=2).sum(1)
+            return self.decoder_norms_by_hook().sum(1)
         return self.W_dec.norm(dim=1)
+
+    def decoder_by_hook(self) -> torch.Tensor:
+        """``[d_sae, n_hooks, output hook width]``: each latent's decoder row at each hook it writes."""
+        return self.W_dec.view(self.cfg.d_sae, self.cfg.n_hooks, -1)
+
+    def decoder_norms_by_hook(self) -> torch.Tensor:
+        """``[d_sae, n_hooks]``: each latent's decoder norm at each hook it writes (a CLT's: 0 before its block)."""
+        return self.decoder_by_hook().norm(dim=2)
 
     def skip(self, x: torch.Tensor) -> torch.Tensor | float:
         """A skip transcoder's linear term ``x @ W_skip.T``; 0 for every other kind."""
