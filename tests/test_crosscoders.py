@@ -163,8 +163,24 @@ def check_reading_commands(run, text_file, capsys):
     # Steering adds the feature's part at each hook it writes: a strong one changes the continuation.
     result = steer(loaded, "hello", feature=int(expected.sum(0).argmax()), strength=50.0, max_new_tokens=6)
     assert result.steered != result.plain
-    assert main(["steer", str(run), "--feature", "0", "--clamp", "2", "--prompt", "hi"]) == 2
-    assert "use --strength" in capsys.readouterr().err
+    # Clamping on clean runs: a latent silent on the text clamped to 0 changes nothing (every hook written gets
+    # its clean activation back); clamped to a value, each hook gets its clean activation + the decoded change.
+    from saelab.analysis.steering import clamped_hook_values
+
+    silent = int((expected == 0).all(0).nonzero()[0])
+    values = clamped_hook_values(loaded, tokens, silent, 0.0)
+    clean = capture(loaded.model, tokens, loaded.written)
+    for hook in loaded.written:
+        assert torch.equal(values[hook.name], clean[hook.name].float())
+    values = clamped_hook_values(loaded, tokens, silent, 3.0)
+    for j, hook in enumerate(loaded.written):
+        torch.testing.assert_close(values[hook.name] - clean[hook.name].float(),
+                                   (3.0 * sae.decoder_by_hook()[silent, j]).expand_as(values[hook.name]).detach())
+    result = steer(loaded, "hello world", feature=silent, clamp=0.0, max_new_tokens=1)  # only the prompt matters
+    assert result.steered_ids == result.plain_ids
+    assert main(["steer", str(run), "--feature", str(silent), "--clamp", "40", "--prompt", "hi",
+                 "--max-new-tokens", "4"]) == 0
+    assert "clamped to 40" in capsys.readouterr().out
     # Attribution at the last hook written: the parts add up to the total, the error is x - x_hat there.
     parts = attribute(loaded, "hello world", " the")
     assert parts.total == pytest.approx(parts.feature_sum + parts.error + parts.bias, abs=1e-4)

@@ -4,7 +4,8 @@
   and each generated token's).
 - ``clamp``: the SAE is spliced in with its error term (``splice(..., error_term=True, intervene=...)``) and
   the feature's activation is set to a value at every position; everything the SAE does not reconstruct
-  is kept, so only the change of that one latent reaches the model.
+  is kept, so only the change of that one latent reaches the model. A crosscoder or CLT (several hooks) is
+  clamped on clean runs: ``clamped_hook_values``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from saelab.analysis.loading import Loaded, check_feature
 from saelab.evals.metrics import splice
-from saelab.models import hooked, is_transformer_lens, lm_logits
+from saelab.models import capture, hooked, is_transformer_lens, lm_logits
 from saelab.options import option
 
 
@@ -98,17 +99,55 @@ def added_direction(loaded: Loaded, feature: int, strength: float):
 
 
 def clamped(loaded: Loaded, feature: int, value: float):
-    """Inside: the feature's activation is ``value`` at every position; the SAE's error term is kept."""
+    """Inside: the feature's activation is ``value`` at every position; the SAE's error term is kept. A
+    dictionary over several hooks is clamped by ``steer`` (``clamped_hook_values``), not here."""
     check_feature(loaded.sae, feature)
     if loaded.sae.cfg.n_hooks > 1:
-        raise ValueError(f"--clamp splices the dictionary in at the hook it writes; a {loaded.sae.cfg.kind} writes "
-                         f"{loaded.sae.cfg.n_hooks} hooks, which steering does not splice together yet: use --strength "
-                         "(the feature's direction added at each of them)")
+        raise ValueError(f"a {loaded.sae.cfg.kind} writes {loaded.sae.cfg.n_hooks} hooks: its latents need every "
+                         "hook's clean activation, so it is clamped on clean runs by steer() (clamped_hook_values), "
+                         "not by a splice")
 
     def clamp(latents: torch.Tensor) -> None:
         latents[..., feature] = value
 
     return splice(loaded.model, loaded.sae, loaded.hook, error_term=True, intervene=clamp)
+
+
+@torch.no_grad()
+def clamped_hook_values(loaded: Loaded, tokens: torch.Tensor, feature: int, value: float) -> dict[str, torch.Tensor]:
+    """A crosscoder or CLT with ``feature`` clamped to ``value`` at every position of ``tokens``: each hook it
+    writes, by name, its clean activation plus the decoded change of the latents (computed from the clean
+    activations of every hook it reads, so the error terms are kept). Put in place of those activations all
+    together, as ``saelab eval`` replaces all hooks at once: what the change at one hook would do to a later one
+    is overwritten there."""
+    check_feature(loaded.sae, feature)
+    sae = loaded.sae
+    hooks = list({hook.name: hook for hook in (*loaded.reads, *loaded.written)}.values())
+    acts = capture(loaded.model, tokens.to(loaded.device), hooks)
+    latents = sae.encode(torch.cat([acts[hook.name] for hook in loaded.reads], -1).float())
+    edited = latents.clone()
+    edited[..., feature] = value
+    change = (sae.decode(edited) - sae.decode(latents)).view(*latents.shape[:-1], sae.cfg.n_hooks, -1)
+    return {hook.name: acts[hook.name].float() + change[..., j, :] for j, hook in enumerate(loaded.written)}
+
+
+def _greedy_generate_clamped(loaded: Loaded, ids: torch.Tensor, feature: int, value: float, max_new_tokens: int,
+                             eos_token_id: int | None) -> list[int]:
+    """Greedy generation with a crosscoder's or CLT's latent clamped: each step a clean run of the whole sequence
+    (``clamped_hook_values``), then the run with those values in place (no KV cache: twice the work per token)."""
+    out: list[int] = []
+    sequence = ids
+    for _ in range(max_new_tokens):
+        values = clamped_hook_values(loaded, sequence, feature, value)
+        with ExitStack() as stack:
+            for hook in loaded.written:
+                stack.enter_context(hooked(loaded.model, hook, lambda act, v=values[hook.name]: v.to(act.dtype)))
+            token = int(lm_logits(loaded.model, sequence)[0, -1].float().argmax())
+        out.append(token)
+        if eos_token_id is not None and token == eos_token_id:
+            break
+        sequence = torch.cat([sequence, torch.tensor([[token]], device=sequence.device)], dim=1)
+    return out
 
 
 @dataclass
@@ -137,7 +176,9 @@ def steer(loaded: Loaded, prompt: str, feature: int, strength: float | None = No
             return greedy_generate(loaded.model, ids, max_new_tokens, eos)
 
     plain_ids = generate(nullcontext())
-    if clamp is not None:
+    if clamp is not None and loaded.sae.cfg.n_hooks > 1:
+        steered_ids = _greedy_generate_clamped(loaded, ids, feature, clamp, max_new_tokens, eos)
+    elif clamp is not None:
         steered_ids = generate(clamped(loaded, feature, clamp))
     else:
         steered_ids = generate(added_direction(loaded, feature, strength))
