@@ -57,3 +57,17 @@ def test_dead_latents_given_as_indices_or_a_mask_mean_the_same():
     assert TrainStep(dead_latents=torch.zeros(0, dtype=torch.long)).dead() is None
     assert TrainStep(dead_mask=torch.zeros(10, dtype=torch.bool)).dead() is None
     assert TrainStep().dead() is None
+
+
+@pytest.mark.parametrize("batch, d_sae, k", [(512, 2048, 8), (64, 256, 4), (8, 16, 2)])
+def test_the_batch_top_search_through_row_candidates_is_the_whole_search(batch, d_sae, k):
+    from saelab.sae.batchtopk import batch_top
+
+    g = torch.Generator().manual_seed(batch)
+    acts = torch.randn(batch, d_sae, generator=g).relu_()
+    acts[1] += 5.0 * (torch.rand(d_sae, generator=g) < 0.5)  # one token with over 4k of the budget: the fallback
+    for data in (acts, torch.randn(batch, d_sae, generator=g).relu_()):
+        values, flat = batch_top(data, k * batch, k)
+        expected = data.view(-1).topk(k * batch).indices
+        assert torch.equal(flat.sort().values, expected.sort().values)
+        assert torch.equal(data.view(-1)[flat], values)

@@ -107,8 +107,8 @@ class TrainConfig(DataOptions):
     grad_clip: float = option(1.0, "Clip the gradient norm to this (0: no clipping).")
     compile: bool = option(False, "Compile the dictionary's training forward pass with torch.compile (inductor; "
                            "needs a C++ compiler on CPU, Triton on CUDA). The first steps pay the compilation "
-                           "(10-40 s); the result is the same to float rounding. Measured on CPU: JumpReLU 1.3-1.4x "
-                           "faster, TopK and BatchTopK no faster (their sparse kernels are not compiled), so off "
+                           "(5-35 s); the result is the same to float rounding. Measured on CPU: JumpReLU 1.3-1.4x "
+                           "faster, TopK and BatchTopK within noise (their sparse kernels are not compiled), so off "
                            "by default (README, Benchmarks).")
     buffer_tokens: int = option(524_288, "Activations held and shuffled at once; memory = buffer_tokens * "
                                 "d_in * 4 bytes. A corpus that fits is computed once and reused each epoch.",
