@@ -28,7 +28,7 @@ from saelab.analysis.logits import logit_effect_rows
 from saelab.analysis.non_activating import NonActivatingCollector, decoder_neighbours
 from saelab.analysis.top_examples import TopExamplesCollector
 from saelab.data.text import describe_source
-from saelab.evals.loading import corpus_source
+from saelab.evals.loading import corpus_source, run_folder
 from saelab.evals.metrics import METRIC_KEYS
 from saelab.evals.options import CorpusOptions
 from saelab.evals.report import METRIC_MEANINGS
@@ -82,17 +82,17 @@ def parse_features(spec: str | None, d_sae: int) -> list[int]:
 
 def default_dashboard_dir(sae_folder) -> Path:
     """``<run>/dashboard`` for a run's ``final/`` SAE, else ``<SAE folder>-dashboard`` beside the SAE folder."""
-    folder = Path(sae_folder).resolve()
-    return folder.parent / "dashboard" if folder.name == "final" else folder.parent / f"{folder.name}-dashboard"
+    run, folder = run_folder(sae_folder), Path(sae_folder).resolve()
+    return run / "dashboard" if run else folder.parent / f"{folder.name}-dashboard"
 
 
 def summary_metrics(sae_folder) -> tuple[str | None, dict]:
     """The SAE's evaluation next to it, if any: ``eval.json`` (of ``saelab train``) or ``metrics.json`` (of
     ``saelab eval``) in the SAE folder, its run folder or an eval report beside it. Returns (file, metrics)."""
-    folder = Path(sae_folder)
+    folder, run = Path(sae_folder), run_folder(sae_folder)
     candidates = [folder / "eval.json", folder / "metrics.json"]
-    if folder.name == "final":
-        candidates += [folder.parent / "eval.json", *sorted(folder.parent.glob("eval-*/metrics.json"))]
+    if run:
+        candidates += [run / "eval.json", *sorted(run.glob("eval-*/metrics.json"))]
     candidates += sorted(folder.parent.glob(f"{folder.name}-eval-*/metrics.json"))
     for path in candidates:
         try:

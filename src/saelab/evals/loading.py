@@ -36,6 +36,13 @@ def find_sae_folder(path) -> Path:
     return folder
 
 
+def run_folder(sae_folder) -> Path | None:
+    """The run folder of ``saelab train`` whose ``final/`` SAE this is, or None for an SAE folder of its own. What
+    is made from an SAE (reports, dashboards, explanations) goes into its run folder, else beside the SAE."""
+    folder = Path(sae_folder).resolve()
+    return folder.parent if folder.name == "final" else None
+
+
 @dataclass
 class Loaded:
     """An SAE with the model, tokenizer and hook point it belongs to."""

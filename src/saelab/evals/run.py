@@ -12,7 +12,7 @@ from saelab.data.synthetic import SyntheticConfig, SyntheticFeatures
 from saelab.evals.absorption import DEFAULT_WORDS as ABSORPTION_WORDS, absorption_metrics, letter_probes, spelling_set
 from saelab.evals.geometry import geometry_metrics
 from saelab.evals.ground_truth import ground_truth_metrics
-from saelab.evals.loading import corpus_source, find_sae_folder, load_sae_and_model
+from saelab.evals.loading import corpus_source, find_sae_folder, load_sae_and_model, run_folder
 from saelab.evals.metrics import evaluate
 from saelab.evals.options import CorpusOptions, SAEOptions
 from saelab.evals.probing import BUILTIN_TASKS, DEFAULT_EXAMPLES as PROBE_EXAMPLES, RANKINGS, probing_metrics
@@ -110,11 +110,8 @@ def dataset_stem(dataset: str) -> str:
 def default_report_dir(sae_folder, dataset: str) -> Path:
     """Next to the SAE folder, never inside it: ``<run>/eval-<dataset>`` for a run's ``final/`` SAE,
     else ``<parent>/<sae folder name>-eval-<dataset>`` (SAEs sharing a parent folder do not collide)."""
-    folder = Path(sae_folder).resolve()
-    stem = dataset_stem(dataset)
-    if folder.name == "final":
-        return folder.parent / f"eval-{stem}"
-    return folder.parent / f"{folder.name}-eval-{stem}"
+    run, folder, stem = run_folder(sae_folder), Path(sae_folder).resolve(), dataset_stem(dataset)
+    return run / f"eval-{stem}" if run else folder.parent / f"{folder.name}-eval-{stem}"
 
 
 def run_eval(cfg: EvalConfig, progress: bool = False, say=None) -> EvalResult:

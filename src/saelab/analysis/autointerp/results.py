@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from saelab.evals.loading import run_folder
 from saelab.files import read_json, read_jsonl
 
 EXAMPLES_FILE, CALLS_FILE = "autointerp/examples.jsonl", "autointerp/calls.jsonl"
@@ -16,8 +17,7 @@ def results_dir(sae_folder, out: str | None = None) -> Path:
     folder itself."""
     if out:
         return Path(out).expanduser()
-    folder = Path(sae_folder).resolve()
-    return folder.parent if folder.name == "final" else folder
+    return run_folder(sae_folder) or Path(sae_folder).resolve()
 
 
 def dashboard_notes(folder) -> tuple[dict[int, dict], dict | None]:
