@@ -69,12 +69,15 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_tok
     return out
 
 
-def _greedy_generate_uncached(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> list[int]:
-    """Greedy generation re-running the whole sequence each step (TransformerLens models: no HF KV cache)."""
+def _greedy_generate_uncached(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
+                              step_context=None) -> list[int]:
+    """Greedy generation re-running the whole sequence each step (TransformerLens models: no HF KV cache; a
+    crosscoder's clamp: ``step_context(sequence)``, entered around each step's forward, sets it up anew)."""
     out: list[int] = []
     ids = input_ids
     for _ in range(max_new_tokens):
-        token = int(lm_logits(model, ids)[0, -1].float().argmax())
+        with step_context(ids) if step_context is not None else nullcontext():
+            token = int(lm_logits(model, ids)[0, -1].float().argmax())
         out.append(token)
         if eos_token_id is not None and token == eos_token_id:
             break
@@ -131,23 +134,14 @@ def clamped_hook_values(loaded: Loaded, tokens: torch.Tensor, feature: int, valu
     return {hook.name: acts[hook.name].float() + change[..., j, :] for j, hook in enumerate(loaded.written)}
 
 
-def _greedy_generate_clamped(loaded: Loaded, ids: torch.Tensor, feature: int, value: float, max_new_tokens: int,
-                             eos_token_id: int | None) -> list[int]:
-    """Greedy generation with a crosscoder's or CLT's latent clamped: each step a clean run of the whole sequence
-    (``clamped_hook_values``), then the run with those values in place (no KV cache: twice the work per token)."""
-    out: list[int] = []
-    sequence = ids
-    for _ in range(max_new_tokens):
-        values = clamped_hook_values(loaded, sequence, feature, value)
-        with ExitStack() as stack:
-            for hook in loaded.written:
-                stack.enter_context(hooked(loaded.model, hook, lambda act, v=values[hook.name]: v.to(act.dtype)))
-            token = int(lm_logits(loaded.model, sequence)[0, -1].float().argmax())
-        out.append(token)
-        if eos_token_id is not None and token == eos_token_id:
-            break
-        sequence = torch.cat([sequence, torch.tensor([[token]], device=sequence.device)], dim=1)
-    return out
+@contextmanager
+def _clamped_on_clean_run(loaded: Loaded, sequence: torch.Tensor, feature: int, value: float):
+    """Inside: every hook a crosscoder or CLT writes holds its ``clamped_hook_values`` for ``sequence``."""
+    values = clamped_hook_values(loaded, sequence, feature, value)
+    with ExitStack() as stack:
+        for hook in loaded.written:
+            stack.enter_context(hooked(loaded.model, hook, lambda act, v=values[hook.name]: v.to(act.dtype)))
+        yield
 
 
 @dataclass
@@ -177,7 +171,11 @@ def steer(loaded: Loaded, prompt: str, feature: int, strength: float | None = No
 
     plain_ids = generate(nullcontext())
     if clamp is not None and loaded.sae.cfg.n_hooks > 1:
-        steered_ids = _greedy_generate_clamped(loaded, ids, feature, clamp, max_new_tokens, eos)
+        # Each step a clean run first, then the run with those values in place (no KV cache: twice the work).
+        def clamping(sequence):
+            return _clamped_on_clean_run(loaded, sequence, feature, clamp)
+
+        steered_ids = _greedy_generate_uncached(loaded.model, ids, max_new_tokens, eos, clamping)
     elif clamp is not None:
         steered_ids = generate(clamped(loaded, feature, clamp))
     else:
