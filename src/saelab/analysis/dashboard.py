@@ -123,7 +123,8 @@ class DashboardCollector:
     @torch.no_grad()
     def add_features(self, feats: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """``feats``: ``[batch, seq, d_sae]`` activations of all the SAE's features; ``tokens``: ``[batch, seq]``."""
-        if self.negatives is not None:  # reads the neighbours' activations: before the selection below
+        if self.negatives is not None:  # reads the neighbours' activations: all features, moved once
+            feats = feats.float().cpu()
             self.negatives.add_features(feats, tokens, keep)
         if len(self.features) < feats.shape[-1]:
             feats = feats[..., self.index.to(feats.device)]

@@ -76,6 +76,8 @@ class LocalModel(Backend):
         self.name, self.model, self.tokenizer, self.batch_size = name, model.eval(), tokenizer, batch_size
         self.device = next(model.parameters()).device
         self.yes_ids, self.no_ids = self._word_ids(YES_WORDS), self._word_ids(NO_WORDS)
+        # transformers >= 5.24 names the cache argument and output `cache`, earlier versions `past_key_values`.
+        self.cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def _word_ids(self, words) -> list[int]:
         pieces = [self.tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
@@ -151,9 +153,7 @@ class LocalModel(Backend):
                               logits_to_keep=1).logits[:, -1]
         endings = [encode(t[len(prefix):]) or [self.tokenizer.pad_token_id or 0] for t in texts]
         shared = self.model(input_ids=torch.tensor([prefix_ids], device=self.device), use_cache=True)
-        # transformers >= 5.24 names the cache argument and output `cache`, earlier versions `past_key_values`.
-        cache_name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        cache = getattr(shared, cache_name, None) or shared.past_key_values
+        cache = getattr(shared, self.cache_name, None) or shared.past_key_values
         cache.batch_repeat_interleave(len(texts))
         width, start = max(len(e) for e in endings), len(prefix_ids)
         tokens = torch.zeros(len(texts), width, dtype=torch.long)
@@ -164,7 +164,7 @@ class LocalModel(Backend):
             mask[row, start:start + len(ending)] = 1
         positions = torch.arange(start, start + width).expand(len(texts), -1)
         logits = self.model(input_ids=tokens.to(self.device), attention_mask=mask.to(self.device),
-                            position_ids=positions.to(self.device), **{cache_name: cache}).logits
+                            position_ids=positions.to(self.device), **{self.cache_name: cache}).logits
         last = torch.tensor([len(e) - 1 for e in endings], device=logits.device)
         return logits[torch.arange(len(texts), device=logits.device), last]
 

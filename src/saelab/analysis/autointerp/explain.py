@@ -96,30 +96,36 @@ def split_examples(record: dict, vocab: dict, n_explain: int, n_test: int, seed:
     top = record["top"]
     if not top:
         return None
-    where = lambda ex: (ex[1], ex[2])  # noqa: E731 - (context, position) identifies an example
     explain = top[0::2][:n_explain]
-    seen = {where(ex) for ex in explain}
-    candidates = []
-    for ex in top[1::2] + [ex for band in record["bands"] if band["low"] > 0 for ex in band["examples"]]:
-        if where(ex) not in seen:
-            seen.add(where(ex))
-            candidates.append(ex)
+    taken = {_where(ex) for ex in explain}
+    candidates = _distinct(top[1::2] + [ex for band in record["bands"] if band["low"] > 0 for ex in band["examples"]],
+                           taken)
     rng = random.Random(seed * 1_000_003 + record["feature"])
     activating = sorted(rng.sample(candidates, min(n_test, len(candidates))), key=lambda ex: -ex[0])
-    near, rand = record.get("near_misses", []), record.get("random", [])
-    silent, taken = [], set()
-    for ex in (e for pair in zip(near, rand) for e in pair):
-        if len(silent) < n_test and where(ex) not in taken:
-            taken.add(where(ex))
-            silent.append(("near_miss" if ex in near else "random", ex))
-    for ex in near[len(rand):] + rand[len(near):]:  # one list was shorter: fill from the other
-        if len(silent) < n_test and where(ex) not in taken:
-            taken.add(where(ex))
-            silent.append(("near_miss" if ex in near else "random", ex))
+    near = [("near_miss", ex) for ex in record.get("near_misses", [])]
+    rand = [("random", ex) for ex in record.get("random", [])]
+    # Near misses and random contexts in turn; when one list runs out, the rest of the other.
+    alternating = [pair for pairs in zip(near, rand) for pair in pairs] + near[len(rand):] + rand[len(near):]
+    silent = _distinct(alternating, taken, key=lambda pair: _where(pair[1]))[:n_test]
     return {"feature": record["feature"], "max": record["max"],
             "explain": [_snippet(ex, vocab).to_dict() for ex in explain],
             "activating": [_snippet(ex, vocab).to_dict() for ex in activating],
             "non_activating": [{"kind": kind, **_snippet(ex, vocab).to_dict()} for kind, ex in silent]}
+
+
+def _where(example: list) -> tuple[int, int]:
+    """(context, position): what identifies an example of a dashboard record."""
+    return example[1], example[2]
+
+
+def _distinct(items: list, taken: set, key=_where) -> list:
+    """``items`` without those whose key is in ``taken`` or repeats an earlier one; adds their keys to ``taken``."""
+    kept = []
+    for item in items:
+        if key(item) not in taken:
+            taken.add(key(item))
+            kept.append(item)
+    return kept
 
 
 def read_dashboard(folder) -> tuple[list[dict], dict]:
