@@ -4,6 +4,8 @@ for the README; on a CUDA machine the same script measures the GPU).
     python benchmarks/step_speed.py [--device cpu|cuda] [--architectures topk,batchtopk,jumprelu]
                                     [--expansions 8,32] [--batch-size 4096] [--steps 30] [--json out.json]
     python benchmarks/step_speed.py --small        # seconds on any machine: checks the script still works
+    python benchmarks/step_speed.py --densities 0.002,0.01,0.03,0.05,0.08 --architectures jumprelu,standard
+                                                   # a thresholded step's sparse / dense time by code density
 
 For each architecture x expansion x compile (off, on): a Trainer on random activations (``--d-in`` 576, SmolLM2's
 width) runs ``--warmup`` steps (compilation, allocator, first AuxK), then ``--steps`` timed steps. Reported per
@@ -22,6 +24,7 @@ import time
 import torch
 
 from saelab.data import TensorSource
+from saelab.sae import TrainStep
 from saelab.training import TrainConfig, Trainer
 
 SPARSITY = {"topk": {"k": 32}, "batchtopk": {"k": 32}, "jumprelu": {"target_l0": 32}, "standard": {}}
@@ -56,6 +59,42 @@ def measure(architecture: str, expansion: int, compiled: bool, args) -> dict:
             "warmup_seconds": round(warm - start, 2), "peak_memory_mib": round(peak / 2**20)}
 
 
+def density_point(architecture: str, expansion: int, density: float, args) -> dict:
+    """Forward + backward of one thresholded training step whose codes have ``density`` (the thresholds or biases
+    set at that quantile of the pre-activations), through the dense products and through the sparse kernels."""
+    import math
+
+    from saelab.sae import SAEConfig, create_sae
+
+    generator = torch.Generator().manual_seed(0)
+    sae = create_sae(SAEConfig(d_in=args.d_in, d_sae=expansion * args.d_in, architecture=architecture),
+                     training=True).to(args.device)
+    x = torch.randn(args.batch_size, args.d_in, generator=generator).to(args.device)
+    sae.initialize(x[:2048].cpu(), "mean", generator)
+    bias = {"jumprelu": "b_enc", "gated": "b_gate"}.get(architecture, "b_enc")
+    with torch.no_grad():
+        getattr(sae, bias).zero_()
+        pre = sae.encode_pre(x[:512]).flatten()
+        level = pre[torch.randperm(len(pre), generator=generator)[:10**6].to(pre.device)].quantile(1 - density).item()
+        if architecture == "jumprelu":
+            sae.log_threshold_scaled.fill_(math.log(max(level, 1e-3)) / 10)
+        else:
+            getattr(sae, bias).fill_(-level)
+    point = {"architecture": architecture, "expansion": expansion, "density": density}
+    for path, below in (("dense", 0.0), ("sparse", 1.01)):
+        sae.sparse_below = below
+        times = []
+        for _ in range(3):
+            sae.zero_grad()
+            start = time.perf_counter()
+            sae.training_forward(x, TrainStep()).loss.backward()
+            sync(args.device)
+            times.append(time.perf_counter() - start)
+        point[f"{path}_seconds"] = round(min(times), 3)
+    point["sparse_over_dense"] = round(point["sparse_seconds"] / point["dense_seconds"], 2)
+    return point
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -71,6 +110,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--compile", default="off,on", help="off, on, or off,on")
+    parser.add_argument("--densities", help="instead: sparse vs dense step time at these code densities")
     parser.add_argument("--small", action="store_true", help="tiny sizes: a check that the script runs")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -80,8 +120,11 @@ def main() -> None:
                "d_in": args.d_in, "batch_size": args.batch_size, "steps": args.steps, "points": []}
     for architecture in args.architectures.split(","):
         for expansion in map(int, args.expansions.split(",")):
-            for compiled in (mode == "on" for mode in args.compile.split(",")):
-                point = measure(architecture, expansion, compiled, args)
+            if args.densities:
+                points = (density_point(architecture, expansion, float(d), args) for d in args.densities.split(","))
+            else:
+                points = (measure(architecture, expansion, mode == "on", args) for mode in args.compile.split(","))
+            for point in points:
                 print(json.dumps(point), flush=True)
                 figures["points"].append(point)
     if args.json:

@@ -347,8 +347,9 @@ def test_batchtopk_threshold_follows_the_encoder_to_the_end_of_a_short_run(tmp_p
 
 @pytest.mark.parametrize("target,init_threshold", [(3.0, 0.5), (2.0, 0.1)])
 def test_jumprelu_reaches_its_target_l0_and_recovers_planted_directions(tmp_path, planted, target, init_threshold):
+    # From a fixed starting threshold (--no-fit-init): the log-thresholds' rate and the target's controller move them.
     sae, records, l0, fvu, directions = train(tmp_path, planted, architecture="jumprelu", target_l0=target,
-                                              jumprelu_init_threshold=init_threshold, tokens=200_000)
+                                              jumprelu_init_threshold=init_threshold, tokens=200_000, fit_init=False)
     assert isinstance(sae, JumpReLUSAE)
     assert abs(l0 - target) <= 0.1 * target, l0                # on fresh data
     assert abs(sum(r["l0"] for r in records[-10:]) / 10 - target) <= 0.1 * target
@@ -365,7 +366,7 @@ def test_gated_recovers_planted_directions(tmp_path, planted):
     sae, records, l0, fvu, directions = train(tmp_path, planted, architecture="gated", l1_coefficient=3.0)
     assert isinstance(sae, GatedSAE)
     assert mean_max_cosine(directions, sae.W_dec.detach()) >= 0.9
-    assert l0 < 6 and fvu < 0.2
+    assert l0 < 6.5 and fvu < 0.2  # L0 5.5 from a plain start, 6.0 from the fitted (default) one
 
 
 @pytest.mark.parametrize("architecture", ["batchtopk", "jumprelu"])

@@ -71,3 +71,85 @@ def test_the_batch_top_search_through_row_candidates_is_the_whole_search(batch, 
         expected = data.view(-1).topk(k * batch).indices
         assert torch.equal(flat.sort().values, expected.sort().values)
         assert torch.equal(data.view(-1)[flat], values)
+
+
+def thresholded_sae(architecture: str, kind: str):
+    """A trained-looking thresholded SAE: few codes fire (negative encoder biases), and for JumpReLU some
+    pre-activations lie within the estimators' kernel below their thresholds."""
+    cfg = SAEConfig(d_in=16, d_sae=96, architecture=architecture, kind=kind, d_out=12 if kind != "sae" else None)
+    sae = create_sae(cfg, training=True)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        for name in ("b_enc", "b_gate"):
+            if name in sae._parameters:
+                getattr(sae, name).sub_(1.0)
+        if architecture == "jumprelu":
+            sae.settings.jumprelu_bandwidth = 0.5
+    return sae
+
+
+def step_results(sae, x, target, sparse_below):
+    sae.sparse_below = sparse_below
+    sae.zero_grad()
+    out = sae.training_forward(x, step_for(sae), target)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", ["sae", "transcoder", "skip_transcoder"])
+@pytest.mark.parametrize("architecture", ["jumprelu", "standard", "gated"])
+def test_thresholded_architectures_sparse_path_equals_the_dense_one(architecture, kind):
+    sae = thresholded_sae(architecture, kind)
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(2))
+    target = None if kind == "sae" else torch.randn(40, 12, generator=torch.Generator().manual_seed(3))
+    dense, dense_grads = step_results(sae, x, target, sparse_below=0.0)
+    sparse, sparse_grads = step_results(sae, x, target, sparse_below=1.01)
+    assert 0 < dense.fired.sum() < 0.3 * 40 * 96  # codes are sparse, not empty
+    assert torch.equal(dense.fired, sparse.fired)
+    assert torch.allclose(dense.x_hat, sparse.x_hat, atol=1e-5)
+    assert torch.allclose(dense.loss, sparse.loss, rtol=1e-5)
+    for name, value in dense.parts.items():
+        assert torch.allclose(value, sparse.parts[name], rtol=1e-5, atol=1e-6), name
+    for name, grad in dense_grads.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(grad, sparse_grads[name], rtol=1e-4, atol=1e-5), name
+    nodes = graph_nodes(sae.training_forward(x, step_for(sae), target).loss)
+    assert "SparseDecodeBackward" in nodes and "PreActivationsBackward" in nodes
+    products = sum(name.startswith("MmBackward") for name in nodes)
+    assert products == (kind == "skip_transcoder")  # the skip term's x @ W_skip.T; no [batch, d_sae] product
+
+
+def test_a_thresholded_step_takes_the_sparse_path_only_when_few_codes_get_gradients():
+    sae = thresholded_sae("standard", "sae")
+    with torch.no_grad():
+        sae.b_enc.sub_(2.0)  # about 1% fire
+    x = torch.randn(40, 16)
+    assert "SparseDecodeBackward" in graph_nodes(sae.training_forward(x, step_for(sae)).loss)
+    with torch.no_grad():
+        sae.b_enc.add_(4.0)  # now most codes fire
+    nodes = graph_nodes(sae.training_forward(x, step_for(sae)).loss)
+    assert "SparseDecodeBackward" not in nodes and "PreActivationsBackward" in nodes
+
+
+def test_a_fitted_start_scales_the_encoders_learning_rate_with_its_codes(tmp_path):
+    """Adam moves a parameter by about lr per step whatever its size: when the fitted start shrinks the codes, the
+    encoder's rate shrinks with them (and a gated SAE's gate keeps the full rate)."""
+    from saelab.data import TensorSource
+    from saelab.training import TrainConfig, Trainer
+
+    data = torch.randn(4096, 16) * torch.linspace(0.2, 3.0, 16)
+    for architecture, scaled in (("jumprelu", True), ("gated", False)):
+        cfg = TrainConfig(architecture=architecture, expansion=16, batch_size=256, tokens=2048, out=str(tmp_path),
+                          progress=False, eval_tokens=0, checkpoint_every_tokens=10**9)
+        trainer = Trainer(cfg, TensorSource(data), tmp_path / architecture)
+        trainer.open()
+        assert trainer.sae.code_scale < 0.9  # 256 random latents overshoot: the codes were scaled down
+        groups = {group["in_codes"]: group for group in trainer.optimizer.param_groups}
+        assert (True in groups) == scaled
+        if scaled:
+            assert {id(p) for p in groups[True]["params"]} == {id(trainer.sae.W_enc), id(trainer.sae.b_enc)}
+            trainer.advance()
+            assert groups[True]["lr"] == pytest.approx(groups[False]["lr"] * trainer.sae.code_scale)
+        trainer.close()

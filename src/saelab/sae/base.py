@@ -22,6 +22,7 @@ from saelab.sae.config import SAEConfig
 from saelab.sae.format import load_sae, save_sae
 from saelab.sae.pretrained import from_pretrained
 from saelab.sae.registry import Settings
+from saelab.sae.sparse import SPARSE_BELOW_DENSITY
 
 
 @dataclass
@@ -62,6 +63,11 @@ class SAE(nn.Module):
     architecture: ClassVar[str]
     decoder_init_norm: ClassVar[float] = 1.0
     tied_encoder: ClassVar[bool] = False    # W_enc is W_dec.T, not a parameter (matching pursuit)
+    # A thresholded architecture's training step takes the sparse kernels when fewer than this fraction of its
+    # codes get a gradient (sparse.py; 0: always dense). An attribute, not a setting: both paths give the same
+    # step to float tolerance.
+    sparse_below: float = SPARSE_BELOW_DENSITY
+    code_scale: float = 1.0                 # what initialize() scaled the codes by (1: not scaled)
     # cfg.json fields of its own (SAELens's names), with the values a folder that lacks them means.
     folder_options: ClassVar[dict] = {}
 
@@ -183,10 +189,12 @@ class SAE(nn.Module):
             self.calibrate_sparsity(sample)
         if self.cfg.separate_output:
             self._point_decoder_at_targets(sample, target)
+        self.code_scale = 1.0
         if fit or self.cfg.separate_output:  # a transcoder's pointed rows add up along the targets: scale them
             centred, reconstruction = target - self.b_dec, self.encode(sample) @ self.W_dec
             factor = (centred * reconstruction).sum() / reconstruction.pow(2).sum().clamp_min(1e-12)
-            self.scale_codes(float(factor.clamp_min(1e-6)))
+            self.code_scale = float(factor.clamp_min(1e-6))
+            self.scale_codes(self.code_scale)
 
     @torch.no_grad()
     def _point_decoder_at_targets(self, sample: torch.Tensor, target: torch.Tensor, rows: int = 1024) -> None:
@@ -209,6 +217,13 @@ class SAE(nn.Module):
 
     def calibrate_sparsity(self, sample: torch.Tensor) -> None:
         """Set what decides how many latents fire from ``sample`` (an architecture with thresholds does)."""
+
+    def code_parameters(self) -> list[str]:
+        """The parameters measured in code units (the encoder and its biases): a fitted start scales them by
+        ``code_scale``, and the trainer their learning rate with them, since Adam moves a parameter by about lr
+        per step whatever its size (JumpReLU at 32x on SmolLM2: codes scaled by 0.08, and at the unscaled rate the
+        encoder grew ~30% a step and L0 rose from 36 to 560 in three steps)."""
+        return [name for name in ("W_enc", "b_enc") if name in self._parameters]
 
     def scale_codes(self, factor: float) -> None:
         """Multiply every code by ``factor`` > 0 (the encoder, its bias and any threshold alike; the same

@@ -16,6 +16,7 @@ from torch import nn
 
 from saelab.sae.base import SAE, TrainOutput, TrainStep, normalized_error
 from saelab.sae.registry import Architecture
+from saelab.sae.sparse import decode_codes, fired_codes, per_latent, training_pre
 from saelab.sae.standard import L1Settings
 from saelab.sae.topk import TopKSAE
 
@@ -41,21 +42,25 @@ class GatedSAE(SAE):
         return magnitude * gate
 
     def training_forward(self, x: torch.Tensor, step: TrainStep, target: torch.Tensor | None = None) -> TrainOutput:
+        self.check_width(x)
         target = x if target is None else target
-        sae_in = self.sae_in(x)
-        projected = sae_in @ self.W_enc  # one product for both paths: (sae_in @ W_enc) * exp(r_mag) is the magnitude's
-        pre_gate = projected + self.b_gate
-        magnitude = (projected * self.r_mag.exp() + self.b_mag).relu()
+        # Every term is non-zero only where the gate is open: when those entries are few, only they are computed
+        # (sparse.py). One product serves both paths: (sae_in @ W_enc) * exp(r_mag) is the magnitude's.
+        pre_gate, support = training_pre(x, self.W_enc, self.b_gate, self.b_dec, self.cfg.apply_b_dec_to_input,
+                                         lambda pre: pre > 0, self.sparse_below)
+        projected = pre_gate - per_latent(self.b_gate, support)
+        magnitude = (projected * per_latent(self.r_mag, support).exp() + per_latent(self.b_mag, support)).relu()
         f = magnitude * (pre_gate > 0)
         skip = self.skip(x)
-        x_hat = self.decode(f) + skip
+        x_hat = decode_codes(f, self.W_dec, support) + self.b_dec + skip
         squared_error = (x_hat - target).pow(2).sum(-1).mean()
         gate_acts = pre_gate.relu()
-        l1 = (gate_acts * self.decoder_norms()).sum(-1).mean()
-        via_gate = gate_acts @ self.W_dec.detach() + self.b_dec.detach() + (skip.detach() if self.cfg.skip else 0.0)
+        l1 = (gate_acts * per_latent(self.decoder_norms(), support)).sum() / len(x)
+        via_gate = (decode_codes(gate_acts, self.W_dec.detach(), support) + self.b_dec.detach()
+                    + (skip.detach() if self.cfg.skip else 0.0))
         aux = (via_gate - target).pow(2).sum(-1).mean()
         loss = squared_error + self.settings.l1_coefficient * step.penalty_scale * l1 + aux
-        return TrainOutput(loss=loss, x_hat=x_hat, fired=(f > 0).sum(0),
+        return TrainOutput(loss=loss, x_hat=x_hat, fired=fired_codes(f, support),
                            parts={"mse": normalized_error(x_hat - target, target), "l1": l1, "aux": aux})
 
     @torch.no_grad()
@@ -65,6 +70,11 @@ class GatedSAE(SAE):
         self.b_mag.zero_()
         self.r_mag.zero_()
         super().initialize(sample, b_dec_init, generator, fit, target)
+
+    def code_parameters(self) -> list[str]:
+        """None: the gate learns at the full rate. On planted features (64 in 32 dimensions, 117 steps) a fitted start
+        with the encoder's rate scaled recovered them worse (mean max cosine 0.88 against 0.95, L0 8.9 against 6)."""
+        return []
 
     def scale_codes(self, factor: float) -> None:
         self.W_enc.mul_(factor)   # both paths read W_enc; their biases are zero at the start

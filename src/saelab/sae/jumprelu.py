@@ -23,6 +23,7 @@ from torch import nn
 from saelab.options import option
 from saelab.sae.base import SAE, TrainOutput, TrainStep, normalized_error
 from saelab.sae.registry import Architecture, Settings
+from saelab.sae.sparse import decode_codes, fired_codes, per_latent, training_pre
 from saelab.sae.topk import TopKSAE
 
 # Adam moves a parameter by about lr per step whatever the size of its gradient. The parameter is
@@ -42,6 +43,10 @@ TARGET_L0_NUDGE = 0.05
 TARGET_L0_ADAPT_RATE = 0.05
 TARGET_L0_INTEGRATE_WITHIN = 0.5
 L0_SCALE_BOUNDS = (1e-4, 1e4)
+# A fitted start without --target-l0 puts the thresholds where this many latents fire per token: about where the
+# default L0 weight (1) settles on real activations (SmolLM2: weight 0.7 -> L0 25), not the thousands a fixed
+# starting threshold fires at 32x.
+UNTARGETED_START_L0 = 32
 
 
 @dataclass
@@ -57,7 +62,8 @@ class JumpReLUSettings(Settings):
                                        "pre-activation units of inputs normalised to mean norm sqrt(d_in) (there a "
                                        "unit direction's projection is ~N(0,1); 0.001 at unit mean squared norm, as "
                                        "in Gemma Scope, is ~0.05 here for d_in ~2300).", positive=True)
-    jumprelu_init_threshold: float = option(0.5, "Initial threshold of every latent, in the same units. The "
+    jumprelu_init_threshold: float = option(0.5, "Initial threshold of every latent, in the same units, without "
+                                            "a fitted start (--no-fit-init; a fitted one places each latent's). The "
                                             "log-thresholds are learned 10x faster than the other weights (up to "
                                             "~10 * lr per step), so they can travel an order of magnitude in a few "
                                             "hundred steps.", positive=True)
@@ -88,9 +94,16 @@ def _rectangle(u: torch.Tensor) -> torch.Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 
+def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A gradient of a threshold broadcast over the batch (``[d_sae]`` against ``[batch, d_sae]``) summed back to its
+    shape; one gathered per entry (the sparse path's) as it is."""
+    return grad.sum(0) if grad.dim() > like.dim() else grad
+
+
 class _JumpReLU(torch.autograd.Function):
     """``pre * (pre > threshold)``; d/dpre is the gate, d/dthreshold the straight-through estimate
-    ``-(threshold / bandwidth) * rectangle((pre - threshold) / bandwidth)``."""
+    ``-(threshold / bandwidth) * rectangle((pre - threshold) / bandwidth)``. ``threshold`` is per latent (``[d_sae]``
+    against ``pre [batch, d_sae]``) or per entry (the same shape as ``pre``)."""
 
     @staticmethod
     def forward(ctx, pre, threshold, bandwidth: float):
@@ -103,12 +116,13 @@ class _JumpReLU(torch.autograd.Function):
     def backward(ctx, grad_out):
         pre, threshold, gate = ctx.saved_tensors
         kernel = _rectangle((pre - threshold) / ctx.bandwidth)
-        grad_threshold = -(threshold / ctx.bandwidth * (kernel * grad_out).sum(0))
+        grad_threshold = -(threshold / ctx.bandwidth * _sum_to(kernel * grad_out, threshold))
         return grad_out * gate, grad_threshold, None
 
 
 class _Step(torch.autograd.Function):
-    """``(pre > threshold)``; only the threshold gets a gradient: ``-(1 / bandwidth) * rectangle(...)``."""
+    """``(pre > threshold)``; only the threshold gets a gradient: ``-(1 / bandwidth) * rectangle(...)`` (shapes as
+    for ``_JumpReLU``)."""
 
     @staticmethod
     def forward(ctx, pre, threshold, bandwidth: float):
@@ -120,7 +134,7 @@ class _Step(torch.autograd.Function):
     def backward(ctx, grad_out):
         pre, threshold = ctx.saved_tensors
         kernel = _rectangle((pre - threshold) / ctx.bandwidth)
-        return None, -(kernel * grad_out).sum(0) / ctx.bandwidth, None
+        return None, -_sum_to(kernel * grad_out, threshold) / ctx.bandwidth, None
 
 
 class JumpReLUTrainingSAE(SAE):
@@ -148,16 +162,21 @@ class JumpReLUTrainingSAE(SAE):
         return pre.relu() * (pre > self.threshold)
 
     def training_forward(self, x: torch.Tensor, step: TrainStep, target: torch.Tensor | None = None) -> TrainOutput:
+        self.check_width(x)
         target = x if target is None else target
-        pre = self.encode_pre(x)
         threshold, bandwidth = self.threshold, self.settings.jumprelu_bandwidth
-        f = _JumpReLU.apply(pre, threshold, bandwidth)  # threshold > 0, so this is relu(pre) * gate
-        x_hat = self.reconstruction(x, f)
+        # Gradients reach the latents that fire and, through the estimators' kernel, those within half a bandwidth
+        # below their threshold: when they are few, only those entries are computed (sparse.py).
+        pre, support = training_pre(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.apply_b_dec_to_input,
+                                    lambda pre: pre > threshold.detach() - bandwidth / 2, self.sparse_below)
+        threshold_at = per_latent(threshold, support)
+        f = _JumpReLU.apply(pre, threshold_at, bandwidth)  # threshold > 0, so this is relu(pre) * gate
+        x_hat = decode_codes(f, self.W_dec, support) + self.b_dec + self.skip(x)
         squared_error = (x_hat - target).pow(2).sum(-1).mean()
-        l0 = _Step.apply(pre, threshold, bandwidth).sum(-1).mean()
+        l0 = _Step.apply(pre, threshold_at, bandwidth).sum() / len(x)
         coefficient = self.settings.l0_coefficient * step.penalty_scale * self.l0_scale
         loss = squared_error + coefficient * l0
-        return TrainOutput(loss=loss, x_hat=x_hat, fired=(f > 0).sum(0),
+        return TrainOutput(loss=loss, x_hat=x_hat, fired=fired_codes(f, support),
                            parts={"mse": normalized_error(x_hat - target, target), "l0_penalty": l0.detach(),
                                   "l0_coefficient": coefficient.detach(),
                                   "threshold_median": threshold.detach().median()})
@@ -179,11 +198,10 @@ class JumpReLUTrainingSAE(SAE):
 
     @torch.no_grad()
     def calibrate_sparsity(self, sample: torch.Tensor) -> None:
-        """With a target L0: each latent's threshold where it fires on target / d_sae of the sample's rows
-        (so the first steps' L0 is the target, not the thousands a fixed threshold gives at a large width)."""
-        target = self.settings.target_l0
-        if not target:
-            return
+        """Each latent's threshold where it fires on target / d_sae of the sample's rows (target: target_l0, else
+        UNTARGETED_START_L0), so the first steps' L0 is the target, not the thousands a fixed threshold gives at a
+        large width."""
+        target = self.settings.target_l0 or UNTARGETED_START_L0
         fires = max(1, min(len(sample) - 1, round(len(sample) * target / self.cfg.d_sae)))
         sae_in = self.sae_in(sample)
         thresholds = []

@@ -9,6 +9,7 @@ import torch
 from saelab.options import option
 from saelab.sae.base import SAE, TrainOutput, TrainStep, normalized_error
 from saelab.sae.registry import Architecture, Settings
+from saelab.sae.sparse import decode_codes, fired_codes, per_latent, training_pre
 
 
 @dataclass
@@ -26,11 +27,15 @@ class StandardSAE(SAE):
         return self.encode_pre(x).relu()
 
     def training_forward(self, x: torch.Tensor, step: TrainStep, target: torch.Tensor | None = None) -> TrainOutput:
+        self.check_width(x)
         target = x if target is None else target
-        f = self.encode(x)
-        x_hat = self.reconstruction(x, f)
+        # Only the latents that fire get gradients: when they are few, only those entries are computed (sparse.py).
+        pre, support = training_pre(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.apply_b_dec_to_input,
+                                    lambda pre: pre > 0, self.sparse_below)
+        f = pre.relu()
+        x_hat = decode_codes(f, self.W_dec, support) + self.b_dec + self.skip(x)
         # Weighting by decoder norm stops the SAE from shrinking codes and growing rows to dodge the L1.
-        l1 = (f * self.decoder_norms()).sum(-1).mean()
+        l1 = (f * per_latent(self.decoder_norms(), support)).sum() / len(x)
         mse = normalized_error(x_hat - target, target)
         per_token_error = (x_hat - target).pow(2).sum(-1)
         loss = per_token_error.mean() + self.settings.l1_coefficient * step.penalty_scale * l1
@@ -41,7 +46,7 @@ class StandardSAE(SAE):
             parts["ghost_grads"] = ghost_grads_loss(sae_in, self.W_enc, self.b_enc, self.W_dec, target - x_hat,
                                                     dead, per_token_error)
             loss = loss + parts["ghost_grads"]
-        return TrainOutput(loss=loss, x_hat=x_hat, fired=(f > 0).sum(0), parts=parts)
+        return TrainOutput(loss=loss, x_hat=x_hat, fired=fired_codes(f, support), parts=parts)
 
 
 def ghost_grads_loss(sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,

@@ -87,11 +87,11 @@ class TrainConfig(DataOptions):
                                          positive=True, shared=True)
     b_dec_init: str = option("median", "Initial decoder bias: geometric median or mean of a sample, or zeros.",
                              choices=("median", "mean", "zeros"))
-    fit_init: bool = option(False, "Fit the starting SAE to a sample of the activations: JumpReLU's thresholds "
-                            "where each latent fires on target_l0 / d_sae of it, then the encoder scaled by the "
-                            "least-squares factor between the sample and its reconstruction, so the first steps "
-                            "have FVU below 1 (and JumpReLU L0 near its target) at any width. Off by default "
-                            "until the figures in the README are measured with it.")
+    fit_init: bool = option(True, "Fit the starting SAE to a sample of the activations: JumpReLU's thresholds "
+                            "where each latent fires on target_l0 / d_sae of it (32 / d_sae without a target), then "
+                            "the encoder scaled by the least-squares factor between the sample and its "
+                            "reconstruction, so the first steps have FVU below 1 (and JumpReLU L0 near its target) "
+                            "at any width. --no-fit-init: the plain start (random directions, fixed thresholds).")
     normalize_activations: bool = option(True, "Scale inputs to mean norm sqrt(d_in) while training; the "
                                          "scale is folded into the saved weights.")
     # --- optimisation -----------------------------------------------------------------------------

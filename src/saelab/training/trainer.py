@@ -97,7 +97,7 @@ class Trainer:
         self.sae = create_sae(sae_cfg, training=True, settings=settings).to(self.device)
         # The step's forward and loss, compiled once when asked (the backward is compiled with it).
         self._training_forward = torch.compile(self.sae.training_forward) if cfg.compile else self.sae.training_forward
-        self.optimizer = _adam(self.sae.parameters(), cfg.lr)
+        self.optimizer = _adam(self.sae, cfg.lr)
         self.total_steps = cfg.tokens // cfg.batch_size
         self.step = 0
         # Inputs are multiplied by this while training (normalize_activations): a number, or a crosscoder's one
@@ -230,6 +230,9 @@ class Trainer:
         x, target = self._scaled(peeked)
         self.sae.initialize(x.cpu(), self.cfg.b_dec_init, generator, fit=self.cfg.fit_init,
                             target=None if target is None else target.cpu())
+        code_scale = self.dp.from_main(self.sae.code_scale)
+        for group in self.optimizer.param_groups:
+            group["lr_scale"] = code_scale if group["in_codes"] else 1.0
 
     def _scale_for(self, sample: torch.Tensor) -> float | torch.Tensor:
         """The factor that gives ``sample``'s rows mean norm sqrt(width); a crosscoder's or CLT's, one per column,
@@ -252,7 +255,7 @@ class Trainer:
         cfg = self.cfg
         lr = self._lr_at(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         warmup = min(1.0, self.step / max(1.0, cfg.l1_warmup_fraction * self.total_steps))
         info = TrainStep(penalty_scale=warmup, remedy=cfg.remedy, dead_latents=self._dead_latents,
                          data_parallel=self.dp if self.dp.active else None)
@@ -516,13 +519,18 @@ def read_checkpoint(path, device: str | torch.device = "cpu", mmap: bool = False
                          "only checkpoints written by saelab.") from None
 
 
-def _adam(params, lr: float) -> torch.optim.Adam:
-    """Adam with the fused kernel where this torch has one (one pass over each tensor per step)."""
-    params = list(params)
+def _adam(sae: SAE, lr: float) -> torch.optim.Adam:
+    """Adam with the fused kernel where this torch has one (one pass over each tensor per step). Two parameter
+    groups: the parameters in code units (``sae.code_parameters()``; their rate is scaled by ``lr_scale``, set
+    from the fitted start's ``code_scale``, and kept in checkpoints) and the rest."""
+    in_codes = set(sae.code_parameters())
+    groups = [{"params": [p for name, p in sae.named_parameters() if (name in in_codes) == codes], "lr_scale": 1.0,
+               "in_codes": codes} for codes in (True, False)]
+    groups = [group for group in groups if group["params"]]
     try:
-        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True)
+        return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999), fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+        return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999))
 
 
 @contextmanager
