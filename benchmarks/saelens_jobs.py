@@ -103,6 +103,44 @@ def multi(job: dict) -> dict:
     return {"tokens": job["tokens"], "run_seconds": t2 - t1, "seconds": t2 - t0, "saes": len(saes)}
 
 
+def step(job: dict) -> dict:
+    """SAELens's own trainer (SAETrainer: its training SAE's forward pass and loss, backward, gradient clipping,
+    Adam, dead-latent counts) on activations of a saelab cache held in memory (read with numpy: the .npy shards):
+    the seconds of each step, from the data provider's calls, after ``warmup`` steps."""
+    import glob
+
+    import numpy as np
+    import sae_lens
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    shards = sorted(glob.glob(str(Path(job["cache"]) / "hooks" / "*" / "shard_*.npy")))
+    data = torch.from_numpy(np.concatenate([np.load(shard) for shard in shards]).astype(np.float32))
+    names = {"topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU", "standard": "Standard",
+             "gated": "Gated"}
+    name = names[job["architecture"]]
+    config = getattr(sae_lens, f"{name}TrainingSAEConfig")(d_in=data.shape[1], d_sae=job["d_sae"], dtype="float32",
+                                                            device="cpu", **job.get("settings", {}))
+    sae = getattr(sae_lens, f"{name}TrainingSAE")(config)
+    batch, steps = job["batch_size"], job["warmup"] + job["steps"]
+    stamps = []
+
+    def provider():
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            for rows in torch.randperm(len(data), generator=generator).split(batch):
+                if len(rows) == batch:
+                    stamps.append(time.perf_counter())
+                    yield data[rows]
+
+    trainer_cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch,
+                                   device="cpu", n_checkpoints=0, save_final_checkpoint=False, lr=3e-4, lr_end=3e-5)
+    SAETrainer(trainer_cfg, sae, provider()).fit()
+    stamps.append(time.perf_counter())
+    timed = stamps[job["warmup"]:steps + 1]
+    return {"tokens_per_s": batch * (len(timed) - 1) / (timed[-1] - timed[0]), "steps": len(timed) - 1}
+
+
 @torch.no_grad()
 def explained_variance(model, sae, job: dict) -> float:
     """1 - FVU of the SAE on the held-out contexts (BOS positions left out), the field's definition."""
@@ -122,7 +160,7 @@ def explained_variance(model, sae, job: dict) -> float:
     return float(1 - sq_err / total)
 
 
-JOBS = {"train": train, "cache": cache, "multi": multi}
+JOBS = {"train": train, "cache": cache, "multi": multi, "step": step}
 
 
 def main() -> None:

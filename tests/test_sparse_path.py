@@ -37,7 +37,7 @@ def test_topk_family_trains_through_the_sparse_kernels(architecture, monkeypatch
     out = sae.training_forward(torch.randn(32, 16), step_for(sae, remedy="auxk", dead_latents=dead, aux_k=8, aux_coefficient=0.1))
     nodes = graph_nodes(out.loss)
     assert "SparseDecodeBackward" in nodes
-    assert {"TopKEncodeBackward", "BatchTopKEncodeBackward"} & nodes
+    assert {"TopKEncodeBackward", "PreActivationsBackward"} & nodes
     assert "auxk" in out.parts  # the dead latents given as indices reached the AuxK loss
     assert not any(name.startswith("MmBackward") for name in nodes)  # no dense [batch, d_sae] product in the graph
 

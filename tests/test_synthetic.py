@@ -159,8 +159,9 @@ def test_eval_scores_an_sae_against_the_data_it_was_trained_on(tmp_path, capsys)
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "gated", "standard"])
 def test_a_fitted_start_is_sane_at_two_widths(architecture, tmp_path):
-    """--fit-init: every architecture's first steps reconstruct with FVU below 1 at 8x and 64x, and JumpReLU
-    starts at its target L0 (a fixed starting threshold gives it hundreds of latents at 64x)."""
+    """--fit-init (the default): every architecture's first steps reconstruct with FVU below 1 at 8x and 64x, JumpReLU
+    starts at its target L0 (a fixed starting threshold gives it hundreds of latents at 64x), standard and gated SAEs
+    near 32 (zero biases fire half of all latents: 1,024 at 64x)."""
     from saelab.training import TrainConfig, train
     from saelab.training.trainer import read_metrics
 
@@ -175,5 +176,8 @@ def test_a_fitted_start_is_sane_at_two_widths(architecture, tmp_path):
         first = [row for row in read_metrics(out / "metrics.jsonl") if "fvu" in row][:5]
         assert len(first) == 5
         assert max(row["fvu"] for row in first) < 1, (width, [row["fvu"] for row in first])
+        l0 = sum(row["l0"] for row in first) / 5
         if architecture == "jumprelu":
-            assert 4 <= sum(row["l0"] for row in first) / 5 <= 16, (width, [row["l0"] for row in first])
+            assert 4 <= l0 <= 16, (width, [row["l0"] for row in first])
+        if architecture in ("standard", "gated"):  # biases start where START_L0 = 32 fire, not half of all latents
+            assert l0 <= 64, (width, [row["l0"] for row in first])

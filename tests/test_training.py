@@ -1,6 +1,8 @@
 """The trainer on synthetic activations: recovers planted features, resumes exactly, is deterministic."""
 
 import json
+import math
+import os
 
 import pytest
 import torch
@@ -133,16 +135,44 @@ def test_a_compiled_step_trains_the_same_sae(tmp_path, architecture):
 
 
 @pytest.mark.subprocess
-def test_the_step_speed_benchmark_runs(tmp_path):
-    """benchmarks/step_speed.py (the GPU path's measurement) keeps working at tiny sizes on CPU."""
+def test_the_gpu_benchmark_script_runs_on_cpu_at_small_sizes(tmp_path, tiny_model_dir):
+    """benchmarks/gpu.sh --small (the GPU path's measurements: steps plain and under bf16 autocast, training end to
+    end from a model) and the step benchmark's density mode keep working at tiny sizes on CPU."""
     import subprocess
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "step_speed.py"
-    out = tmp_path / "speed.json"
-    subprocess.run([sys.executable, str(script), "--small", "--device", "cpu", "--compile", "off", "--json", str(out)],
-                   check=True, capture_output=True, timeout=300)
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu.json"
+    subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), "--small", str(out), str(tiny_model_dir)],
+                   check=True, capture_output=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
     figures = json.loads(out.read_text())
-    assert [p["architecture"] for p in figures["points"]] == ["topk", "batchtopk", "jumprelu"]
+    steps = [(p["architecture"], p["mode"]) for p in figures["points"] if not p.get("end_to_end")]
+    assert steps == [("topk", "plain"), ("topk", "autocast"), ("jumprelu", "plain"), ("jumprelu", "autocast")]
+    assert [p["architecture"] for p in figures["points"] if p.get("end_to_end")] == ["topk", "jumprelu"]
     assert all(p["tokens_per_s"] > 0 and p["peak_memory_mib"] > 0 for p in figures["points"])
+    densities = tmp_path / "densities.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "step_speed.py"), "--small", "--densities", "0.05",
+                    "--architectures", "jumprelu,gated", "--json", str(densities)], check=True, capture_output=True,
+                   timeout=300)
+    points = json.loads(densities.read_text())["points"]
+    assert [p["architecture"] for p in points] == ["jumprelu", "gated"]
+    assert all(p["dense_seconds"] > 0 and p["sparse_seconds"] > 0 for p in points)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "jumprelu", "gated"])
+def test_bf16_autocast_trains_to_about_the_fp32_result(tmp_path, architecture):
+    """--autocast: the step's products in bf16 (here on CPU), weights and losses in fp32; the run's losses stay
+    finite and within bf16 rounding of the fp32 run's."""
+    data = torch.randn(4096, 16) * torch.linspace(0.3, 2.0, 16)
+    losses = []
+    for autocast in (False, True):
+        cfg = config(tmp_path / str(autocast), architecture=architecture, d_sae=64, tokens=256 * 8, autocast=autocast,
+                     log_every=1, **({"k": 3} if architecture == "topk" else {}))
+        result = Trainer(cfg, TensorSource(data, rows_per_unit=1024), tmp_path / str(autocast)).run()
+        assert all(p.dtype == torch.float32 for p in result.sae.parameters())
+        rows = [json.loads(line) for line in (tmp_path / str(autocast) / "metrics.jsonl").read_text().splitlines()]
+        losses.append([row["fvu"] for row in rows if "fvu" in row])
+    assert all(math.isfinite(v) for v in losses[1]) and len(losses[0]) == len(losses[1]) == 8
+    for fp32, bf16 in zip(*losses):
+        assert bf16 == pytest.approx(fp32, rel=0.05, abs=0.01)

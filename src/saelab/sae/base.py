@@ -161,9 +161,10 @@ class SAE(nn.Module):
         """Random decoder directions, encoder = decoder transpose (a transcoder's encoder: random directions of its
         input space), ``b_dec`` at the centre of the ``target`` sample (default: ``sample``). With ``fit``, the start
         is fitted to the sample as well: ``calibrate_sparsity`` sets what decides how many latents fire (JumpReLU's
-        thresholds), then the encoder, and every threshold with it so that the same latents fire, is scaled by the
-        least-squares factor between the sample and its reconstruction: the first steps' FVU is below 1 whatever
-        the width, where unscaled codes of many latents overshoot it. A transcoder's start is always fitted that
+        thresholds, standard and gated SAEs' encoder or gate biases), then the encoder, and every threshold with it
+        so that the same latents fire, is scaled by the least-squares factor between the sample and its
+        reconstruction (``code_scale``): the first steps' FVU is below 1 whatever the width, where unscaled codes of
+        many latents overshoot it. A transcoder's start is always fitted that
         far: its decoder rows pointed at the targets its latents fire on, then the scale."""
         target = sample if target is None else target
         directions = _unit_rows(self.cfg.d_sae, self.cfg.output_size, generator) * self.decoder_init_norm
@@ -191,9 +192,12 @@ class SAE(nn.Module):
             self._point_decoder_at_targets(sample, target)
         self.code_scale = 1.0
         if fit or self.cfg.separate_output:  # a transcoder's pointed rows add up along the targets: scale them
-            centred, reconstruction = target - self.b_dec, self.encode(sample) @ self.W_dec
-            factor = (centred * reconstruction).sum() / reconstruction.pow(2).sum().clamp_min(1e-12)
-            self.code_scale = float(factor.clamp_min(1e-6))
+            along, length = 0.0, 0.0
+            for start in range(0, len(sample), 1024):  # [1024, d_sae] codes at a time: at 128x a whole sample's
+                reconstruction = self.encode(sample[start:start + 1024]) @ self.W_dec  # would take gigabytes
+                along += float(((target[start:start + 1024] - self.b_dec) * reconstruction).sum())
+                length += float(reconstruction.pow(2).sum())
+            self.code_scale = max(along / max(length, 1e-12), 1e-6)
             self.scale_codes(self.code_scale)
 
     @torch.no_grad()
@@ -217,6 +221,15 @@ class SAE(nn.Module):
 
     def calibrate_sparsity(self, sample: torch.Tensor) -> None:
         """Set what decides how many latents fire from ``sample`` (an architecture with thresholds does)."""
+
+    @torch.no_grad()
+    def firing_levels(self, sample: torch.Tensor, l0: float) -> torch.Tensor:
+        """``[d_sae]``: the level of each latent's encoder projection ``sae_in @ W_enc`` (no bias) that ``l0 / d_sae``
+        of the sample's rows exceed: a latent that fires above it fires ``l0`` times per row on average."""
+        fires = max(1, min(len(sample) - 1, round(len(sample) * l0 / self.cfg.d_sae)))
+        sae_in = self.sae_in(sample)
+        return torch.cat([(sae_in @ self.W_enc[:, start:start + 4096]).topk(fires + 1, dim=0).values[-1]
+                          for start in range(0, self.cfg.d_sae, 4096)])  # [rows, 4096] at a time
 
     def code_parameters(self) -> list[str]:
         """The parameters measured in code units (the encoder and its biases): a fitted start scales them by
@@ -307,6 +320,13 @@ class SAE(nn.Module):
         return from_pretrained(release, sae_id, device=device)
 
     from_pretrained_with_cfg_and_sparsity = from_pretrained  # SAELens 6's name for the same tuple
+
+
+# A fitted start of an architecture without a sparsity target (JumpReLU without --target-l0, standard, gated) sets
+# its thresholds or biases where this many latents fire per token: about where their default penalties settle on
+# real activations (SmolLM2, 300k tokens: JumpReLU's L0 weight 0.7 -> L0 25; standard's L1 5 -> 69; gated's 4 -> 18),
+# not the thousands a fixed threshold (or half of all latents, a zero bias) fires at 32x.
+START_L0 = 32
 
 
 def cross_layer_masks(cfg: SAEConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from saelab.options import option
-from saelab.sae.base import SAE, TrainOutput, TrainStep, normalized_error
+from saelab.sae.base import SAE, START_L0, TrainOutput, TrainStep, normalized_error
 from saelab.sae.registry import Architecture, Settings
 from saelab.sae.sparse import decode_codes, fired_codes, per_latent, training_pre
 from saelab.sae.topk import TopKSAE
@@ -43,10 +43,6 @@ TARGET_L0_NUDGE = 0.05
 TARGET_L0_ADAPT_RATE = 0.05
 TARGET_L0_INTEGRATE_WITHIN = 0.5
 L0_SCALE_BOUNDS = (1e-4, 1e4)
-# A fitted start without --target-l0 puts the thresholds where this many latents fire per token: about where the
-# default L0 weight (1) settles on real activations (SmolLM2: weight 0.7 -> L0 25), not the thousands a fixed
-# starting threshold fires at 32x.
-UNTARGETED_START_L0 = 32
 
 
 @dataclass
@@ -199,16 +195,9 @@ class JumpReLUTrainingSAE(SAE):
     @torch.no_grad()
     def calibrate_sparsity(self, sample: torch.Tensor) -> None:
         """Each latent's threshold where it fires on target / d_sae of the sample's rows (target: target_l0, else
-        UNTARGETED_START_L0), so the first steps' L0 is the target, not the thousands a fixed threshold gives at a
-        large width."""
-        target = self.settings.target_l0 or UNTARGETED_START_L0
-        fires = max(1, min(len(sample) - 1, round(len(sample) * target / self.cfg.d_sae)))
-        sae_in = self.sae_in(sample)
-        thresholds = []
-        for start in range(0, self.cfg.d_sae, 4096):  # [rows, 4096] pre-activations at a time
-            pre = sae_in @ self.W_enc[:, start:start + 4096] + self.b_enc[start:start + 4096]
-            thresholds.append(pre.topk(fires + 1, dim=0).values[-1])
-        threshold = torch.cat(thresholds).clamp_min(1e-3)
+        START_L0), so the first steps' L0 is the target, not the thousands a fixed threshold gives at a large
+        width."""
+        threshold = self.firing_levels(sample, self.settings.target_l0 or START_L0).clamp_min(1e-3)  # b_enc is 0
         self.log_threshold_scaled.copy_(threshold.log() / LOG_THRESHOLD_LR_SCALE)
 
     def scale_codes(self, factor: float) -> None:

@@ -16,7 +16,7 @@ from saelab.options import option
 from saelab.sae.base import TrainOutput, TrainStep, normalized_error
 from saelab.sae.batchtopk import BatchTopKSAE, BatchTopKSettings
 from saelab.sae.registry import Architecture
-from saelab.sae.sparse import sparse_decode
+from saelab.sae.sparse import decode_support
 
 DEFAULT_WIDTHS = "1/16,1/8,1/4,1/2,1"
 
@@ -78,16 +78,16 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
 
     def training_forward(self, x: torch.Tensor, step: TrainStep, target: torch.Tensor | None = None) -> TrainOutput:
         target = x if target is None else target
-        values, indices = self._encode_sparse(x, step.data_parallel)
+        values, support = self._encode_sparse(x, step.data_parallel)
         parts, loss, skip = {}, 0.0, self.skip(x)
         for width in self.widths:
-            kept = values if width == self.cfg.d_sae else values * (indices < width)
-            x_hat = sparse_decode(indices, kept, self.W_dec) + self.b_dec + skip
+            kept = values if width == self.cfg.d_sae else values * (support.latents < width)
+            x_hat = decode_support(support, kept, self.W_dec) + self.b_dec + skip
             parts[f"mse_{width}"] = normalized_error(x_hat - target, target, step.data_parallel)
             loss = loss + parts[f"mse_{width}"]
         parts["mse"] = parts[f"mse_{self.cfg.d_sae}"]  # x_hat is now the whole dictionary's reconstruction
         loss = loss + self._auxk_term(x, target - x_hat, step, parts)
-        return self._output(loss, x_hat, values, indices, parts)
+        return self._output(loss, x_hat, values, support, parts)
 
 
 MATRYOSHKA = Architecture(

@@ -79,7 +79,7 @@ def encoder_gradients(support: Support, grad_pre: torch.Tensor, sae_in: torch.Te
                       subtract_b_dec: bool):
     """``(grad W_enc, grad b_enc, grad b_dec or None)`` of ``pre = sae_in @ W_enc + b_enc`` (``sae_in = x - b_dec``
     when ``subtract_b_dec``) whose gradient is ``grad_pre`` at the ``support`` entries and 0 elsewhere."""
-    grad_pre = grad_pre.reshape(-1)
+    grad_pre = grad_pre.reshape(-1).to(W_enc.dtype)  # under autocast the codes may be bf16; the weights are not
     grad_b_enc = torch.zeros(support.d_sae, dtype=grad_pre.dtype, device=grad_pre.device)
     grad_b_enc.index_add_(0, support.latents, grad_pre)
     grad_W_enc = torch.sparse.mm(support.latent_major(grad_pre), sae_in).T
@@ -131,6 +131,7 @@ class PreActivations(torch.autograd.Function):
         if ctx.support is not None:
             grads = encoder_gradients(ctx.support, grad_pre, sae_in, W_enc, ctx.subtract_b_dec)
         else:
+            grad_pre = grad_pre.to(W_enc.dtype)  # bf16 under autocast
             grad_b_enc = grad_pre.sum(0)
             grads = (sae_in.T @ grad_pre, grad_b_enc, -(W_enc @ grad_b_enc) if ctx.subtract_b_dec else None)
         return None, None, *grads, None, None
@@ -155,6 +156,7 @@ class SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, support: Support, values, W_dec):
+        values = values.to(W_dec.dtype)  # bf16 codes under autocast: the gather-sum runs in the decoder's dtype
         ctx.save_for_backward(values, W_dec)
         ctx.support = support
         return torch.nn.functional.embedding_bag(support.latents, W_dec, support.row_starts, mode="sum",

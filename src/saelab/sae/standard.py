@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from saelab.options import option
-from saelab.sae.base import SAE, TrainOutput, TrainStep, normalized_error
+from saelab.sae.base import SAE, START_L0, TrainOutput, TrainStep, normalized_error
 from saelab.sae.registry import Architecture, Settings
 from saelab.sae.sparse import decode_codes, fired_codes, per_latent, training_pre
 
@@ -25,6 +25,12 @@ class StandardSAE(SAE):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode_pre(x).relu()
+
+    @torch.no_grad()
+    def calibrate_sparsity(self, sample: torch.Tensor) -> None:
+        """Encoder biases where each latent fires START_L0 / d_sae of the sample's rows (a zero bias fires half of
+        all latents, d_sae / 2 per token)."""
+        self.b_enc.copy_(-self.firing_levels(sample, START_L0))
 
     def training_forward(self, x: torch.Tensor, step: TrainStep, target: torch.Tensor | None = None) -> TrainOutput:
         self.check_width(x)

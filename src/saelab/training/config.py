@@ -110,6 +110,9 @@ class TrainConfig(DataOptions):
                            "(5-35 s); the result is the same to float rounding. Measured on CPU: JumpReLU 1.3-1.4x "
                            "faster, TopK and BatchTopK within noise (their sparse kernels are not compiled), so off "
                            "by default (README, Benchmarks).")
+    autocast: bool = option(False, "Run the dictionary's training forward pass under bfloat16 autocast (its "
+                            "matrix products in bf16, weights, optimiser and losses in fp32): for GPUs with bf16 "
+                            "tensor cores; on CPU bf16 products are far slower than fp32.")
     buffer_tokens: int = option(524_288, "Activations held and shuffled at once; memory = buffer_tokens * "
                                 "d_in * 4 bytes. A corpus that fits is computed once and reused each epoch.",
                                 positive=True, shared=True, fixed_on_resume=True)

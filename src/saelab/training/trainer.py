@@ -260,7 +260,8 @@ class Trainer:
         info = TrainStep(penalty_scale=warmup, remedy=cfg.remedy, dead_latents=self._dead_latents,
                          data_parallel=self.dp if self.dp.active else None)
         # An SAE's call leaves target out, so architectures written before transcoders (x, step) still train.
-        out = self._training_forward(x, info) if target is None else self._training_forward(x, info, target)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+            out = self._training_forward(x, info) if target is None else self._training_forward(x, info, target)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self.dp.average_gradients(self.sae.parameters())
@@ -280,7 +281,7 @@ class Trainer:
             self._first_nonfinite.masked_fill_((self._first_nonfinite < 0) & ~torch.isfinite(parts["loss"]), self.step)
             parts["l0"] = out.fired.sum() / batch_tokens
             target = x if target is None else target
-            parts["fvu"] = normalized_error(out.x_hat - target, target, info.data_parallel)
+            parts["fvu"] = normalized_error(out.x_hat.float() - target, target, info.data_parallel)
         return parts
 
     # --- resampling dead latents (Towards Monosemanticity, 2023) -------------------------------------
