@@ -109,7 +109,7 @@ def density_point(architecture: str, expansion: int, density: float, args) -> di
                      training=True).to(args.device)
     x = torch.randn(args.batch_size, args.d_in, generator=generator).to(args.device)
     sae.initialize(x[:2048].cpu(), "mean", generator)
-    bias = {"jumprelu": "b_enc", "gated": "b_gate"}.get(architecture, "b_enc")
+    bias = "b_gate" if architecture == "gated" else "b_enc"
     with torch.no_grad():
         getattr(sae, bias).zero_()
         pre = sae.encode_pre(x[:512]).flatten()

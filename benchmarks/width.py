@@ -34,10 +34,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SAELENS_PYTHON = ROOT / ".venv-saelens" / "bin" / "python"
+# The sparsity settings, under the same names on both sides (each side's defaults otherwise).
 SPARSITY = {"topk": {"k": 32}, "batchtopk": {"k": 32}, "jumprelu": {"target_l0": 32}, "standard": {}, "gated": {}}
-# SAELens's settings for the same sparsity (its defaults otherwise).
-SAELENS_SPARSITY = {"topk": {"k": 32}, "batchtopk": {"k": 32}, "jumprelu": {"target_l0": 32}, "standard": {},
-                    "gated": {}}
 
 
 def cached_rows(cache: Path) -> torch.Tensor:
@@ -78,7 +76,7 @@ def run_point(tool: str, architecture: str, expansion: int, d_in: int, args) -> 
     else:
         job = {"kind": "step", "cache": args.cache, "architecture": architecture, "d_sae": expansion * d_in,
                "batch_size": args.batch_size, "warmup": args.warmup, "steps": steps,
-               "settings": SAELENS_SPARSITY[architecture]}
+               "settings": SPARSITY[architecture]}
         job_file = Path(tempfile.mkstemp(suffix=".json")[1])
         job_file.write_text(json.dumps(job))
         command = [str(SAELENS_PYTHON), str(ROOT / "benchmarks" / "saelens_jobs.py"), str(job_file)]
