@@ -7,7 +7,9 @@ activations (not a test: figures for the README and docs/width_scaling.png).
     python benchmarks/width.py --update --architectures jumprelu --expansions 128   # saelab again, SAELens kept
 
 The cache is a `saelab cache` folder (made when missing: SmolLM2-135M, blocks.6.hook_resid_post, 204,800 tokens of
-../shared/data/wikitext2-valid.txt). Both sides hold its rows in memory and draw shuffled batches of --batch-size;
+../shared/data/wikitext2-valid.txt). Both sides hold its rows in memory and draw shuffled batches of --batch-size
+(saelab reads the cache as `saelab train --activations` does, through memory maps into its shuffling buffer;
+SAELens's job loads the .npy shards with numpy);
 each point runs in its own process (saelab in this interpreter, SAELens in .venv-saelens through
 benchmarks/saelens_jobs.py, job "step"), so that its peak RSS is its own. Each trains with its defaults for that
 architecture (saelab: fitted start, sparse paths chosen by density; SAELens: its TrainingSAE configs) from the
@@ -38,25 +40,20 @@ SAELENS_PYTHON = ROOT / ".venv-saelens" / "bin" / "python"
 SPARSITY = {"topk": {"k": 32}, "batchtopk": {"k": 32}, "jumprelu": {"target_l0": 32}, "standard": {}, "gated": {}}
 
 
-def cached_rows(cache: Path) -> torch.Tensor:
-    import numpy as np
-
-    shards = sorted((cache / "hooks").glob("*/shard_*.npy"))
-    return torch.from_numpy(np.concatenate([np.load(shard) for shard in shards]).astype(np.float32))
-
-
 def saelab_point(args) -> dict:
-    """One saelab point, in this process: a Trainer on the cached rows, ``--warmup`` steps, then timed steps."""
-    from saelab.data import TensorSource
+    """One saelab point, in this process: a Trainer on the cache as ``saelab train --activations`` reads it (the
+    whole cache in its shuffling buffer), ``--warmup`` steps, then timed steps."""
+    from saelab.data.cache import ActivationCache
     from saelab.training import TrainConfig, Trainer
 
-    data = cached_rows(Path(args.cache))
+    cache = ActivationCache(args.cache)
+    source = cache.source(cache.only_hook())
     steps = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(architecture=args.architecture, expansion=args.expansion, batch_size=args.batch_size,
-                          tokens=args.batch_size * steps, buffer_tokens=len(data), out=tmp, progress=False,
+                          tokens=args.batch_size * steps, buffer_tokens=source.rows(), out=tmp, progress=False,
                           checkpoint_every_tokens=10**12, eval_tokens=0, **SPARSITY[args.architecture])
-        trainer = Trainer(cfg, TensorSource(data), tmp)
+        trainer = Trainer(cfg, source, tmp)
         trainer.open()
         for _ in range(args.warmup):
             trainer.advance()

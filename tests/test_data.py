@@ -108,6 +108,26 @@ def test_a_source_that_fits_is_computed_once_and_reshuffled_each_epoch():
     assert epochs[0] != epochs[1]
 
 
+class GrowingUnits:
+    """Units of 10, 50 and 200 rows: the third outgrows the room a block makes from the first."""
+
+    d_in = 2
+
+    def units(self, start):
+        first = 0
+        for size in (10, 50, 200)[start:]:
+            yield torch.arange(first, first + size, dtype=torch.float32)[:, None].repeat(1, 2)
+            first += size
+
+
+def test_a_block_holds_every_row_of_its_units_in_order_when_a_unit_outgrows_its_room():
+    buffer = ActivationBuffer(GrowingUnits(), buffer_tokens=100, batch_size=20, seed=0)
+    assert buffer.peek(260)[:, 0].tolist() == list(range(260))       # 10 + 50 + 200 rows, moved once
+    assert buffer.peek(260).shape == (260, 2)
+    stream = buffer.batches()
+    assert sorted(torch.cat([next(stream) for _ in range(13)])[:, 0].tolist()) == list(range(260))
+
+
 def test_empty_source_is_a_clear_error():
     stream = ActivationBuffer(TensorSource(torch.zeros(0, 4)), buffer_tokens=100, batch_size=10, seed=0).batches()
     with pytest.raises(ValueError, match="empty"):

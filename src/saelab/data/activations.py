@@ -276,6 +276,28 @@ class NormFilter:
             yield rows[keep]
 
 
+class _Rows:
+    """A block's rows, copied into one tensor as units arrive: gathering them in a list and concatenating would hold
+    the block twice at its peak. Room for ``expected`` rows plus the first unit is made at once (pages not written
+    yet take no memory); a block that outgrows it is moved to a larger tensor."""
+
+    def __init__(self, expected: int):
+        self.expected, self.filled, self.data = expected, 0, None
+
+    def append(self, chunk: torch.Tensor) -> None:
+        end = self.filled + len(chunk)
+        if self.data is None or end > len(self.data):
+            grown = chunk.new_empty((max(end, self.expected + len(chunk)), chunk.shape[1]))
+            if self.data is not None:
+                grown[:self.filled] = self.data[:self.filled]
+            self.data = grown
+        self.data[self.filled:end] = chunk
+        self.filled = end
+
+    def rows(self) -> torch.Tensor:
+        return self.data[:self.filled]
+
+
 @dataclass
 class BufferPosition:
     block: int = 0          # blocks begun since the start of training
@@ -344,31 +366,30 @@ class ActivationBuffer:
     def _fill(self, epoch: int, unit: int) -> tuple[torch.Tensor, tuple[int, int]]:
         if unit == 0 and self._resident is not None:
             return self._resident, (epoch + 1, 0)
-        rows, filled, next_unit = [], 0, unit
+        block, filled, next_unit = _Rows(self.buffer_tokens), 0, unit
         bar = tqdm(total=self.buffer_tokens, desc="collecting activations", unit="tok", unit_scale=True,
                    disable=not self.progress, leave=False)
         for chunk in self.source.units(unit):
             check_finite(chunk, self.source, next_unit)
             self.units_read += 1
-            rows.append(chunk)
-            filled += len(chunk)
+            block.append(chunk)
             next_unit += 1
             bar.update(len(chunk))
-            if filled >= self.buffer_tokens:
+            if block.filled >= self.buffer_tokens:
                 break
         else:  # the source ran out: the next block starts the next epoch
             bar.close()
-            if not rows and unit > 0:  # the previous block ended exactly at the end of the source
+            if not block.filled and unit > 0:  # the previous block ended exactly at the end of the source
                 return self._fill(epoch + 1, 0)
-            if not rows:
+            if not block.filled:
                 raise ValueError("the activation source is empty: the dataset gave no tokens "
                                  "(check the dataset path, split and text column)")
-            block = self._placed(torch.cat(rows))
+            rows = self._placed(block.rows())
             if unit == 0:
-                self._resident = block
-            return block, (epoch + 1, 0)
+                self._resident = rows
+            return rows, (epoch + 1, 0)
         bar.close()
-        return self._placed(torch.cat(rows)), (epoch, next_unit)
+        return self._placed(block.rows()), (epoch, next_unit)
 
     def _placed(self, block: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
