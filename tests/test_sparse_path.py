@@ -6,7 +6,7 @@ import torch
 
 from conftest import step_for
 from saelab.sae import SAE, MatryoshkaSettings, SAEConfig, TrainStep, create_sae
-from saelab.sae.sparse import count_fired
+from saelab.sae.sparse import Support, count_fired
 
 
 def graph_nodes(tensor: torch.Tensor) -> set[str]:
@@ -47,6 +47,16 @@ def test_fired_counts_equal_bincount_of_the_positive_codes():
     values = torch.tensor([[1.0, 0.0, 2.0], [0.5, 0.1, 0.0], [0.2, 0.0, 0.0]])
     expected = torch.bincount(indices[values > 0], minlength=8)
     assert torch.equal(count_fired(indices, values, 8), expected)
+
+
+def test_a_support_of_flat_positions_lists_the_entries_as_one_of_their_mask_does():
+    mask = torch.rand(37, 50, generator=torch.Generator().manual_seed(0)) < 0.1
+    mask[5] = False  # a row with no entries
+    flat = mask.view(-1).nonzero().view(-1)
+    from_flat = Support.of_flat(flat[torch.randperm(len(flat))], 37, 50)
+    from_mask = Support.of_mask(mask)
+    for name in ("rows", "latents", "row_starts"):
+        assert torch.equal(getattr(from_flat, name), getattr(from_mask, name)), name
 
 
 def test_dead_latents_given_as_indices_or_a_mask_mean_the_same():

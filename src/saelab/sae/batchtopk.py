@@ -70,15 +70,15 @@ def batch_topk_encode(x, W_enc, b_enc, b_dec, k: int, subtract_b_dec: bool = Tru
     the global batch under data parallelism, whose share ``x`` is) at the entries of ``support`` (sparse.py): rows
     hold as many as they got, so a token that takes thousands of the budget (real activations have a few with
     norms 7x the median) costs only its own entries. Gradients reach the selected entries only (ReLU-gated)."""
-    def selected(pre: torch.Tensor) -> torch.Tensor:
-        acts = pre.relu()
-        batch, d_sae = acts.shape
+    def selected(pre: torch.Tensor) -> Support:
+        batch, d_sae = pre.shape
+        # The top of pre is the top of relu(pre) but for which non-positive entries fill the budget when fewer
+        # are positive; those codes are 0 either way. Searching pre saves a [batch, d_sae] copy.
         if data_parallel is None:
-            _, flat = batch_top(acts, k * batch, k)
+            _, flat = batch_top(pre, k * batch, k)
         else:
-            _, flat = data_parallel.top_of_batch(acts.view(-1), k * batch)
-        return torch.zeros(batch * d_sae, dtype=torch.bool, device=pre.device).index_fill_(0, flat, True).view(
-            batch, d_sae)
+            _, flat = data_parallel.top_of_batch(pre.relu().view(-1), k * batch)
+        return Support.of_flat(flat, batch, d_sae)
 
     pre, support = training_pre(x, W_enc, b_enc, b_dec, subtract_b_dec, selected, sparse_below=float("inf"))
     return pre.relu(), support

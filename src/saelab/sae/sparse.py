@@ -44,6 +44,15 @@ class Support:
         return Support(rows, latents, torch.cat([counts.new_zeros(1), counts.cumsum(0)]), mask.shape[1])
 
     @staticmethod
+    def of_flat(flat: torch.Tensor, batch: int, d_sae: int) -> Support:
+        """The entries at positions ``flat`` of the flattened ``[batch, d_sae]`` matrix (each at most once, any
+        order): what a top-k over the whole batch gives, without building a mask only to find them again."""
+        flat = flat.sort().values  # row-major, as of_mask lists them
+        rows = flat.div(d_sae, rounding_mode="floor")
+        counts = torch.bincount(rows, minlength=batch)
+        return Support(rows, flat - rows * d_sae, torch.cat([counts.new_zeros(1), counts.cumsum(0)]), d_sae)
+
+    @staticmethod
     def of_indices(indices: torch.Tensor, d_sae: int) -> Support:
         """``indices`` ``[batch, k]``: k latents per row."""
         batch, k = indices.shape
@@ -138,16 +147,19 @@ class PreActivations(torch.autograd.Function):
 
 
 def training_pre(x, W_enc, b_enc, b_dec, subtract_b_dec: bool, select, sparse_below: float = SPARSE_BELOW_DENSITY):
-    """``(pre, support)``: the encoder's pre-activations for training. ``select(pre)`` is the boolean mask of the
-    entries that get a gradient (the latents that fire, with any that a straight-through estimator reaches); when it
-    keeps under ``sparse_below`` of them, ``pre`` holds those entries only (flat, in ``support``'s order), otherwise
-    all ``[batch, d_sae]`` of them and ``support`` is None."""
+    """``(pre, support)``: the encoder's pre-activations for training. ``select(pre)`` gives the entries that get a
+    gradient (the latents that fire, with any that a straight-through estimator reaches), as a boolean mask or as a
+    ``Support``; when it keeps under ``sparse_below`` of them, ``pre`` holds those entries only (flat, in
+    ``support``'s order), otherwise all ``[batch, d_sae]`` of them and ``support`` is None."""
     with torch.no_grad():
         sae_in = x - b_dec if subtract_b_dec else x
         pre = torch.addmm(b_enc, sae_in, W_enc)
-        mask = select(pre) if sparse_below > 0 else None
-        sparse = mask is not None and int(mask.count_nonzero()) < sparse_below * mask.numel()
-        support = Support.of_mask(mask) if sparse else None
+        chosen = select(pre) if sparse_below > 0 else None
+        if isinstance(chosen, Support):
+            support = chosen if len(chosen.rows) < sparse_below * pre.numel() else None
+        else:
+            sparse = chosen is not None and int(chosen.count_nonzero()) < sparse_below * chosen.numel()
+            support = Support.of_mask(chosen) if sparse else None
     return PreActivations.apply(pre, sae_in, W_enc, b_enc, b_dec, subtract_b_dec, support), support
 
 
