@@ -366,7 +366,7 @@ class ActivationBuffer:
     def _fill(self, epoch: int, unit: int) -> tuple[torch.Tensor, tuple[int, int]]:
         if unit == 0 and self._resident is not None:
             return self._resident, (epoch + 1, 0)
-        block, filled, next_unit = _Rows(self.buffer_tokens), 0, unit
+        block, next_unit = _Rows(self.buffer_tokens), unit
         bar = tqdm(total=self.buffer_tokens, desc="collecting activations", unit="tok", unit_scale=True,
                    disable=not self.progress, leave=False)
         for chunk in self.source.units(unit):
