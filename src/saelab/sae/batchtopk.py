@@ -80,7 +80,7 @@ def batch_topk_encode(x, W_enc, b_enc, b_dec, k: int, subtract_b_dec: bool = Tru
             _, flat = data_parallel.top_of_batch(pre.relu().view(-1), k * batch)
         return Support.of_flat(flat, batch, d_sae)
 
-    pre, support = training_pre(x, W_enc, b_enc, b_dec, subtract_b_dec, selected, sparse_below=float("inf"))
+    pre, support = training_pre(x, W_enc, b_enc, b_dec, subtract_b_dec, selected)
     return pre.relu(), support
 
 

@@ -40,8 +40,7 @@ class Support:
     @staticmethod
     def of_mask(mask: torch.Tensor) -> Support:
         rows, latents = mask.nonzero(as_tuple=True)
-        counts = torch.bincount(rows, minlength=mask.shape[0])
-        return Support(rows, latents, torch.cat([counts.new_zeros(1), counts.cumsum(0)]), mask.shape[1])
+        return Support(rows, latents, _starts(rows, mask.shape[0]), mask.shape[1])
 
     @staticmethod
     def of_flat(flat: torch.Tensor, batch: int, d_sae: int) -> Support:
@@ -49,8 +48,7 @@ class Support:
         order): what a top-k over the whole batch gives, without building a mask only to find them again."""
         flat = flat.sort().values  # row-major, as of_mask lists them
         rows = flat.div(d_sae, rounding_mode="floor")
-        counts = torch.bincount(rows, minlength=batch)
-        return Support(rows, flat - rows * d_sae, torch.cat([counts.new_zeros(1), counts.cumsum(0)]), d_sae)
+        return Support(rows, flat - rows * d_sae, _starts(rows, batch), d_sae)
 
     @staticmethod
     def of_indices(indices: torch.Tensor, d_sae: int) -> Support:
@@ -67,8 +65,7 @@ class Support:
     def _latent_order(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The entries sorted by latent: ``(order, row starts of the [d_sae, batch] layout, their tokens)``."""
         order = self.latents.argsort(stable=True)
-        counts = torch.bincount(self.latents, minlength=self.d_sae)
-        return order, torch.cat([counts.new_zeros(1), counts.cumsum(0)]), self.rows[order]
+        return order, _starts(self.latents, self.d_sae), self.rows[order]
 
     def latent_major(self, weights: torch.Tensor) -> torch.Tensor:
         """The sparse ``[d_sae, batch]`` matrix with ``weights[i]`` at ``(latents[i], rows[i])``, compressed by
@@ -82,6 +79,13 @@ class Support:
     def fired(self, values: torch.Tensor) -> torch.Tensor:
         """Tokens on which each latent is non-zero, ``[d_sae]``."""
         return count_fired(self.latents, values, self.d_sae)
+
+
+def _starts(groups: torch.Tensor, n: int) -> torch.Tensor:
+    """``[n + 1]`` offsets of the compressed layout: where each of the ``n`` groups begins among the entries sorted by
+    group (``groups``: each entry's), and the end."""
+    counts = torch.bincount(groups, minlength=n)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
 def encoder_gradients(support: Support, grad_pre: torch.Tensor, sae_in: torch.Tensor, W_enc: torch.Tensor,
@@ -148,17 +152,18 @@ class PreActivations(torch.autograd.Function):
 
 def training_pre(x, W_enc, b_enc, b_dec, subtract_b_dec: bool, select, sparse_below: float = SPARSE_BELOW_DENSITY):
     """``(pre, support)``: the encoder's pre-activations for training. ``select(pre)`` gives the entries that get a
-    gradient (the latents that fire, with any that a straight-through estimator reaches), as a boolean mask or as a
-    ``Support``; when it keeps under ``sparse_below`` of them, ``pre`` holds those entries only (flat, in
-    ``support``'s order), otherwise all ``[batch, d_sae]`` of them and ``support`` is None."""
+    gradient (the latents that fire, with any that a straight-through estimator reaches): a boolean mask, the sparse
+    path taken when it keeps under ``sparse_below`` of the entries; or a ``Support``, always taken (a selection of
+    fixed size, BatchTopK's). On the sparse path ``pre`` holds the selected entries only (flat, in ``support``'s
+    order); otherwise all ``[batch, d_sae]`` of them and ``support`` is None."""
     with torch.no_grad():
         sae_in = x - b_dec if subtract_b_dec else x
         pre = torch.addmm(b_enc, sae_in, W_enc)
         chosen = select(pre) if sparse_below > 0 else None
-        if isinstance(chosen, Support):
-            support = chosen if len(chosen.rows) < sparse_below * pre.numel() else None
+        if chosen is None or isinstance(chosen, Support):
+            support = chosen
         else:
-            sparse = chosen is not None and int(chosen.count_nonzero()) < sparse_below * chosen.numel()
+            sparse = int(chosen.count_nonzero()) < sparse_below * chosen.numel()
             support = Support.of_mask(chosen) if sparse else None
     return PreActivations.apply(pre, sae_in, W_enc, b_enc, b_dec, subtract_b_dec, support), support
 
